@@ -1,0 +1,66 @@
+"""The device record and the backend interface every kind of device implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from devicemem.devices.probe import SystemProbe
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What one device has and what this process may still allocate on it.
+
+    ``usable_bytes`` is the tightest of every limit that applies (free memory, cgroup, SLURM,
+    rlimit, user override); None means nothing could be read. ``sources`` says where each
+    number came from, e.g. ``("psutil.available", "cgroup-v1:/slurm/uid_1/job_2")``.
+    """
+
+    device: str
+    name: str
+    total_bytes: int | None
+    free_bytes: int | None
+    limit_bytes: int | None
+    usable_bytes: int | None
+    sources: tuple[str, ...]
+
+
+class Backend(ABC):
+    """One kind of device (``"cpu"``, ``"cuda"``, ``"mps"``...): how to find its memory and how
+    to measure and recover memory while running on it. Devices of a kind are named
+    ``kind`` or ``kind:index``."""
+
+    kind: str
+
+    @abstractmethod
+    def discover(self, probe: SystemProbe) -> list[DeviceMemory]:
+        """Every device of this kind visible to this process, with its memory readings."""
+
+    @abstractmethod
+    def torch_device(self, device: str) -> torch.device:
+        """The torch device that tensors for ``device`` go to."""
+
+    @abstractmethod
+    def reset_peak(self, device: str) -> None:
+        """Start a new peak-memory window on ``device``."""
+
+    @abstractmethod
+    def current_bytes(self, device: str) -> int | None:
+        """Memory this process holds on ``device`` now (RSS for the host, allocated for GPUs)."""
+
+    @abstractmethod
+    def peak_bytes(self, device: str) -> int | None:
+        """High-water mark of ``current_bytes`` since the last ``reset_peak``."""
+
+    @abstractmethod
+    def empty_cache(self, device: str) -> None:
+        """Hand cached, unused blocks back (after an OOM, outside the ``except`` block)."""
+
+    @abstractmethod
+    def is_oom(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is this kind's out-of-memory error."""
