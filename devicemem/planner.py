@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Plan:
-    """A decision for one Predictive run; ``reasons`` are the sentences behind each choice."""
+    """A decision for one Predictive run; ``reasons`` are the sentences behind each choice.
+
+    ``predicted_peak_bytes`` is the working memory of one batch on ``device``;
+    ``output_bytes`` the host memory the full result [num_samples, ...] takes.
+    """
 
     device: str
     num_samples: int
@@ -17,4 +21,5 @@ class Plan:
     predicted_peak_bytes: int | None
     budget_bytes: int | None
     safety_factor: float
+    output_bytes: int | None
     reasons: tuple[str, ...]
