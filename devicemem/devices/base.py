@@ -17,8 +17,12 @@ class DeviceMemory:
     """What one device has and what this process may still allocate on it.
 
     ``usable_bytes`` is the tightest of every limit that applies (free memory, cgroup, SLURM,
-    rlimit, user override); None means nothing could be read. ``sources`` says where each
-    number came from, e.g. ``("psutil.available", "cgroup-v1:/slurm/uid_1/job_2")``.
+    rlimit, user override); None means nothing could be read. ``limit_bytes`` is the size of
+    the limit that leaves the least room (None when no limit applies). ``sources`` says where
+    each number came from: the free-memory reading first (when ``free_bytes`` is known), then
+    every limit, the one ``limit_bytes`` reports first, e.g. ``("psutil.virtual_memory",
+    "cgroup-v1:/slurm/uid_1/job_2 (memory.limit_in_bytes)", "rlimit:RLIMIT_AS")``;
+    ``devicemem.devices.limit_source`` picks out the limit's.
     """
 
     device: str
