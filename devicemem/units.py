@@ -40,7 +40,7 @@ def parse_bytes(value: int | float | str, what: str = "memory size") -> int:
 
 
 def format_bytes(n: int | float | None) -> str:
-    """Human-readable decimal size as the seed's logs print it ("20.1 GB"); None -> "unknown"."""
+    """Human-readable decimal size with two decimals ("20.10 GB"); None -> "unknown"."""
     if n is None:
         return "unknown"
     n = float(n)
