@@ -135,7 +135,7 @@ class _Welford:
     def update(self, batch: Tensor) -> None:
         for sample in batch:
             self.count += 1
-            delta = sample.to(device=HOST, dtype=torch.float64)
+            delta = sample.to(device=HOST, dtype=torch.float64, copy=True)
             delta -= self.mean
             self.mean.add_(delta, alpha=1.0 / self.count)
             self.m2.addcmul_(delta, delta, value=(self.count - 1) / self.count)
@@ -369,10 +369,11 @@ class Predictive:
         usable = device_memory(HOST, max_memory=self.max_memory).usable_bytes
         if usable is None or need + working <= usable:
             return
-        sizes = ", ".join(f"{n} {format_bytes(b)}" for n, b in stored.items())
+        parts = [f"{n} {format_bytes(b)}" for n, b in stored.items()] if self.out is None else []
+        parts += [f"{n} reducer {format_bytes(sites[n].numel * _WELFORD_BYTES)}" for n in self.reduce]
+        batches = f" plus {format_bytes(working)} for the batches" if working else ""
         raise ValueError(
-            f"[MEMORY] the results need {format_bytes(need)} of host memory ({sizes}"
-            f"{'; reducers' if self.reduce else ''}) plus {format_bytes(working)} for the batches, "
+            f"[MEMORY] the results need {format_bytes(need)} of host memory ({', '.join(parts)}){batches}, "
             f"but only {format_bytes(usable)} is usable; "
             + ("pass out=DIR to write them to numpy memmaps, reduce={site: ('mean', 'var')}, fewer "
                "return_sites or fewer samples" if self.out is None else "reduce the batch size or the reducers")
@@ -388,8 +389,13 @@ class Predictive:
         pin = self.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
         sink = _Sink(sites, self.reduce, self.num_samples, self.out, pin)
         self.report = []
-        run = _Run(self, plan, sink, args, kwargs)
-        run.execute()
+        _Run(self, plan, sink, args, kwargs).execute()
+        peaks = [row.peak_bytes for row in self.report if row.peak_bytes is not None]
+        logger.info(
+            "[MEMORY] drew %d samples in %d batches on %s; largest batch peak %s",
+            self.num_samples, len(self.report), ", ".join(dict.fromkeys(row.device for row in self.report)),
+            format_bytes(max(peaks) if peaks else None),
+        )
         return sink.result()
 
 
