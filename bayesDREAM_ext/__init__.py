@@ -1,0 +1,39 @@
+"""bayesDREAM_ext: bayesDREAM's ``fit_technical`` on top of devicemem, device-aware end to end.
+
+Public names (imported lazily, so the CLI starts fast): ``fit_technical``, ``TechnicalFit``,
+``GuideState``, ``PredictiveFailedError`` (bayesDREAM_ext.fit); ``TrainingPlan``,
+``plan_training``, ``training_footprint`` (bayesDREAM_ext.training); ``synthetic_technical``,
+``synthetic_data`` (bayesDREAM_ext.synthetic).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "fit_technical": "bayesDREAM_ext.fit",
+    "TechnicalFit": "bayesDREAM_ext.fit",
+    "GuideState": "bayesDREAM_ext.fit",
+    "PredictiveFailedError": "bayesDREAM_ext.fit",
+    "TrainingPlan": "bayesDREAM_ext.training",
+    "plan_training": "bayesDREAM_ext.training",
+    "training_footprint": "bayesDREAM_ext.training",
+    "synthetic_technical": "bayesDREAM_ext.synthetic",
+    "synthetic_data": "bayesDREAM_ext.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bayesDREAM_ext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

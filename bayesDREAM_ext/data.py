@@ -1,0 +1,310 @@
+"""Input validation and conversion for ``fit_technical``: everything is checked here, before
+any training, and every problem is a ValueError that names the argument.
+
+Accepted counts: numpy arrays, scipy.sparse matrices, pandas DataFrames, torch tensors and
+AnnData objects (duck-typed on ``.X``, ``.obs_names``, ``.var_names``; anndata itself is only
+needed to build one). ``cells_axis`` says which axis holds the cells (bayesDREAM stores genes x
+cells, so it uses ``cells_axis=1``); multinomial counts are [N, T, K] (or [T, N, K] with
+``cells_axis=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import Tensor
+
+logger = logging.getLogger("devicemem.bayesdream")
+
+DISTRIBUTIONS = ("negbinom", "normal", "studentt", "binomial", "multinomial")
+COUNT_DISTRIBUTIONS = ("negbinom", "binomial", "multinomial")
+
+
+@dataclass(frozen=True)
+class TechnicalData:
+    """Validated inputs, cells first, restricted to the features that can be fitted.
+
+    ``counts`` is [N, T_fit] ([N, T_fit, K] for multinomial) float32; ``groups`` [N] int64
+    codes with 0 the baseline (``group_levels[code]`` is the user's label); ``sum_factors``
+    [N] (ones where the distribution does not use them); ``denominator`` [N, T_fit] for
+    binomial. ``feature_mask`` [T] is True for the fitted features; ``excluded`` counts the
+    excluded ones by reason.
+    """
+
+    distribution: str
+    counts: Tensor
+    groups: Tensor
+    sum_factors: Tensor
+    denominator: Tensor | None
+    feature_mask: np.ndarray
+    group_levels: tuple[Any, ...]
+    feature_names: tuple[str, ...] | None
+    excluded: dict[str, int]
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """Features fitted (T_fit); ``feature_mask.size`` is the full T."""
+        return int(self.counts.shape[1])
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_levels)
+
+    @property
+    def n_categories(self) -> int:
+        return int(self.counts.shape[2]) if self.counts.dim() == 3 else 1
+
+
+def check_distribution(distribution: Any) -> str:
+    """The distribution name, or ValueError listing the accepted ones."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution: expected one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}")
+    return distribution
+
+
+def check_positive_int(value: Any, what: str, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= 1 (None passes when ``allow_none``); ValueError naming ``what``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what}: expected an integer >= 1; got {value!r}")
+    return int(value)
+
+
+def check_fraction(value: Any, what: str, allow_none: bool = False) -> float | None:
+    """``value`` in (0, 1] (None passes when ``allow_none``); ValueError naming ``what``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{what}: expected a number in (0, 1]; got {value!r}")
+    return float(value)
+
+
+def check_positive(value: Any, what: str, allow_zero: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); ValueError naming ``what``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{what}: expected a finite number {'>=' if allow_zero else '>'} 0; got {value!r}")
+    return float(value)
+
+
+def _is_anndata(obj: Any) -> bool:
+    return all(hasattr(obj, name) for name in ("X", "obs_names", "var_names"))
+
+
+def _as_array(values: Any, what: str) -> tuple[np.ndarray | sparse.spmatrix, tuple[str, ...] | None]:
+    """(dense array or CSR matrix, column names if the container has them)."""
+    names = None
+    if _is_anndata(values):
+        names = tuple(map(str, values.var_names))
+        values = values.X
+    elif hasattr(values, "to_numpy") and hasattr(values, "columns"):
+        names = tuple(map(str, values.columns))
+        if any(hasattr(dtype, "sparse") for dtype in values.dtypes):
+            values = sparse.csr_matrix(values.sparse.to_coo())
+        else:
+            values = values.to_numpy()
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    if sparse.issparse(values):
+        return sparse.csr_matrix(values), names
+    try:
+        array = np.asarray(values)
+    except Exception as exc:
+        raise ValueError(f"{what}: expected a numpy array, scipy.sparse matrix, pandas DataFrame or AnnData; got {type(values).__name__}") from exc
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"{what}: expected numeric values; got dtype {array.dtype}")
+    return array, names
+
+
+def _stored_values(matrix: np.ndarray | sparse.spmatrix) -> np.ndarray:
+    """The explicitly stored values (all of a dense array), for value checks without densifying."""
+    return matrix.data if sparse.issparse(matrix) else np.asarray(matrix).ravel()
+
+
+def _check_values(matrix: np.ndarray | sparse.spmatrix, what: str, integer: bool, non_negative: bool) -> None:
+    values = _stored_values(matrix).astype(np.float64, copy=False)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} value(s) are NaN or infinite; counts must be finite")
+    if non_negative and (values < 0).any():
+        raise ValueError(f"{what}: {int((values < 0).sum())} value(s) are negative (smallest {values.min():g}); counts must be >= 0")
+    if integer and (values != np.round(values)).any():
+        example = values[values != np.round(values)][0]
+        raise ValueError(f"{what}: non-integer values (e.g. {example:g}); this distribution needs integer counts")
+
+
+def _orient(matrix: np.ndarray | sparse.spmatrix, cells_axis: int, ndim: int) -> np.ndarray | sparse.spmatrix:
+    """Cells first: [N, T] or [N, T, K]."""
+    if cells_axis == 0:
+        return matrix
+    return matrix.T.tocsr() if sparse.issparse(matrix) else np.swapaxes(matrix, 0, 1)
+
+
+def _group_codes(groups: Any, n_cells: int) -> tuple[np.ndarray, tuple[Any, ...]]:
+    """Integer codes (0 = the first level) and the levels; ValueError on length or missing values."""
+    categories = getattr(getattr(groups, "cat", None), "categories", None)
+    categories = getattr(groups, "categories", categories)
+    values = np.asarray(groups.to_numpy() if hasattr(groups, "to_numpy") else groups)
+    if values.ndim != 1:
+        raise ValueError(f"groups: expected one label per cell (1-D); got shape {values.shape}")
+    if values.shape[0] != n_cells:
+        raise ValueError(f"groups: has {values.shape[0]} labels but counts have {n_cells} cells")
+    missing = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in values.tolist()])
+    if missing.any():
+        raise ValueError(f"groups: {int(missing.sum())} cell(s) have a missing group label")
+    if categories is not None:
+        levels = [level for level in categories if (values == level).any()]
+        codes = np.array([levels.index(v) for v in values.tolist()], dtype=np.int64) if levels else np.zeros(0, np.int64)
+        return codes, tuple(levels)
+    levels, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int64), tuple(levels.tolist())
+
+
+def _sum_factors(
+    sum_factors: Any, counts: np.ndarray, distribution: str, n_cells: int
+) -> np.ndarray:
+    if sum_factors is None:
+        if distribution != "negbinom":
+            return np.ones(n_cells, dtype=np.float32)
+        totals = counts.reshape(n_cells, -1).sum(axis=1)
+        if (totals <= 0).any():
+            raise ValueError(
+                f"sum_factors: not given, and {int((totals <= 0).sum())} cell(s) have no counts, so their "
+                "library-size factor would be 0; pass sum_factors or drop those cells"
+            )
+        logger.info("sum_factors not given: using library size / mean library size")
+        return (totals / totals.mean()).astype(np.float32)
+    values = np.asarray(sum_factors.to_numpy() if hasattr(sum_factors, "to_numpy") else sum_factors, dtype=np.float64)
+    if values.ndim != 1 or values.shape[0] != n_cells:
+        raise ValueError(f"sum_factors: expected {n_cells} values (one per cell); got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"sum_factors: {int((~np.isfinite(values)).sum())} value(s) are NaN or infinite")
+    if (values <= 0).any():
+        raise ValueError(f"sum_factors: {int((values <= 0).sum())} value(s) are <= 0; sum factors must be > 0")
+    return values.astype(np.float32)
+
+
+def _exclusions(
+    counts: np.ndarray, groups: np.ndarray, denominator: np.ndarray | None, distribution: str, n_groups: int
+) -> dict[str, np.ndarray]:
+    """Boolean [T] masks of features that cannot be fitted, by reason (bayesDREAM's filters)."""
+    if distribution == "multinomial":
+        totals = counts.sum(axis=2, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(totals > 0, counts / np.maximum(totals, 1), 0.0)
+        present = np.ones(counts.shape[1:], dtype=bool)
+        for g in range(n_groups):
+            present &= counts[groups == g].sum(axis=0) > 0
+        return {
+            "zero NTC counts": counts.sum(axis=(0, 2)) == 0,
+            "zero std": (ratios.std(axis=0) == 0).all(axis=-1),
+            "<= 1 category present in every group": present.sum(axis=-1) <= 1,
+        }
+    reasons = {"zero NTC counts": (counts == 0).all(axis=0), "zero std": counts.std(axis=0) == 0}
+    if distribution == "binomial":
+        valid = denominator > 0
+        ratio = np.where(valid, counts / np.where(valid, denominator, 1), 0.0)
+        n_valid = np.maximum(valid.sum(axis=0), 1)
+        mean = ratio.sum(axis=0) / n_valid
+        spread = (np.where(valid, ratio - mean, 0.0) ** 2).sum(axis=0)
+        reasons["zero std"] |= spread == 0
+        boundary = np.zeros(counts.shape[1], dtype=bool)
+        for g in range(n_groups):
+            in_g = groups == g
+            g_valid = valid[in_g]
+            at_zero = np.where(g_valid, counts[in_g] == 0, True).all(axis=0)
+            at_one = np.where(g_valid, counts[in_g] == denominator[in_g], True).all(axis=0)
+            boundary |= ~g_valid.any(axis=0) | at_zero | at_one
+        reasons["a group all at 0 or all at the denominator"] = boundary
+    return reasons
+
+
+def prepare_technical(
+    counts: Any,
+    groups: Any,
+    sum_factors: Any = None,
+    *,
+    distribution: str = "negbinom",
+    denominator: Any = None,
+    cells_axis: int = 0,
+) -> TechnicalData:
+    """Check and convert ``fit_technical``'s data arguments; ValueError for every bad input."""
+    check_distribution(distribution)
+    if cells_axis not in (0, 1) or isinstance(cells_axis, bool):
+        raise ValueError(f"cells_axis: expected 0 (cells x features) or 1 (features x cells); got {cells_axis!r}")
+    matrix, names = _as_array(counts, "counts")
+    ndim = 2 if sparse.issparse(matrix) else matrix.ndim
+    expected_ndim = 3 if distribution == "multinomial" else 2
+    if ndim != expected_ndim:
+        form = "[cells, features, categories]" if expected_ndim == 3 else "[cells, features]"
+        raise ValueError(f"counts: distribution {distribution!r} needs {expected_ndim}-D counts {form}; got {ndim}-D")
+    _check_values(matrix, "counts", integer=distribution in COUNT_DISTRIBUTIONS, non_negative=distribution in COUNT_DISTRIBUTIONS)
+    matrix = _orient(matrix, cells_axis, ndim)
+    n_cells = matrix.shape[0]
+    if n_cells == 0 or matrix.shape[1] == 0:
+        raise ValueError(f"counts: empty matrix of shape {tuple(matrix.shape)}")
+    if _stored_values(matrix).size == 0 or not _stored_values(matrix).any():
+        raise ValueError("counts: every value is zero; nothing to fit")
+    dense = (matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)).astype(np.float32)
+
+    codes, levels = _group_codes(groups, n_cells)
+    sizes = np.bincount(codes, minlength=len(levels))
+    small = [f"{levels[g]!r} ({int(sizes[g])} cell{'s' if sizes[g] != 1 else ''})" for g in range(len(levels)) if sizes[g] < 2]
+    if small:
+        raise ValueError(f"groups: every technical group needs at least 2 NTC cells; too few in {', '.join(small)}")
+
+    denom = None
+    if distribution == "binomial":
+        if denominator is None:
+            raise ValueError("denominator: distribution 'binomial' needs a denominator matrix (same shape as counts)")
+        denom_matrix, _ = _as_array(denominator, "denominator")
+        _check_values(denom_matrix, "denominator", integer=True, non_negative=True)
+        denom_matrix = _orient(denom_matrix, cells_axis, 2)
+        denom = (denom_matrix.toarray() if sparse.issparse(denom_matrix) else np.asarray(denom_matrix)).astype(np.float32)
+        if denom.shape != dense.shape:
+            raise ValueError(f"denominator: shape {denom.shape} (cells first) differs from counts' {dense.shape}")
+        if (denom < dense).any():
+            raise ValueError(f"denominator: {int((denom < dense).sum())} value(s) are smaller than the counts; need denominator >= counts")
+    elif denominator is not None:
+        raise ValueError(f"denominator: only the 'binomial' distribution uses one; got one with {distribution!r}")
+
+    factors = _sum_factors(sum_factors, dense, distribution, n_cells)
+    reasons = _exclusions(dense, codes, denom, distribution, len(levels))
+    excluded_mask = np.zeros(dense.shape[1], dtype=bool)
+    excluded = {}
+    for reason, mask in reasons.items():
+        excluded[reason] = int((mask & ~excluded_mask).sum())
+        excluded_mask |= mask
+    keep = ~excluded_mask
+    if not keep.any():
+        raise ValueError(f"counts: no feature left to fit after excluding {dense.shape[1]} ({_describe(excluded)})")
+    if excluded_mask.any():
+        logger.warning(
+            "%d of %d feature(s) excluded from the fit (%s); their effects are reported as no effect "
+            "and their baselines as NaN", int(excluded_mask.sum()), dense.shape[1], _describe(excluded),
+        )
+    return TechnicalData(
+        distribution=distribution,
+        counts=torch.from_numpy(np.ascontiguousarray(dense[:, keep])),
+        groups=torch.from_numpy(codes),
+        sum_factors=torch.from_numpy(factors),
+        denominator=None if denom is None else torch.from_numpy(np.ascontiguousarray(denom[:, keep])),
+        feature_mask=keep,
+        group_levels=levels,
+        feature_names=names,
+        excluded={reason: n for reason, n in excluded.items() if n},
+    )
+
+
+def _describe(excluded: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in excluded.items() if n) or "none"

@@ -1,0 +1,353 @@
+"""``fit_technical``: bayesDREAM's technical fit, device-aware from training to Predictive.
+
+Validate everything (ValueError before any work) -> build the model's priors and initial
+values -> plan and run SVI (:mod:`bayesDREAM_ext.training`) -> draw parameter samples with
+``devicemem.Predictive`` on the device its planner chooses -> add bayesDREAM's derived
+``alpha_y_mult`` / ``alpha_y_add`` and scatter every site back over all T features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.autoguide import AutoGuide
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+from bayesDREAM_ext.data import (
+    TechnicalData,
+    check_distribution,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+    prepare_technical,
+)
+from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
+from bayesDREAM_ext.training import GUIDES, TrainingPlan, make_guide, plan_training, train
+from devicemem.devices import device_memory, parse_max_memory
+from devicemem.planner import Plan
+from devicemem.runner import Predictive
+
+logger = logging.getLogger("devicemem.bayesdream")
+
+FORMAT = "bayesDREAM_ext.TechnicalFit/1"
+DEFAULT_NITERS = {"multinomial": 100_000}
+DEFAULT_NITERS_OTHER = 50_000
+DEFAULT_SAFETY_FACTOR = 0.8
+EFFECT_SITES = ("log2_alpha_y", "alpha_y_mul", "delta_y_add")
+CATEGORY_EFFECT_SITES = ("alpha_logits_y", "alpha_logits_y_centered")
+
+
+@dataclass(frozen=True)
+class GuideState:
+    """A trained guide, detached from any device: enough to run Predictive again without
+    retraining (``fit_technical(..., guide_state=state)`` with the same data)."""
+
+    distribution: str
+    guide: str
+    latent_size: int
+    state_dict: dict[str, Tensor]
+    feature_mask: np.ndarray
+    losses: list[float]
+    learning_rates: list[float]
+    svi_plan: TrainingPlan
+    training_s: float
+
+
+class PredictiveFailedError(RuntimeError):
+    """Predictive failed after training; ``guide_state`` holds the trained guide so that
+    ``fit_technical(..., guide_state=err.guide_state)`` resumes without retraining."""
+
+    def __init__(self, message: str, guide_state: GuideState) -> None:
+        super().__init__(message)
+        self.guide_state = guide_state
+
+
+@dataclass
+class TechnicalFit:
+    """Result of :func:`fit_technical`.
+
+    ``posterior_samples`` (CPU tensors over all T features, S = nsamples): ``log2_alpha_y``,
+    ``alpha_y_mul``, ``delta_y_add`` [S, C-1, T]; ``o_y``, ``mu_ntc``, ``sigma_y`` [S, 1, T];
+    ``beta_o`` [S, 1, 1]; ``alpha_y_mult`` [S, C, T] (baseline row 1) and ``alpha_y_add``
+    [S, C, T] (baseline row 0). Multinomial has ``alpha_logits_y`` and
+    ``alpha_logits_y_centered`` [S, C-1, T, K], ``probs_baseline_raw`` [S, 1, 1, T, K],
+    ``probs_baseline`` [S, T, K] and ``alpha_y_add`` [S, C, T, K] instead. Excluded features
+    (``feature_mask`` False) hold the no-effect value in effects (0 on additive and log
+    scales, 1 for multiplicative ones) and NaN in baselines and scales.
+    """
+
+    distribution: str
+    posterior_samples: dict[str, Tensor]
+    feature_mask: Tensor
+    group_levels: tuple[Any, ...]
+    feature_names: tuple[str, ...] | None
+    excluded: dict[str, int]
+    losses: list[float]
+    learning_rates: list[float]
+    svi_plan: TrainingPlan
+    predictive_plan: Plan | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """One file: the tensors and a JSON string of everything else (``torch.load`` with
+        ``weights_only=True`` reads it)."""
+        meta = {
+            "format": FORMAT,
+            "distribution": self.distribution,
+            "group_levels": [_jsonable(level) for level in self.group_levels],
+            "feature_names": None if self.feature_names is None else list(self.feature_names),
+            "excluded": self.excluded,
+            "svi_plan": dataclasses.asdict(self.svi_plan),
+            "predictive_plan": None if self.predictive_plan is None else dataclasses.asdict(self.predictive_plan),
+            "timings": self.timings,
+        }
+        torch.save(
+            {
+                "posterior_samples": self.posterior_samples,
+                "feature_mask": self.feature_mask,
+                "losses": torch.tensor(self.losses, dtype=torch.float64),
+                "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64),
+                "metadata": json.dumps(meta),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TechnicalFit:
+        """Read a file written by :meth:`save` (``weights_only=True``: no code is unpickled)."""
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(stored["metadata"])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"path: {path} is not a saved TechnicalFit (format {meta.get('format')!r})")
+        return cls(
+            distribution=meta["distribution"],
+            posterior_samples=stored["posterior_samples"],
+            feature_mask=stored["feature_mask"],
+            group_levels=tuple(meta["group_levels"]),
+            feature_names=None if meta["feature_names"] is None else tuple(meta["feature_names"]),
+            excluded=meta["excluded"],
+            losses=stored["losses"].tolist(),
+            learning_rates=stored["learning_rates"].tolist(),
+            svi_plan=_record(TrainingPlan, meta["svi_plan"]),
+            predictive_plan=None if meta["predictive_plan"] is None else _record(Plan, meta["predictive_plan"]),
+            timings=meta["timings"],
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _record(cls: type, values: dict[str, Any]) -> Any:
+    """A frozen plan record from its JSON dict (lists back to tuples)."""
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
+def _check_options(
+    distribution: str, device: Any, nsamples: Any, niters: Any, lr: Any, tolerance: Any, alpha_ewma: Any,
+    beta_o_alpha: Any, beta_o_beta: Any, epsilon: Any, minibatch_size: Any, safety_factor: Any, max_memory: Any, guide: Any,
+) -> None:
+    check_distribution(distribution)
+    check_positive_int(nsamples, "nsamples")
+    check_positive_int(niters, "niters", allow_none=True)
+    check_positive_int(minibatch_size, "minibatch_size", allow_none=True)
+    check_fraction(safety_factor, "safety_factor", allow_none=True)
+    check_fraction(alpha_ewma, "alpha_ewma")
+    for value, what in ((lr, "lr"), (beta_o_alpha, "beta_o_alpha"), (beta_o_beta, "beta_o_beta"), (epsilon, "epsilon")):
+        check_positive(value, what)
+    check_positive(tolerance, "tolerance", allow_zero=True)
+    if guide not in GUIDES:
+        raise ValueError(f"guide: expected one of {', '.join(GUIDES)}; got {guide!r}")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
+    parse_max_memory(max_memory, {})
+    if str(device) != "auto":
+        device_memory(str(device), max_memory=max_memory)
+
+
+def _site_names(inputs: ModelInputs) -> list[str]:
+    """Every latent and deterministic site of a parameters-only run, in model order."""
+    with poutine.block(), torch.no_grad():
+        trace = prune_subsample_sites(poutine.trace(inputs.model).get_trace(**inputs.params_only()))
+    return [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+def _guide_state(data: TechnicalData, result: Any) -> GuideState:
+    return GuideState(
+        distribution=data.distribution,
+        guide=result.plan.guide,
+        latent_size=result.plan.latent_size,
+        state_dict={name: value.detach().cpu().clone() for name, value in result.guide.state_dict().items()},
+        feature_mask=data.feature_mask.copy(),
+        losses=list(result.losses),
+        learning_rates=list(result.learning_rates),
+        svi_plan=result.plan,
+        training_s=result.seconds,
+    )
+
+
+def _restore_guide(inputs: ModelInputs, state: GuideState, data: TechnicalData) -> AutoGuide:
+    if state.distribution != data.distribution or not np.array_equal(state.feature_mask, data.feature_mask):
+        raise ValueError(
+            "guide_state: it was trained on other data (distribution "
+            f"{state.distribution!r}, {int(state.feature_mask.sum())} fitted features; now {data.distribution!r}, "
+            f"{data.n_features})"
+        )
+    pyro.clear_param_store()
+    guide = make_guide(inputs, state.guide, state.latent_size, torch.device("cpu"))
+    with torch.no_grad():
+        guide(**inputs.params_only())
+    guide.load_state_dict(state.state_dict)
+    return guide
+
+
+def _complete(samples: dict[str, Tensor], data: TechnicalData) -> dict[str, Tensor]:
+    """Add the empty effect sites of a single group and bayesDREAM's full-C effect tensors."""
+    n = next(iter(samples.values())).shape[0]
+    tail = (data.n_features, data.n_categories) if data.distribution == "multinomial" else (data.n_features,)
+    names = CATEGORY_EFFECT_SITES if data.distribution == "multinomial" else EFFECT_SITES
+    for name in names:
+        samples.setdefault(name, torch.zeros((n, 0) + tail))
+    if data.distribution == "multinomial":
+        effect = samples["alpha_logits_y_centered"]
+        samples["alpha_y_add"] = torch.cat([torch.zeros((n, 1) + tail), effect], dim=1)
+        return samples
+    samples["alpha_y_mult"] = torch.cat([torch.ones((n, 1) + tail), samples["alpha_y_mul"]], dim=1)
+    samples["alpha_y_add"] = torch.cat([torch.zeros((n, 1) + tail), samples["delta_y_add"]], dim=1)
+    return samples
+
+
+def _scatter(samples: dict[str, Tensor], data: TechnicalData) -> dict[str, Tensor]:
+    """Every feature-wise site over all T features; excluded ones get the site's fill value."""
+    fills = {**SITE_FILL, "alpha_y_mult": 1.0, "alpha_y_add": 0.0}
+    keep = torch.from_numpy(data.feature_mask)
+    out = {}
+    for name, value in samples.items():
+        if name not in fills:
+            out[name] = value
+            continue
+        axis = -2 if name in CATEGORY_SITES or (name == "alpha_y_add" and data.distribution == "multinomial") else -1
+        shape = list(value.shape)
+        shape[axis] = keep.numel()
+        full = torch.full(shape, fills[name], dtype=value.dtype)
+        index = [slice(None)] * value.dim()
+        index[axis] = keep
+        full[tuple(index)] = value
+        out[name] = full
+    return out
+
+
+def fit_technical(
+    counts: Any,
+    groups: Any,
+    sum_factors: Any = None,
+    *,
+    distribution: str = "negbinom",
+    denominator: Any = None,
+    cells_axis: int = 0,
+    device: str = "auto",
+    nsamples: int = 1000,
+    niters: int | None = None,
+    lr: float = 1e-3,
+    tolerance: float = 1e-4,
+    alpha_ewma: float = 0.05,
+    beta_o_alpha: float = 9.0,
+    beta_o_beta: float = 3.0,
+    epsilon: float = 1e-6,
+    minibatch_size: int | None = None,
+    safety_factor: float | None = None,
+    max_memory: Any = None,
+    seed: int | None = None,
+    progress: bool = True,
+    guide: str = "normal",
+    guide_state: GuideState | None = None,
+) -> TechnicalFit:
+    """Fit bayesDREAM's technical model on NTC cells and draw ``nsamples`` posterior samples.
+
+    ``counts`` [cells, features] (``cells_axis=1`` for features x cells; multinomial [N, T, K]);
+    ``groups`` one label or code per cell, the first level (sorted, or a Categorical's
+    order) being the baseline. ``sum_factors`` default to library size / mean (negbinom).
+    ``device="auto"`` trains on the GPU when data, guide, optimizer state and one step fit its
+    budget, else on the CPU; Predictive then goes wherever devicemem's planner puts it.
+    ``niters`` defaults to bayesDREAM's 50,000 (100,000 for multinomial); training stops
+    earlier once the loss's EWMA settles (``tolerance``, relative). ``guide``: "normal"
+    (AutoNormal), "iaf" (AutoIAFNormal, ValueError if it cannot fit) or "auto". If Predictive
+    fails, :class:`PredictiveFailedError` carries the trained guide: pass its ``guide_state``
+    to resume without retraining.
+    """
+    start = time.perf_counter()
+    _check_options(
+        distribution, device, nsamples, niters, lr, tolerance, alpha_ewma, beta_o_alpha, beta_o_beta, epsilon,
+        minibatch_size, safety_factor, max_memory, guide,
+    )
+    data = prepare_technical(counts, groups, sum_factors, distribution=distribution, denominator=denominator, cells_axis=cells_axis)
+    inputs = build_model_inputs(data, epsilon=epsilon, beta_o_alpha=beta_o_alpha, beta_o_beta=beta_o_beta)
+    safety = DEFAULT_SAFETY_FACTOR if safety_factor is None else safety_factor
+    niters = niters or DEFAULT_NITERS.get(distribution, DEFAULT_NITERS_OTHER)
+    logger.info(
+        "fit_technical: %d NTC cells x %d features (%d excluded), %d group(s), %s",
+        data.n_cells, data.n_features, data.feature_mask.size - data.n_features, data.n_groups, distribution,
+    )
+    prepared = time.perf_counter()
+    if guide_state is None:
+        plan = plan_training(
+            data.n_cells, data.n_features, data.n_groups, data.n_categories, distribution=distribution,
+            device=str(device), guide=guide, safety_factor=safety, max_memory=max_memory,
+        )
+        result = train(
+            inputs, plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
+            progress=progress, fallback_to_host=str(device) == "auto",
+        )
+        state = _guide_state(data, result)
+        trained_guide = result.guide
+    else:
+        state = guide_state
+        trained_guide = _restore_guide(inputs, state, data)
+    trained = time.perf_counter()
+    sites = _site_names(inputs)
+    predictive = Predictive(
+        inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=sites, device=str(device),
+        minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory, seed=seed, progress=progress,
+    )
+    try:
+        samples = predictive(**inputs.params_only())
+    except Exception as exc:
+        raise PredictiveFailedError(
+            f"Predictive failed after training ({type(exc).__name__}: {exc}); the trained guide is kept: "
+            "call fit_technical(..., guide_state=err.guide_state) to draw the samples again without retraining",
+            state,
+        ) from exc
+    sampled = time.perf_counter()
+    posterior = _scatter(_complete({name: value.cpu() for name, value in samples.items()}, data), data)
+    timings = {
+        "validation_s": prepared - start,
+        "training_s": state.training_s if guide_state is None else 0.0,
+        "svi_ms_per_step": 1e3 * state.training_s / max(len(state.losses), 1),
+        "predictive_s": sampled - trained,
+        "total_s": time.perf_counter() - start,
+    }
+    logger.info("fit_technical done: training %.1f s, Predictive %.2f s", timings["training_s"], timings["predictive_s"])
+    return TechnicalFit(
+        distribution=distribution,
+        posterior_samples=posterior,
+        feature_mask=torch.from_numpy(data.feature_mask.copy()),
+        group_levels=data.group_levels,
+        feature_names=data.feature_names,
+        excluded=dict(data.excluded),
+        losses=state.losses,
+        learning_rates=state.learning_rates,
+        svi_plan=state.svi_plan,
+        predictive_plan=getattr(predictive, "plan", None),
+        timings=timings,
+    )
