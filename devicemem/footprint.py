@@ -1,8 +1,50 @@
-"""Footprint estimators: how many bytes a Predictive batch of B samples needs on a device."""
+"""Footprint estimators: how many bytes a Predictive batch of B samples needs on a device.
+
+Two estimators, one record (:class:`Footprint`):
+
+- :func:`technical_footprint`, analytic, for bayesDREAM's technical model family, from shapes
+  alone. Its coefficients count the tensors that are alive at the peak of one vectorised
+  ``pyro.infer.Predictive`` call, measured by peak RSS in fresh child processes
+  (bench/w3_accuracy.py checks them on a grid).
+- :func:`probe_footprint`, for any Pyro model and guide: runs a few vectorised batches on the
+  target device, measures each one's peak through the device's backend, fits a line through
+  the two largest and adds :data:`PROBE_MARGIN`. Results are cached per (model, guide,
+  argument shapes, device).
+"""
 
 from __future__ import annotations
 
+import gc
+import inspect
+import math
+import sys
+import time
+import weakref
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+MiB = 1 << 20
+
+# glibc serves allocations above its mmap threshold with mmap and returns them to the OS on
+# free; the threshold adapts upwards to freed blocks but never beyond 32 MiB on 64-bit.
+# Smaller tensors come from the heap, whose freed blocks stay resident: temporaries under this
+# size are still counted in RSS after they die.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
+
+# Each Predictive call runs the model (and guide) twice unvectorised before the vectorised run
+# (REFERENCE section 2): about two samples' worth of work per call. With the observation site
+# the per-sample cost is otherwise flat in the batch size, so beyond 40 samples (overhead
+# under 5%) a bigger batch buys no speed, only memory.
+OBS_SATURATION_BATCH = 40
+
+PROBE_MARGIN = 0.10
+PROBE_TARGET_BYTES = 256 * MiB
+PROBE_LADDER = (1, 2, 8, 32, 128, 512, 2048)
+
+DISTRIBUTIONS = ("negbinom", "normal", "studentt", "binomial", "multinomial")
+GUIDES = ("normal", "iaf", "delta")
 
 
 @dataclass(frozen=True)
@@ -12,12 +54,367 @@ class Footprint:
     ``fixed_bytes`` covers what exists whatever the batch (data and guide parameters on the
     device, Pyro's unvectorised shape-guessing trace); ``per_sample_bytes`` what one more
     vectorised sample adds. ``source`` says how it was obtained ("analytic", "probe", ...).
+
+    ``input_bytes`` is the part of ``fixed_bytes`` that is the inputs themselves (model
+    arguments and guide parameters): not needed again on a device where they already live.
+    ``transient_bytes`` is a batch-independent spike that never coexists with the batch's
+    tensors (AutoIAFNormal's masked weight product): the working peak is the larger of the two.
+    ``output_per_sample_bytes`` is what one returned sample takes on the host;
+    ``saturation_batch`` the batch size beyond which vectorising buys no more speed (None:
+    bigger is always faster).
     """
 
     fixed_bytes: int
     per_sample_bytes: int
     source: str
+    input_bytes: int = 0
+    transient_bytes: int = 0
+    output_per_sample_bytes: int | None = None
+    saturation_batch: int | None = None
 
-    def peak_bytes(self, batch_size: int) -> int:
-        """Predicted peak for a vectorised batch of ``batch_size`` samples."""
-        return self.fixed_bytes + self.per_sample_bytes * batch_size
+    def peak_bytes(self, batch_size: int, inputs_resident: bool = False) -> int:
+        """Predicted peak for a vectorised batch of ``batch_size`` samples; with
+        ``inputs_resident`` the inputs already live on the device and are not counted."""
+        inputs = 0 if inputs_resident else self.input_bytes
+        working = self.fixed_bytes - self.input_bytes + self.per_sample_bytes * batch_size
+        return inputs + max(working, self.transient_bytes)
+
+    def max_batch(self, budget_bytes: int, inputs_resident: bool = False) -> int:
+        """The largest vectorised batch whose predicted peak fits ``budget_bytes`` (0: not even
+        one sample; ``sys.maxsize`` when samples cost nothing)."""
+        if self.peak_bytes(1, inputs_resident) > budget_bytes:
+            return 0
+        if self.per_sample_bytes <= 0:
+            return sys.maxsize
+        inputs = 0 if inputs_resident else self.input_bytes
+        working = self.fixed_bytes - self.input_bytes
+        return int((budget_bytes - inputs - working) // self.per_sample_bytes)
+
+
+# --- analytic: the technical model family ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """Element counts of one technical model's latent sites (per sample, unbatched)."""
+
+    effects: int  # effect elements: (C-1) * T, times K for multinomial
+    features: int  # elements of per-feature sites ([T] or [T, K])
+    latent: int  # the guide's latent dimension (unconstrained)
+
+
+def _check_count(value: Any, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what}: expected an integer >= {minimum}; got {value!r}")
+    return value
+
+
+def check_shapes(n_cells: int, n_features: int, n_groups: int, n_categories: int = 1) -> None:
+    """ValueError naming the argument for N/T/C/K < 1 or more groups than cells."""
+    _check_count(n_cells, "n_cells")
+    _check_count(n_features, "n_features")
+    _check_count(n_groups, "n_groups")
+    _check_count(n_categories, "n_categories")
+    if n_groups > n_cells:
+        raise ValueError(f"n_groups: cannot exceed n_cells ({n_cells}); got {n_groups}")
+
+
+def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
+    """``value`` when it is one of ``choices``, else ValueError naming ``what``."""
+    if value not in choices:
+        raise ValueError(f"{what}: expected one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribution: str) -> _Sites:
+    effects = (n_groups - 1) * n_features * (n_categories if distribution == "multinomial" else 1)
+    if distribution == "multinomial":
+        features = n_features * n_categories  # probs_baseline_raw [T, K]
+        latent = effects + n_features * (n_categories - 1)  # stick-breaking drops one category
+    elif distribution == "binomial":
+        features = n_features  # mu_ntc
+        latent = effects + features
+    elif distribution == "negbinom":
+        features = 2 * n_features  # o_y, mu_ntc (+ the scalar beta_o)
+        latent = effects + features + 1
+    else:
+        features = 2 * n_features  # sigma_y, mu_ntc
+        latent = effects + features
+    return _Sites(effects, features, latent)
+
+
+# Per-sample floats at the peak of a params-only vectorised call, per effect element and per
+# per-feature element (measured, negbinom with AutoNormal: 2 * (C-1)*T + 7 * T exactly at
+# T=4000, C=2, 4, 8 and B=500-2000 with every tensor mmapped): the effect sample (its
+# unconstrained draw is the value) and alpha_y_mul; for each per-feature site its draw, its
+# transformed value and the rsample temporaries. AutoDelta's draws are expanded views: only
+# the model's derived tensors and copies remain (4 per effect element, ~0 per feature).
+_PARAMS_PER_EFFECT = {"normal": 2.0, "delta": 4.0}
+_PARAMS_PER_FEATURE = {"normal": 3.5, "delta": 0.0}
+# AutoIAFNormal: the guide phase holds the base draw [B, D], the hidden layer [B, 3D+1] and the
+# network output [B, 2D]: 6 floats per latent element per sample (measured 6.0-6.6 D at
+# T=250-1000), and its unbatched masked weight product (2D x H floats) peaks alone.
+_IAF_PER_LATENT = 6.0
+_IAF_HIDDEN = 3  # pyro's default hidden size is 3 * latent_dim + 1
+
+# With the observation site: [B, N, T]-sized tensors alive at the peak per sample, and
+# [N, T]-sized ones kept by Pyro's unvectorised trace during the vectorised call.
+# negbinom (measured 4.95-5.05 per sample, N x T = 1000 x 2000 and 2000 x 5000): mu_final,
+# logits, exp(-logits) (the gamma rate), the gamma draw and the Poisson draw; the unvectorised
+# trace keeps y_obs, logits and the gamma rate.
+_OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 6.0, "binomial": 4.0, "multinomial": 4.0}
+_OBS_TRACE = {"negbinom": 3.0, "normal": 2.0, "studentt": 3.0, "binomial": 2.0, "multinomial": 2.0}
+
+
+def _guide_parameter_floats(guide: str, latent: int) -> int:
+    if guide == "normal":
+        return 2 * latent  # loc and scale per latent element
+    if guide == "delta":
+        return latent
+    hidden = _IAF_HIDDEN * latent + 1
+    # two masked linear layers (D -> H -> 2D): weight + mask (a float buffer) + bias each
+    return 2 * (latent * hidden + hidden * 2 * latent) + hidden + 2 * latent
+
+
+def technical_footprint(
+    n_cells: int,
+    n_features: int,
+    n_groups: int,
+    n_categories: int = 1,
+    distribution: str = "negbinom",
+    guide: str = "normal",
+    with_obs: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Footprint:
+    """Analytic footprint of a vectorised Predictive of bayesDREAM's technical model.
+
+    Per sample: the [B, C-1, T] / [B, T] sites with the guide's draws and temporaries, plus,
+    ``with_obs``, the [B, N, T] likelihood temporaries. Fixed: the inputs (counts [N, T], the
+    per-cell and per-feature vectors, the guide parameters) and Pyro's unvectorised trace,
+    plus glibc's resident heap temporaries when an [N, T] tensor is under its mmap threshold.
+    No data needed: usable before training starts.
+    """
+    check_shapes(n_cells, n_features, n_groups, n_categories)
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(guide, GUIDES, "guide")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype: expected a torch.dtype such as torch.float32; got {dtype!r}")
+    item = torch.empty((), dtype=dtype).element_size()
+    sites = _technical_sites(n_features, n_groups, n_categories, distribution)
+    cells_by_features = n_cells * n_features * (n_categories if distribution == "multinomial" else 1)
+
+    transient = 0
+    if guide == "iaf":
+        per_sample = _IAF_PER_LATENT * sites.latent
+        hidden = _IAF_HIDDEN * sites.latent + 1
+        transient = 2 * sites.latent * hidden * item
+    else:
+        per_sample = _PARAMS_PER_EFFECT[guide] * sites.effects + _PARAMS_PER_FEATURE[guide] * sites.features
+    working = 2 * per_sample  # the two unvectorised runs (one of them kept during the call)
+    saturation = None
+    if with_obs:
+        per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
+        working += _OBS_TRACE[distribution] * cells_by_features
+        if cells_by_features * item < GLIBC_MMAP_THRESHOLD_MAX:
+            working += _OBS_PER_SAMPLE[distribution] * cells_by_features  # kept in the heap
+        saturation = OBS_SATURATION_BATCH
+
+    data = 2 * cells_by_features + 2 * n_cells + 3 * n_features  # counts (+ denominator), groups, sizes, priors
+    inputs = (data + _guide_parameter_floats(guide, sites.latent)) * item
+    output = _technical_output_floats(sites, n_features, cells_by_features, distribution, with_obs) * item
+    return Footprint(
+        fixed_bytes=int(inputs + working * item),
+        per_sample_bytes=int(math.ceil(per_sample * item)),
+        source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}",
+        input_bytes=int(inputs),
+        transient_bytes=int(transient),
+        output_per_sample_bytes=int(output),
+        saturation_batch=saturation,
+    )
+
+
+def _technical_output_floats(sites: _Sites, n_features: int, cells_by_features: int, distribution: str, with_obs: bool) -> int:
+    """Floats of one returned sample: every latent and deterministic site (bayesDREAM's
+    effect site and its two deterministic views), plus y_obs with the observation site."""
+    floats = 3 * sites.effects + sites.features + (1 if distribution == "negbinom" else 0)
+    if distribution == "multinomial":
+        floats = 2 * sites.effects + 2 * sites.features
+    return floats + (cells_by_features if with_obs else 0)
+
+
+# --- probe-calibrated: any model and guide ----------------------------------------------
+
+_PROBE_CACHE: dict[tuple, tuple[Any, Any, Footprint]] = {}
+
+
+def _identity(obj: Any) -> tuple[Any, Callable[[], Any] | None]:
+    """(cache key, weak reference) for a model or guide; the reference is None when ``obj``
+    cannot be weakly referenced (then nothing is cached). Bound methods are new objects on
+    every attribute access, so they are keyed and referenced through their instance."""
+    if obj is None:
+        return None, lambda: None
+    if inspect.ismethod(obj):
+        return (id(obj.__self__), id(obj.__func__)), weakref.WeakMethod(obj)
+    try:
+        return id(obj), weakref.ref(obj)
+    except TypeError:
+        return id(obj), None
+
+
+def _shape_key(obj: Any) -> Any:
+    """A hashable summary of arguments: tensors by shape, dtype and device, else by value."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), str(obj.dtype), str(obj.device))
+    if isinstance(obj, Mapping):
+        return tuple(sorted((str(key), _shape_key(value)) for key, value in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__,) + tuple(_shape_key(value) for value in obj)
+    try:
+        hash(obj)
+    except TypeError:
+        return ("object", id(obj))
+    return obj
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for value in obj.values() for t in _tensors(value)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in _tensors(value)]
+    return []
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _check_batch_sizes(batch_sizes: Sequence[int] | None) -> tuple[int, ...] | None:
+    if batch_sizes is None:
+        return None
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
+        raise ValueError(f"batch_sizes: expected None or at least two distinct positive integers; got {batch_sizes!r}")
+    sizes = tuple(sorted({_check_count(b, "batch_sizes") for b in batch_sizes}))
+    if len(sizes) < 2:
+        raise ValueError(f"batch_sizes: expected at least two distinct positive integers; got {batch_sizes!r}")
+    return sizes
+
+
+@dataclass(frozen=True)
+class _Measure:
+    batch_size: int
+    delta_bytes: int
+    seconds: float
+    output_bytes: int
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(intercept, slope) through the first and last points."""
+    slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
+    return ys[0] - slope * xs[0], slope
+
+
+def probe_footprint(
+    model: Callable[..., Any],
+    guide: Callable[..., Any] | None,
+    *args: Any,
+    device: str = "cpu",
+    return_sites: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    posterior_samples: Mapping[str, torch.Tensor] | None = None,
+    backend: Any = None,
+    **kwargs: Any,
+) -> Footprint:
+    """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
+
+    Each batch runs after a garbage collection and the backend's ``empty_cache``, between its
+    ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
+    /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
+    :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (tensors big
+    enough for the allocator to behave as it will at full size); the line goes through the
+    two largest batches, plus :data:`PROBE_MARGIN`. A timed line gives ``saturation_batch``.
+    Arguments and guide parameters are moved to ``device`` for the probe and put back.
+    ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
+    """
+    from pyro.infer import Predictive as PyroPredictive
+
+    from devicemem.devices import get_backend
+    from devicemem.placement import _guide_tensors, parameters_on, to_device
+
+    sizes = _check_batch_sizes(batch_sizes)
+    if guide is None and posterior_samples is None:
+        raise ValueError("probe_footprint: pass a guide or posterior_samples")
+    backend = get_backend(device) if backend is None else backend
+    model_key, model_ref = _identity(model)
+    guide_key, guide_ref = _identity(guide)
+    key = (
+        model_key, guide_key, str(device), tuple(return_sites or ()), sizes,
+        _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
+    )
+    cached = _PROBE_CACHE.get(key)
+    if cached is not None and cached[0]() == model and cached[1]() == guide:
+        return cached[2]
+
+    where = backend.torch_device(device)
+    moved_args, moved_kwargs = to_device((args, kwargs), where)
+    posterior = to_device(dict(posterior_samples), where) if posterior_samples is not None else None
+    if posterior is not None:
+        available = min(int(v.shape[0]) for v in posterior.values())
+        ladder = [b for b in (sizes or PROBE_LADDER) if b <= available]
+    else:
+        ladder = list(sizes or PROBE_LADDER)
+
+    def run(batch: int) -> _Measure:
+        gc.collect()
+        backend.empty_cache(device)
+        backend.reset_peak(device)
+        start = backend.current_bytes(device) or 0
+        began = time.perf_counter()
+        with torch.no_grad():
+            predictive = PyroPredictive(
+                model, guide=guide, num_samples=batch, return_sites=tuple(return_sites or ()), parallel=True,
+                posterior_samples=None if posterior is None else {k: v[:batch] for k, v in posterior.items()},
+            )
+            out = predictive(*moved_args, **moved_kwargs)
+        seconds = time.perf_counter() - began
+        peak = backend.peak_bytes(device) or start
+        output = sum(v.numel() * v.element_size() for v in out.values() if isinstance(v, torch.Tensor))
+        del out, predictive
+        return _Measure(batch, max(peak - start, 0), seconds, output)
+
+    with parameters_on(where, guide):
+        run(ladder[0])  # warm-up: initialises an autoguide, kernels and Pyro's caches
+        measures = [run(batch) for batch in ladder[: 2 if sizes is None else len(ladder)]]
+        if sizes is None:
+            for batch in ladder[2:]:
+                if measures[-1].delta_bytes >= PROBE_TARGET_BYTES:
+                    break
+                measures.append(run(batch))
+        inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
+    if len(measures) < 2:
+        raise ValueError(
+            f"probe_footprint: needs two batch sizes; posterior_samples hold only {ladder} samples"
+        )
+    low, high = measures[-2], measures[-1]
+    intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
+    slope = max(slope, 0.0)
+    working = max(intercept, 0.0)
+    t0, t1 = _line([low.batch_size, high.batch_size], [low.seconds, high.seconds])
+    saturation = int(math.ceil(20 * t0 / t1)) if t0 > 0 and t1 > 0 else None
+    footprint = Footprint(
+        fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),
+        per_sample_bytes=int(math.ceil(slope * (1 + PROBE_MARGIN))),
+        source=f"probe on {device} at B={low.batch_size},{high.batch_size}",
+        input_bytes=int(inputs),
+        output_per_sample_bytes=high.output_bytes // high.batch_size,
+        saturation_batch=saturation,
+    )
+    if model_ref is not None and guide_ref is not None:
+        _PROBE_CACHE[key] = (model_ref, guide_ref, footprint)
+    return footprint

@@ -1,8 +1,44 @@
-"""The planner: which device, how many samples per batch, vectorised or sequential, and why."""
+"""The planner: which device, how many samples per batch, vectorised or sequential, and why.
+
+It reads device memory from the registry (:mod:`devicemem.devices`) and a footprint from
+:mod:`devicemem.footprint` (probed for any model, analytic for the technical model), and
+decides; the runner executes the :class:`Plan`. Every decision is logged to
+``logging.getLogger("devicemem.planner")`` as a ``[MEMORY]`` line and kept in
+``Plan.reasons``.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from devicemem.devices.base import DeviceMemory
+from devicemem.footprint import (
+    DISTRIBUTIONS,
+    GUIDES,
+    Footprint,
+    check_choice,
+    check_shapes,
+    probe_footprint,
+    technical_footprint,
+)
+from devicemem.units import format_bytes
+
+logger = logging.getLogger("devicemem.planner")
+
+HOST = "cpu"
+DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
+# Measured accuracy (bench/w3_accuracy.py): predicted / measured peak 0.93-1.10 on the grid, so a
+# real peak may exceed its prediction by up to ~8%; glibc can keep up to ~0.25 GB of small
+# freed temporaries resident on top. 0.8 leaves >10% of usable memory for both plus drift.
+DEFAULT_SAFETY_FACTOR = 0.8
+# The seed's batch size when no memory reading exists (it used sequential batches of 50).
+CONSERVATIVE_BATCH = 50
 
 
 @dataclass(frozen=True)
@@ -23,3 +59,380 @@ class Plan:
     safety_factor: float
     output_bytes: int | None
     reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the planner reads from the world; None means the real thing. Tests pass fakes.
+
+    ``devices(max_memory)`` lists every device (default :func:`devicemem.devices.devices`);
+    ``probe(model, guide, *args, device=, return_sites=, posterior_samples=, **kwargs)``
+    measures a footprint (default :func:`devicemem.footprint.probe_footprint`); ``environ``
+    is where ``DEVICEMEM_SAFETY_FACTOR`` is read (default ``os.environ``).
+    """
+
+    devices: Callable[[Any], list[DeviceMemory]] | None = None
+    probe: Callable[..., Footprint] | None = None
+    environ: Mapping[str, str] | None = None
+
+    def list_devices(self, max_memory: Any) -> list[DeviceMemory]:
+        if self.devices is not None:
+            return self.devices(max_memory)
+        from devicemem.devices import devices
+
+        return devices(max_memory=max_memory)
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return os.environ if self.environ is None else self.environ
+
+
+# --- argument checks ---------------------------------------------------------------------
+
+
+def _check_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what}: expected an int; got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{what}: expected an integer >= 1; got {value}")
+    return value
+
+
+def _check_minibatch(minibatch_size: Any) -> int | None:
+    return None if minibatch_size is None else _check_int(minibatch_size, "minibatch_size")
+
+
+def _check_factor(value: Any, what: str) -> float:
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number in (0, 1], e.g. 0.8; got {value!r}") from None
+    if isinstance(value, bool) or not 0.0 < factor <= 1.0:
+        raise ValueError(f"{what}: expected a number in (0, 1], e.g. 0.8; got {value!r}")
+    return factor
+
+
+def _check_device(device: Any) -> str:
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    return str(device).strip().lower()
+
+
+def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str] | None = None) -> tuple[float, str]:
+    """(factor, where it came from): the argument, else ``DEVICEMEM_SAFETY_FACTOR``, else the
+    default. ValueError naming the argument or the variable when outside (0, 1]."""
+    if safety_factor is not None:
+        return _check_factor(safety_factor, "safety_factor"), "argument"
+    environ = os.environ if environ is None else environ
+    text = environ.get(DEVICEMEM_SAFETY_FACTOR, "").strip()
+    if text:
+        return _check_factor(text, DEVICEMEM_SAFETY_FACTOR), DEVICEMEM_SAFETY_FACTOR
+    return DEFAULT_SAFETY_FACTOR, "default"
+
+
+# --- the decision ------------------------------------------------------------------------
+
+
+class _Reasons:
+    """Collects the plan's sentences and logs each one as a ``[MEMORY]`` line."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, text: str, level: int = logging.INFO) -> None:
+        self.lines.append(text)
+        logger.log(level, "[MEMORY] %s", text)
+
+
+def _describe(memory: DeviceMemory) -> str:
+    what = "CPU RAM" if memory.device == HOST else f"{memory.device} memory"
+    if memory.usable_bytes is None:
+        return f"Available {what}: unknown (nothing readable)"
+    extra = ""
+    if memory.limit_bytes is not None:
+        from devicemem.devices import limit_source
+
+        extra = f" (limit {format_bytes(memory.limit_bytes)} from {limit_source(memory)})"
+    elif memory.total_bytes is not None:
+        extra = f" (of {format_bytes(memory.total_bytes)} total)"
+    return f"Available {what}: {format_bytes(memory.usable_bytes)} usable{extra}"
+
+
+def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
+    """The listed device named ``device`` ("cuda" = the first CUDA device); ValueError else."""
+    for memory in listing:
+        if memory.device == device or (":" not in device and memory.device.split(":")[0] == device):
+            return memory
+    seen = ", ".join(memory.device for memory in listing) or "none"
+    raise ValueError(f"device: {device!r} is not visible to this process; it sees: {seen} (or pass 'auto')")
+
+
+def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
+    """(batch size, batches): the fewest batches of at most ``batch_size``, evened out."""
+    n_batches = math.ceil(num_samples / batch_size)
+    return math.ceil(num_samples / n_batches), n_batches
+
+
+def _decide(
+    footprint_for: Callable[[str], Footprint],
+    num_samples: int,
+    device: str,
+    minibatch_size: int | None,
+    safety_factor: float | None,
+    max_memory: Any,
+    output_bytes: int | None,
+    inputs_on: str,
+    resources: Resources,
+) -> Plan:
+    factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
+    reasons = _Reasons()
+    listing = resources.list_devices(max_memory)
+    if device == "auto":
+        gpus = sorted(
+            (m for m in listing if m.device != HOST and m.usable_bytes),
+            key=lambda m: -(m.usable_bytes or 0),
+        )
+        host = [m for m in listing if m.device == HOST]
+        candidates = gpus[:1] + (host or [DeviceMemory(HOST, "host RAM", None, None, None, None, ())])
+    else:
+        candidates = [_find(listing, device)]
+
+    for index, memory in enumerate(candidates):
+        last = index == len(candidates) - 1
+        reasons.add(_describe(memory))
+        if memory.usable_bytes is None:
+            if not last:
+                continue
+            return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
+        footprint = footprint_for(memory.device)
+        if output_bytes is None and footprint.output_per_sample_bytes is not None:
+            output_bytes = footprint.output_per_sample_bytes * num_samples
+        on_host = memory.device == HOST
+        resident = memory.device == inputs_on
+        results = (output_bytes or 0) if on_host else 0
+        usable = memory.usable_bytes - results
+        budget = int(factor * memory.usable_bytes) - results
+        fit = footprint.max_batch(budget, resident)
+        if fit < 1 and not last:
+            reasons.add(
+                f"{memory.device} cannot hold one vectorised sample: it needs "
+                f"{format_bytes(footprint.peak_bytes(1, resident))} of a {format_bytes(budget)} budget; trying {HOST}"
+            )
+            continue
+        reasons.add(f"Safety factor: {factor:.0%} ({factor_source}); budget {format_bytes(budget)} on {memory.device}"
+                    + (f" after {format_bytes(output_bytes)} for the results" if on_host and output_bytes else ""))
+        reasons.add(
+            f"Estimated peak for {num_samples} samples on {memory.device}: "
+            f"{format_bytes(footprint.peak_bytes(num_samples, resident))} ({footprint.source})"
+        )
+        return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
+                     factor, output_bytes, reasons)
+    raise AssertionError("the host is always the last candidate")
+
+
+def _conservative(
+    device: str, num_samples: int, minibatch_size: int | None, factor: float, output_bytes: int | None,
+    reasons: _Reasons,
+) -> Plan:
+    """No memory reading: the user's batch size, else the seed's sequential batches of 50."""
+    if minibatch_size is not None:
+        size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
+        reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size}")
+        return Plan(device, num_samples, size, n_batches, True, None, None, factor, output_bytes, tuple(reasons.lines))
+    size, n_batches = _batches(num_samples, min(CONSERVATIVE_BATCH, num_samples))
+    reasons.add(
+        f"Memory on {device} is unknown (install psutil for automatic memory detection): using the "
+        f"conservative default of {n_batches} sequential batches of {size}",
+        logging.WARNING,
+    )
+    return Plan(device, num_samples, size, n_batches, False, None, None, factor, output_bytes, tuple(reasons.lines))
+
+
+def _size(
+    device: str, footprint: Footprint, num_samples: int, minibatch_size: int | None, fit: int, budget: int,
+    usable: int, resident: bool, factor: float, output_bytes: int | None, reasons: _Reasons,
+) -> Plan:
+    """Batch size and mode on the chosen device."""
+
+    def plan(size: int, n_batches: int, vectorized: bool) -> Plan:
+        return Plan(
+            device, num_samples, size, n_batches, vectorized, footprint.peak_bytes(size, resident), budget,
+            factor, output_bytes, tuple(reasons.lines),
+        )
+
+    if minibatch_size is not None:
+        size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
+        peak = footprint.peak_bytes(size, resident)
+        reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} on {device}")
+        if peak > budget:
+            reasons.add(
+                f"minibatch_size={minibatch_size} is predicted to peak at {format_bytes(peak)}, over the "
+                f"{format_bytes(budget)} budget on {device}; the largest batch that fits is {fit}",
+                logging.WARNING,
+            )
+        return plan(size, n_batches, True)
+
+    if fit >= 1:
+        cap = min(fit, num_samples)
+        if footprint.saturation_batch is not None and footprint.saturation_batch < cap:
+            cap = footprint.saturation_batch
+            reasons.add(
+                f"Capping batches at {cap} samples: beyond that a bigger batch is no faster per "
+                f"sample, it only costs memory"
+            )
+        size, n_batches = _batches(num_samples, cap)
+        peak = footprint.peak_bytes(size, resident)
+        if n_batches == 1:
+            reasons.add(f"Will use one vectorised batch of {size} on {device} (peak {format_bytes(peak)})")
+        else:
+            reasons.add(
+                f"Will use {n_batches} vectorised batches of {size} on {device} "
+                f"(peak {format_bytes(peak)} each; at most {min(fit, num_samples)} fit)"
+            )
+        return plan(size, n_batches, True)
+
+    one = footprint.peak_bytes(1, resident)
+    if one <= usable:
+        reasons.add(
+            f"Even one vectorised sample ({format_bytes(one)}) exceeds the {format_bytes(budget)} budget "
+            f"on {device}; streaming sample by sample, sequentially, with no safety margin left "
+            f"({format_bytes(usable)} usable)",
+            logging.WARNING,
+        )
+        return plan(1, num_samples, False)
+    results = f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
+    raise ValueError(
+        f"[MEMORY] one sample needs {format_bytes(one)} on {device} ({footprint.source}) but only "
+        f"{format_bytes(max(usable, 0))} is usable{results}; nothing was run. Use a device with more "
+        "memory, fewer cells or features, fewer return_sites, or write the results to disk"
+    )
+
+
+# --- public entry points -----------------------------------------------------------------
+
+
+def _inputs_device(*objects: Any) -> str:
+    """Where the model's tensors live ("cpu" when there are none)."""
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            return HOST if obj.device.type == "cpu" else str(obj.device)
+        if isinstance(obj, Mapping):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return HOST
+
+
+def _check_common(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
+    _check_int(num_samples, "num_samples")
+    _check_minibatch(minibatch_size)
+    if safety_factor is not None:
+        _check_factor(safety_factor, "safety_factor")
+    if output_bytes is not None and (isinstance(output_bytes, bool) or not isinstance(output_bytes, int) or output_bytes < 0):
+        raise ValueError(f"output_bytes: expected None or a non-negative int; got {output_bytes!r}")
+    return _check_device(device)
+
+
+def plan_predictive(
+    model: Callable[..., Any],
+    guide: Callable[..., Any] | None,
+    num_samples: int,
+    *args: Any,
+    device: str = "auto",
+    minibatch_size: int | None = None,
+    safety_factor: float | None = None,
+    max_memory: Any = None,
+    return_sites: Sequence[str] | None = None,
+    posterior_samples: Mapping[str, torch.Tensor] | None = None,
+    output_bytes: int | None = None,
+    resources: Resources | None = None,
+    **kwargs: Any,
+) -> Plan:
+    """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
+
+    The footprint is probed on each candidate device (:func:`devicemem.probe_footprint`,
+    cached). ``device="auto"``: the GPU with the most usable memory when it holds the fixed cost
+    plus one vectorised sample, else the CPU. The batch is the largest whose predicted peak fits
+    ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
+    returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
+    stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
+    Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
+    """
+    where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
+    if return_sites is not None and (isinstance(return_sites, str) or not all(isinstance(s, str) for s in return_sites)):
+        raise ValueError(f"return_sites: expected None or a list of site names; got {return_sites!r}")
+    if guide is None and posterior_samples is None:
+        raise ValueError("plan_predictive: pass a guide or posterior_samples")
+    resources = resources or Resources()
+    probe = resources.probe or probe_footprint
+
+    def footprint_for(name: str) -> Footprint:
+        return probe(
+            model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples, **kwargs
+        )
+
+    return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
+                   _inputs_device(args, kwargs), resources)
+
+
+def plan_technical(
+    n_cells: int,
+    n_features: int,
+    n_groups: int,
+    num_samples: int,
+    *,
+    n_categories: int = 1,
+    distribution: str = "negbinom",
+    guide: str = "normal",
+    with_obs: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "auto",
+    minibatch_size: int | None = None,
+    safety_factor: float | None = None,
+    max_memory: Any = None,
+    output_bytes: int | None = None,
+    resources: Resources | None = None,
+) -> Plan:
+    """Plan the technical model's Predictive from shapes alone (:func:`technical_footprint`).
+
+    The inputs (counts, guide parameters) are taken to live on the host, so they count against
+    a GPU's memory but not again against the host's. Same decisions as :func:`plan_predictive`.
+    """
+    check_shapes(n_cells, n_features, n_groups, n_categories)
+    check_choice(distribution, DISTRIBUTIONS, "distribution")
+    check_choice(guide, GUIDES, "guide")
+    where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
+    footprint = technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype)
+    return _decide(lambda _: footprint, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
+                   HOST, resources or Resources())
+
+
+def estimate_predictive_memory_and_set_minibatch(
+    N: int,
+    T: int,
+    C: int,
+    nsamples: int,
+    minibatch_size: int | None = None,
+    distribution: str = "negbinom",
+    safety_factor: float | None = None,
+    device: str = "cpu",
+    resources: Resources | None = None,
+) -> tuple[int | None, bool]:
+    """bayesDREAM's ``_estimate_predictive_memory_and_set_minibatch``, planned properly.
+
+    Returns ``(minibatch_size, use_parallel)``: ``None`` when all ``nsamples`` fit in one
+    batch; a user ``minibatch_size`` is returned as is with ``use_parallel=True``; with no
+    memory reading, the seed's ``(50, False)``. Params-only technical Predictive (the seed's
+    case), with an AutoNormal guide.
+    """
+    plan = plan_technical(
+        N, T, C, nsamples, distribution=distribution, device=device, minibatch_size=minibatch_size,
+        safety_factor=safety_factor, resources=resources,
+    )
+    if minibatch_size is not None:
+        return minibatch_size, True
+    if plan.budget_bytes is None:
+        return plan.batch_size, plan.vectorized
+    return (None if plan.n_batches == 1 else plan.batch_size), plan.vectorized
