@@ -272,8 +272,12 @@ class Predictive:
     - ``reduce``: ``{"site": ("mean", "var")}`` returns ``"site:mean"`` and ``"site:var"``
       (float64, unbiased variance, streamed with Welford) instead of ``site``.
     - ``progress``: a tqdm bar over samples with device memory in use and peak vs budget.
+    - ``device="all"``, a list of devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
+      :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
+      device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
 
-    After a call, ``.plan`` is the plan used and ``.report`` one :class:`BatchRecord` per batch.
+    After a call, ``.plan`` is the plan used and ``.report`` one :class:`BatchRecord` per batch
+    (sharded: ``.plan`` is None and ``.report`` one ``ShardRecord`` per shard, with its plan).
     """
 
     def __init__(
@@ -283,7 +287,7 @@ class Predictive:
         posterior_samples: Mapping[str, Tensor] | None = None,
         num_samples: int | None = None,
         return_sites: Sequence[str] | None = None,
-        device: str = "auto",
+        device: str | Sequence[str] = "auto",
         minibatch_size: int | None = None,
         safety_factor: float | None = None,
         max_memory: Any = None,
@@ -292,6 +296,7 @@ class Predictive:
         out: str | Path | None = None,
         reduce: Mapping[str, Sequence[str] | str] | None = None,
         plan: Plan | None = None,
+        backend: Any = None,
     ) -> None:
         if guide is not None and posterior_samples is not None:
             raise ValueError("pass either guide or posterior_samples, not both")
@@ -310,6 +315,9 @@ class Predictive:
                 raise ValueError("plan replaces the planner: pass either plan or device/minibatch_size/safety_factor")
             if plan.num_samples != num_samples:
                 raise ValueError(f"plan is for {plan.num_samples} samples but num_samples is {num_samples}")
+        from devicemem.distributed import check_backend  # imported here: it builds on this module
+
+        self.sharding = check_backend(backend, device, plan)
         self.model = model
         self.guide = guide
         self.posterior_samples = dict(posterior_samples) if posterior_samples is not None else None
@@ -352,20 +360,26 @@ class Predictive:
             raise ValueError(f"reduce: result name(s) {clashes} clash with model sites of the same name")
         return chosen
 
-    def _plan(self, device: str, num_samples: int, args: tuple, kwargs: dict) -> Plan:
+    def _plan(self, device: str, num_samples: int, args: tuple, kwargs: dict, output_bytes: int) -> Plan:
         return planner.plan_predictive(
             self.model, self.guide, num_samples, *args, device=device, minibatch_size=self.minibatch_size,
             safety_factor=self.safety_factor, max_memory=self.max_memory,
-            return_sites=list(self.return_sites) or None, **kwargs,
+            return_sites=list(self.return_sites) or None, posterior_samples=self.posterior_samples,
+            output_bytes=output_bytes, **kwargs,
         )
 
-    def _check_host(self, plan: Plan, sites: dict[str, _Site]) -> None:
-        """Fail before sampling when the results (and, on the host, the batches) cannot fit."""
-        stored = {n: s.nbytes * self.num_samples for n, s in sites.items() if n not in self.reduce}
+    def _host_result_bytes(self, sites: dict[str, _Site]) -> int:
+        """Host RAM the results take: reducers, plus the stored sites unless they go to ``out``."""
         need = sum(s.numel * _WELFORD_BYTES for n, s in sites.items() if n in self.reduce)
         if self.out is None:
-            need += sum(stored.values())
-        working = (plan.predicted_peak_bytes or 0) if get_backend(plan.device).kind == HOST else 0
+            need += sum(s.nbytes * self.num_samples for n, s in sites.items() if n not in self.reduce)
+        return need
+
+    def _check_host(self, sites: dict[str, _Site], working: int = 0) -> None:
+        """Fail before sampling when the results (and ``working`` bytes of batches on the host)
+        cannot fit."""
+        stored = {n: s.nbytes * self.num_samples for n, s in sites.items() if n not in self.reduce}
+        need = self._host_result_bytes(sites)
         usable = device_memory(HOST, max_memory=self.max_memory).usable_bytes
         if usable is None or need + working <= usable:
             return
@@ -380,16 +394,22 @@ class Predictive:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        if self.sharding is not None:
+            from devicemem.distributed import run
+
+            return run(self, self.sharding, args, kwargs)
         sites = self._returned_sites(args, kwargs)
-        plan = self._given_plan or self._plan(self.device, self.num_samples, args, kwargs)
+        result_bytes = self._host_result_bytes(sites)
+        plan = self._given_plan or self._plan(self.device, self.num_samples, args, kwargs, result_bytes)
         self.plan = plan
-        for reason in plan.reasons:
-            logger.info("[MEMORY] %s", reason)
-        self._check_host(plan, sites)
+        if self._given_plan is not None:
+            for reason in plan.reasons:
+                logger.info("[MEMORY] %s", reason)
+        self._check_host(sites, (plan.predicted_peak_bytes or 0) if get_backend(plan.device).kind == HOST else 0)
         pin = self.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
         sink = _Sink(sites, self.reduce, self.num_samples, self.out, pin)
         self.report = []
-        _Run(self, plan, sink, args, kwargs).execute()
+        _Run(self, plan, sink, args, kwargs, result_bytes).execute()
         peaks = [row.peak_bytes for row in self.report if row.peak_bytes is not None]
         logger.info(
             "[MEMORY] drew %d samples in %d batches on %s; largest batch peak %s",
@@ -402,8 +422,11 @@ class Predictive:
 class _Run:
     """The state of one call: where the next batch starts, its size, its device."""
 
-    def __init__(self, owner: Predictive, plan: Plan, sink: _Sink, args: tuple, kwargs: dict) -> None:
+    def __init__(
+        self, owner: Predictive, plan: Plan, sink: _Sink, args: tuple, kwargs: dict, result_bytes: int
+    ) -> None:
         self.owner = owner
+        self.result_bytes = result_bytes
         self.sink = sink
         self.args = args
         self.kwargs = kwargs
@@ -437,7 +460,7 @@ class _Run:
         backend.empty_cache(self.device)
         self.retries += 1
         remaining = self.owner.num_samples - self.start
-        plan = self.owner._plan(HOST, remaining, self.args, self.kwargs)
+        plan = self.owner._plan(HOST, remaining, self.args, self.kwargs, self.result_bytes)
         logger.warning(
             "[MEMORY] %s cannot hold one sample; moving the remaining %d samples (from %d) to %s "
             "in batches of %d", self.device, remaining, self.start, HOST, plan.batch_size,

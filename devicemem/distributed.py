@@ -1,0 +1,534 @@
+"""Sharded Predictive on Ray: one run across every GPU of a node, or across machines.
+
+Posterior samples are independent, so a run splits into contiguous shards of sample indices.
+Each shard is one Ray task pinned to one device; inside it the single-device runner plans its
+own batches against that device's memory and returns its arrays; the driver writes each shard
+into the same preallocated host tensors (or ``out=`` memmaps) a single-device run fills, in
+sample order, and merges streaming reducers. Shard ``k`` starting at sample ``a`` is seeded
+from ``batch_seed(seed, a)``: the same seed and shard layout give the same samples.
+
+Where shards run (``device``):
+
+- ``"all"``/``"auto"`` (with ``backend="ray"``), ``"cuda"``: every GPU of the Ray cluster
+  (``num_gpus=1`` per task; Ray sets ``CUDA_VISIBLE_DEVICES``); without GPUs, CPU tasks.
+- ``"cpu"``: CPU tasks of ``cpus_per_shard`` Ray CPUs each, across the cluster.
+- ``["cuda:0", "cuda:1"]`` (or one indexed name): those devices, each pinned through the Ray
+  custom resource ``devicemem:<device>`` of amount 1, which devicemem declares when it starts
+  the local Ray instance itself; nodes you start yourself declare it with
+  ``ray start --resources='{"devicemem:cuda:0": 1}'``.
+
+Ray itself is found the Ray way: an initialised Ray, else ``RAY_ADDRESS`` or a cluster started
+with ``ray start`` on this machine (``ray.init(address="auto")``), else a new local instance.
+Dead tasks (worker killed, OOM-killed, node lost) are retried by Ray (``max_retries``); a
+shard that still fails raises :class:`ShardError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from devicemem.devices import _split, device_memory, devices, get_backend, parse_max_memory
+from devicemem.placement import parameters_on, to_device
+from devicemem.planner import Plan
+from devicemem.runner import HOST, BatchRecord, Predictive, _Sink, batch_seed
+from devicemem.units import format_bytes
+
+if TYPE_CHECKING:
+    from devicemem.runner import _Site
+
+logger = logging.getLogger("devicemem.distributed")
+
+INSTALL_HINT = "pip install 'devicemem[ray]'"
+RESOURCE_PREFIX = "devicemem:"
+BACKENDS = ("ray",)
+_MOMENTS = ("mean", "var")
+_NOSET_CUDA = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+
+
+class ShardError(RuntimeError):
+    """A shard failed for good: its task raised, or died more often than Ray retries it."""
+
+    def __init__(self, message: str, shard: Shard) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How a sharded run uses Ray; ``backend="ray"`` means ``RayOptions()``.
+
+    - ``num_shards``: shards to split the samples into; None: one per device slot.
+    - ``max_retries``: Ray's retries of a task whose worker or node died (Ray's default, 3).
+    - ``cpus_per_shard``: Ray CPUs a CPU shard takes; its torch threads and its share of the
+      node's host memory (``cpus_per_shard / node CPUs``) follow from it.
+    - ``worker_setup``: called with the :class:`Shard` in the worker before the shard runs
+      (register a backend there, set logging, inject faults in tests); must pickle.
+    """
+
+    num_shards: int | None = None
+    max_retries: int = 3
+    cpus_per_shard: float = 1.0
+    worker_setup: Callable[[Shard], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_shards is not None and (
+            isinstance(self.num_shards, bool) or not isinstance(self.num_shards, int) or self.num_shards < 1
+        ):
+            raise ValueError(f"num_shards: expected None or a positive integer; got {self.num_shards!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < -1:
+            raise ValueError(f"max_retries: expected a non-negative integer (-1: retry forever); got {self.max_retries!r}")
+        if isinstance(self.cpus_per_shard, bool) or not isinstance(self.cpus_per_shard, (int, float)) or not (
+            self.cpus_per_shard > 0
+        ):
+            raise ValueError(f"cpus_per_shard: expected a positive number of Ray CPUs; got {self.cpus_per_shard!r}")
+        if self.worker_setup is not None and not callable(self.worker_setup):
+            raise ValueError(f"worker_setup: expected None or a callable taking the Shard; got {self.worker_setup!r}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Samples ``start:stop`` of the run, shard ``index`` of ``count``, on ``slot``."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+    slot: Slot
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def __str__(self) -> str:
+        return f"shard {self.index} of {self.count} (samples {self.start}:{self.stop}, {self.slot.device})"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place a shard task can run: the device it names and the Ray resources that pin it.
+
+    ``device`` is the runner's device inside the task ("cuda" for a Ray-assigned GPU, "cpu",
+    or a named device such as "cuda:1"); ``resources`` go to Ray as ``num_cpus``/``num_gpus``
+    and custom ``resources``.
+    """
+
+    device: str
+    num_cpus: float
+    num_gpus: float = 0.0
+    resources: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def named(self) -> bool:
+        return bool(self.resources)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One finished shard, with the fields of :class:`~devicemem.runner.BatchRecord` first.
+
+    ``device`` is the device as its node names it ("cuda:3" for Ray's GPU 3), ``node`` the
+    node's IP address; ``peak_bytes`` and ``retries`` are the maximum and the sum over the
+    shard's ``batches`` (whose ``start`` counts from the run's first sample); ``plan`` is the
+    plan the shard made on its device; ``write_s`` the driver's time to receive and store it.
+    """
+
+    start: int
+    size: int
+    device: str
+    wall_s: float
+    peak_bytes: int | None
+    retries: int
+    shard: int
+    node: str
+    plan: Plan
+    batches: tuple[BatchRecord, ...]
+    write_s: float
+
+
+@dataclass(frozen=True)
+class _ShardOutput:
+    """What a shard task sends back: arrays by result name, and how the shard ran."""
+
+    index: int
+    arrays: dict[str, np.ndarray]
+    plan: Plan
+    batches: tuple[BatchRecord, ...]
+    node: str
+    device: str
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a shard task needs besides the shared objects (model, guide, args)."""
+
+    shard: Shard
+    seed: int | None
+    return_sites: tuple[str, ...]
+    reduce: tuple[str, ...]
+    minibatch_size: int | None
+    safety_factor: float | None
+    max_memory: Any
+    cpus_per_shard: float
+    worker_setup: Callable[[Shard], None] | None
+
+
+# --- choosing the backend and the slots --------------------------------------------------------
+
+
+def import_ray() -> ModuleType:
+    """The ``ray`` module; ImportError saying how to install it when it is missing."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(f"backend='ray' and multi-device runs need Ray: {INSTALL_HINT} (Ray >= 2.9)") from exc
+    return ray
+
+
+def check_backend(backend: Any, device: Any, plan: Plan | None = None) -> RayOptions | None:
+    """The Ray options ``Predictive(device=..., backend=..., plan=...)`` runs with, or None for
+    the single-device path. ValueError for a backend or device it cannot read, or a ``plan``
+    (one device's) with shards; ImportError with the install command when Ray is missing."""
+    if backend is None and isinstance(device, str) and device != "all":
+        return None
+    if backend is None or backend == "ray":
+        options = RayOptions()
+    elif isinstance(backend, RayOptions):
+        options = backend
+    else:
+        raise ValueError(f"backend: expected None, 'ray' or a devicemem.distributed.RayOptions; got {backend!r}")
+    _requested(device)
+    if plan is not None:
+        raise ValueError("plan: a sharded run (Ray, device='all' or a device list) plans each shard on its own device")
+    import_ray()
+    return options
+
+
+def _requested(device: Any) -> list[str]:
+    """``device`` as a list of names; ValueError for anything else."""
+    names = [device] if isinstance(device, str) else device
+    form = "'auto', 'all', 'cpu', 'cuda', a device like 'cuda:1', or a list of devices"
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"device: expected {form}; got {device!r}")
+    cleaned = [n.strip().lower() for n in names]
+    if len(set(cleaned)) != len(cleaned):
+        raise ValueError(f"device: {device!r} names a device twice")
+    for name in cleaned:
+        if name not in ("auto", "all"):
+            _split(name, "device")
+    if len(cleaned) > 1 and {"auto", "all"} & set(cleaned):
+        raise ValueError(f"device: 'auto' and 'all' stand alone, not in a list; got {device!r}")
+    return cleaned
+
+
+def _slots(names: list[str], cluster: Mapping[str, float], cpus_per_shard: float) -> list[Slot]:
+    """The device slots of ``names`` in a cluster with ``cluster`` resources."""
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0) // cpus_per_shard)
+    if names in (["auto"], ["all"]):
+        names = ["cuda"] if gpus else ["cpu"]
+    slots: list[Slot] = []
+    for name in names:
+        if name == "cuda":
+            if not gpus:
+                raise ValueError("device='cuda': the Ray cluster has no GPUs (ray.cluster_resources() lists none)")
+            slots += [Slot("cuda", num_cpus=1, num_gpus=1)] * gpus
+        elif name == "cpu":
+            if not cpus:
+                raise ValueError(
+                    f"device='cpu': the Ray cluster has {cluster.get('CPU', 0)} CPUs, fewer than "
+                    f"cpus_per_shard={cpus_per_shard}"
+                )
+            slots += [Slot("cpu", num_cpus=cpus_per_shard)] * (cpus if names == ["cpu"] else 1)
+        else:
+            resource = RESOURCE_PREFIX + name
+            if cluster.get(resource, 0) < 1:
+                raise ValueError(
+                    f"device {name!r}: no node of the Ray cluster offers the resource {resource!r}; devicemem "
+                    f"declares it for the devices it sees when it starts Ray itself, otherwise start the node "
+                    f"with ray start --resources='{{\"{resource}\": 1}}' (or use device='all')"
+                )
+            slots.append(Slot(name, num_cpus=1, resources=((resource, 1.0),)))
+    return slots
+
+
+def split(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
+    """``num_shards`` contiguous ``(start, stop)`` ranges covering ``range(num_samples)``, sizes
+    differing by at most one (fewer ranges when there are fewer samples)."""
+    count = min(num_shards, num_samples)
+    bounds = [num_samples * k // count for k in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _connect(ray: ModuleType) -> None:
+    """Use the initialised Ray, else RAY_ADDRESS / a local ``ray start`` cluster, else start
+    a local instance offering ``devicemem:<device>`` for every accelerator this process sees."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto")
+        logger.info("[MEMORY] connected to the Ray cluster at %s", ray.get_runtime_context().gcs_address)
+        return
+    except ConnectionError:
+        pass
+    named = {RESOURCE_PREFIX + memory.device: 1.0 for memory in devices() if memory.device != HOST}
+    ray.init(resources=named)
+    logger.info(
+        "[MEMORY] started a local Ray instance (%s); it stays up for later runs, ray.shutdown() ends it",
+        ", ".join(f"{k}={v:g}" for k, v in sorted(ray.cluster_resources().items()) if not k.startswith("node")),
+    )
+
+
+# --- the shard task (runs in a Ray worker) ----------------------------------------------------
+
+
+def _node_cpus(ray: ModuleType) -> float | None:
+    node = ray.get_runtime_context().get_node_id()
+    for info in ray.nodes():
+        if info.get("NodeID") == node:
+            return info.get("Resources", {}).get("CPU")
+    return None
+
+
+def _host_share(ray: ModuleType, job: _Job) -> Any:
+    """``max_memory`` for a CPU shard: the user's caps, with the host capped at this task's
+    share of the node (its CPUs / the node's CPUs), since the node's CPU shards share its RAM."""
+    node_cpus = _node_cpus(ray)
+    usable = device_memory(HOST, max_memory=job.max_memory).usable_bytes
+    if not node_cpus or usable is None:
+        return job.max_memory
+    caps: dict[str, Any] = {key: size for key, (size, _) in parse_max_memory(job.max_memory, {}).items()}
+    caps[HOST] = int(usable * min(1.0, job.cpus_per_shard / node_cpus))
+    logger.info("[MEMORY] %s: %s of host memory (%g of the node's %g CPUs)", job.shard, format_bytes(caps[HOST]),
+                job.cpus_per_shard, node_cpus)
+    return caps
+
+
+def _node_device(ray: ModuleType, slot: Slot) -> str:
+    """The device as its node names it: Ray's GPU id for a Ray-assigned GPU."""
+    if slot.device != "cuda":
+        return slot.device
+    ids = ray.get_gpu_ids()
+    return f"cuda:{ids[0]}" if len(ids) == 1 else "cuda"
+
+
+def _run_shard(
+    job: _Job, model: Callable[..., Any], guide: Any, params: dict | None, args: tuple, kwargs: dict,
+    posterior: dict[str, Tensor] | None,
+) -> _ShardOutput:
+    """Run one shard with the single-device runner on the device this task was given."""
+    import ray
+
+    shard = job.shard
+    if job.worker_setup is not None:
+        job.worker_setup(shard)
+    max_memory = job.max_memory
+    if shard.slot.device == HOST:
+        torch.set_num_threads(max(1, int(job.cpus_per_shard)))
+        max_memory = _host_share(ray, job)
+    pyro.clear_param_store()
+    if params is not None:
+        pyro.get_param_store().set_state(params)
+    runner = Predictive(
+        model, guide=guide, posterior_samples=posterior, num_samples=shard.size,
+        return_sites=job.return_sites or None, device=shard.slot.device, minibatch_size=job.minibatch_size,
+        safety_factor=job.safety_factor, max_memory=max_memory,
+        seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
+        reduce={name: _MOMENTS for name in job.reduce} or None,
+    )
+    began = time.perf_counter()
+    try:
+        results = runner(*args, **kwargs)
+    finally:
+        pyro.clear_param_store()
+        if runner.plan is not None:
+            get_backend(runner.plan.device).empty_cache(runner.plan.device)
+    wall = time.perf_counter() - began
+    batches = tuple(dataclasses.replace(row, start=row.start + shard.start) for row in runner.report)
+    return _ShardOutput(
+        index=shard.index, arrays={name: value.detach().numpy() for name, value in results.items()}, plan=runner.plan,
+        batches=batches, node=ray.util.get_node_ip_address(), device=_node_device(ray, shard.slot), wall_s=wall,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(ray: ModuleType, gpu: bool) -> Any:
+    # Ray gives a function declared with num_gpus a fresh worker per task (max_calls=1), so
+    # each task's CUDA_VISIBLE_DEVICES takes effect; CPU tasks reuse warm workers.
+    return ray.remote(num_gpus=1)(_run_shard) if gpu else ray.remote(_run_shard)
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+class _Moments:
+    """Mean and variance of one reduced site, merged shard by shard (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def merge(self, count: int, mean: np.ndarray, var: np.ndarray) -> None:
+        mean_b = torch.from_numpy(np.array(mean, dtype=np.float64))
+        m2_b = torch.from_numpy(np.array(var, dtype=np.float64)) * (count - 1) if count > 1 else torch.zeros_like(mean_b)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean_b, m2_b
+            return
+        total = self.count + count
+        delta = mean_b - self.mean
+        self.mean += delta * (count / total)
+        self.m2 += m2_b + delta.square() * (self.count * count / total)
+        self.count = total
+
+    def result(self, statistic: str) -> Tensor:
+        assert self.mean is not None and self.m2 is not None
+        if statistic == "mean":
+            return self.mean
+        return self.m2 / (self.count - 1) if self.count > 1 else torch.full_like(self.m2, float("nan"))
+
+
+class _Collector:
+    """Receives shard outputs in any order and stores each one exactly once, in sample order."""
+
+    def __init__(self, owner: Predictive, sites: dict[str, _Site]) -> None:
+        self.owner = owner
+        stored = {name: site for name, site in sites.items() if name not in owner.reduce}
+        self.sink = _Sink(stored, {}, owner.num_samples, owner.out, pin=False)
+        self.moments = {name: _Moments() for name in owner.reduce}
+        self.done: dict[int, ShardRecord] = {}
+
+    def store(self, shard: Shard, output: _ShardOutput) -> ShardRecord:
+        if shard.index in self.done:
+            raise RuntimeError(f"{shard} arrived twice; refusing to write it again")
+        began = time.perf_counter()
+        with warnings.catch_warnings():
+            # Ray hands arrays back read-only (zero-copy); they are only read from here.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            stored = {name: torch.from_numpy(output.arrays[name]) for name in self.sink.sites}
+            self.sink.write(shard.start, stored, non_blocking=False)
+        for name, moments in self.moments.items():
+            moments.merge(shard.size, output.arrays[f"{name}:mean"], output.arrays[f"{name}:var"])
+        peaks = [row.peak_bytes for row in output.batches if row.peak_bytes is not None]
+        record = ShardRecord(
+            start=shard.start, size=shard.size, device=output.device, wall_s=output.wall_s,
+            peak_bytes=max(peaks) if peaks else None, retries=sum(row.retries for row in output.batches),
+            shard=shard.index, node=output.node, plan=output.plan, batches=output.batches,
+            write_s=time.perf_counter() - began,
+        )
+        self.done[shard.index] = record
+        return record
+
+    def result(self, shards: list[Shard]) -> dict[str, Tensor]:
+        missing = [str(shard) for shard in shards if shard.index not in self.done]
+        if missing:
+            raise RuntimeError(f"shards never stored: {', '.join(missing)}")
+        result = self.sink.result()
+        for name, statistics in self.owner.reduce.items():
+            for statistic in statistics:
+                result[f"{name}:{statistic}"] = self.moments[name].result(statistic)
+        return result
+
+
+def _failure(ray: ModuleType, shard: Shard, exc: BaseException, max_retries: int) -> ShardError:
+    """The error naming ``shard``: what its task raised, or how it died after Ray's retries."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if exc.cause is not None else exc
+        lines = str(cause).strip().splitlines()
+        return ShardError(f"{shard} raised {type(cause).__name__}: {lines[-1] if lines else ''}", shard)
+    retries = "forever" if max_retries < 0 else f"{max_retries} time(s)"
+    lines = str(exc).strip().splitlines()
+    return ShardError(
+        f"{shard} failed after Ray retried it {retries}: {type(exc).__name__}: {lines[0] if lines else ''}", shard
+    )
+
+
+def run(owner: Predictive, options: RayOptions, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+    """Run ``owner`` (a validated :class:`~devicemem.runner.Predictive`) in shards on Ray.
+
+    Sets ``owner.report`` to one :class:`ShardRecord` per shard in sample order and
+    ``owner.plan`` to None (each shard's plan is in its record)."""
+    ray = import_ray()
+    names = _requested(owner.device)
+    sites = owner._returned_sites(args, kwargs)
+    owner._check_host(sites)
+    _connect(ray)
+    slots = _slots(names, ray.cluster_resources(), options.cpus_per_shard)
+    ranges = split(owner.num_samples, options.num_shards or len(slots))
+    shards = [Shard(k, len(ranges), a, b, slots[k % len(slots)]) for k, (a, b) in enumerate(ranges)]
+    logger.info(
+        "[MEMORY] %d samples in %d shards on %d device slot(s) (%s); each shard plans its own batches",
+        owner.num_samples, len(shards), len(slots), ", ".join(sorted({slot.device for slot in slots})),
+    )
+    collector = _Collector(owner, sites)
+    owner.plan, owner.report = None, []
+    pending = _submit(ray, owner, options, shards, args, kwargs)
+    records: list[ShardRecord] = []
+    try:
+        with tqdm(total=owner.num_samples, unit="sample", disable=not owner.progress,
+                  desc=f"Predictive [ray: {len(slots)} slot(s)]") as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                shard = pending.pop(ready[0])
+                try:
+                    output = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    raise _failure(ray, shard, exc, options.max_retries) from exc
+                record = collector.store(shard, output)
+                del output
+                records.append(record)
+                logger.info(
+                    "[MEMORY] %s done on %s %s: %d batch(es), peak %s, %.2f s", shard, record.node, record.device,
+                    len(record.batches), format_bytes(record.peak_bytes), record.wall_s,
+                )
+                bar.update(shard.size)
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+    owner.report = sorted(records, key=lambda record: record.start)
+    return collector.result(shards)
+
+
+def _submit(
+    ray: ModuleType, owner: Predictive, options: RayOptions, shards: list[Shard], args: tuple, kwargs: dict
+) -> dict[Any, Shard]:
+    """Put the shared objects once (on the host) and start one task per shard."""
+    with parameters_on(HOST, owner.guide):
+        guide_ref = ray.put(owner.guide)
+        params = pyro.get_param_store().get_state() if pyro.get_param_store().keys() else None
+        params_ref = ray.put(to_device(params, HOST))
+    model_ref = ray.put(owner.model)
+    args_ref, kwargs_ref = ray.put(to_device(args, HOST)), ray.put(to_device(kwargs, HOST))
+    pending = {}
+    for shard in shards:
+        job = _Job(
+            shard=shard, seed=owner.seed, return_sites=owner.return_sites, reduce=tuple(owner.reduce),
+            minibatch_size=owner.minibatch_size, safety_factor=owner.safety_factor, max_memory=owner.max_memory,
+            cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup,
+        )
+        posterior = None
+        if owner.posterior_samples is not None:
+            posterior = to_device({n: v[shard.start : shard.stop] for n, v in owner.posterior_samples.items()}, HOST)
+        slot = shard.slot
+        task_options: dict[str, Any] = {"num_cpus": slot.num_cpus, "max_retries": options.max_retries}
+        if slot.named:
+            task_options["resources"] = dict(slot.resources)
+            if _split(slot.device, "device")[0] == "cuda":
+                task_options["runtime_env"] = _NOSET_CUDA
+        remote = _remote(ray, slot.num_gpus > 0).options(**task_options)
+        ref = remote.remote(job, model_ref, guide_ref, params_ref, args_ref, kwargs_ref, posterior)
+        pending[ref] = shard
+    return pending
