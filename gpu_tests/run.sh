@@ -10,13 +10,13 @@
 #    rows), OUTDIR/pytest.log, OUTDIR/gpu_tests.json, OUTDIR/bench.log and OUTDIR/bench/.
 # Exits 0 only when every step passed.
 #
-# Environment: PYTHON (default python3), DEVICEMEM_WHEELS (default gpu_tests/wheels),
+# Environment: PYTHON (default python3, else python), DEVICEMEM_WHEELS (default gpu_tests/wheels),
 # GPU_TESTS_BUDGET_S (default 470: the whole run's wall-clock limit in seconds).
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(command -v python3 || echo python)}
 wheels=${DEVICEMEM_WHEELS:-$here/wheels}
 budget=${GPU_TESTS_BUDGET_S:-470}
 out=${1:-$here/out}

@@ -109,8 +109,8 @@ def _visible_value(form: str) -> list[str]:
     uuids = _visible_uuids()[::-1]
     if form == "gpu-uuid":
         return uuids
-    if form == "uuid-prefix":  # CUDA accepts any unique prefix
-        return [uuid[: len("GPU-") + 13] for uuid in uuids]
+    if form == "uuid-prefix":  # CUDA accepts a unique prefix, e.g. GPU-8932f937
+        return [uuid[: len("GPU-") + 8] for uuid in uuids]
     return [str(index) for index in _nvml_indices(uuids)]
 
 

@@ -29,7 +29,7 @@ def test_posterior_predictive_batches_on_the_gpu_within_a_budget(figures):
     guide = problem.guide()
     runner = devicemem.Predictive(
         technical_model, guide=guide, num_samples=num_samples, return_sites=["y_obs"],
-        reduce={"y_obs": ("mean", "var")}, max_memory={"cuda": cap}, seed=0, progress=False,
+        reduce={"y_obs": ("mean", "var")}, device="cuda", max_memory={"cuda": cap}, seed=0, progress=False,
     )
     base = torch.cuda.memory_allocated(0)
     result = runner(*problem.args)
@@ -102,7 +102,7 @@ def test_real_oom_bisects_the_batch_and_completes_on_the_gpu(figures):
 
 def test_real_oom_on_a_nearly_full_gpu_falls_back_to_the_cpu(figures):
     # 64 MiB left cannot hold one sample (~3 x 32 MB [N, T] tensors): move to the host.
-    num_samples, sites = 6, ["y_obs", "mu_ntc"]
+    num_samples, sites = 4, ["y_obs", "mu_ntc"]
     problem = technical_problem(2000, 4000)
     _warm_kernels()
     guide = problem.guide()
