@@ -108,3 +108,14 @@ def test_same_seed_same_plan_same_draws_and_global_rng_untouched():
     other = Predictive(technical_model, guide=guide, num_samples=12, seed=9, plan=make_plan(12, 4), progress=False)(*args)
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert not torch.equal(first["y_obs"], other["y_obs"])
+
+
+def test_planned_run_records_the_planners_plan():
+    args, guide = technical_problem()
+    runner = Predictive(technical_model, guide=guide, num_samples=30, device="cpu", seed=0, progress=False)
+    ours = runner(*args)
+    theirs = pyro.infer.Predictive(technical_model, guide=guide, num_samples=30, parallel=True)(*args)
+    assert _layout(ours) == _layout(theirs)
+    assert runner.plan.device == "cpu" and runner.plan.num_samples == 30 and runner.plan.reasons
+    sizes = [row.size for row in runner.report]
+    assert sum(sizes) == 30 and len(sizes) == runner.plan.n_batches and max(sizes) == runner.plan.batch_size
