@@ -4,14 +4,16 @@
 # 1. Refuses (exit 2) unless torch sees a CUDA GPU, before installing or writing anything.
 # 2. Makes pyro-ppl importable if it is missing: pip install --no-index --no-deps --target a
 #    temporary directory from the local wheels (no network; the system Python is untouched).
-# 3. Runs the GPU test-suite (pytest gpu_tests) and the CUDA bench workload (python -m bench
-#    --quick --only W6), each under a time limit, so the whole run ends within the budget.
+# 3. Runs the GPU test-suite (pytest gpu_tests), then the CUDA bench workloads (python -m bench
+#    --quick --only W6; only W6a, params only, when less than BENCH_W6_S is left), each under a
+#    time limit, so the whole run ends within the budget.
 # 4. Writes OUTDIR/summary.json (every step, test outcomes, the measured figures, the bench
 #    rows), OUTDIR/pytest.log, OUTDIR/gpu_tests.json, OUTDIR/bench.log and OUTDIR/bench/.
 # Exits 0 only when every step passed.
 #
 # Environment: PYTHON (default python3, else python), DEVICEMEM_WHEELS (default gpu_tests/wheels),
-# GPU_TESTS_BUDGET_S (default 470: the whole run's wall-clock limit in seconds).
+# GPU_TESTS_BUDGET_S (default 470: the whole run's wall-clock limit in seconds), GPU_TESTS_BENCH
+# (the bench's --only; default: W6, or W6a when time is short).
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,6 +22,9 @@ PYTHON=${PYTHON:-$(command -v python3 || echo python)}
 wheels=${DEVICEMEM_WHEELS:-$here/wheels}
 budget=${GPU_TESTS_BUDGET_S:-470}
 out=${1:-$here/out}
+# Estimated seconds for all of bench W6 --quick on one H200: generating the 21,761 x 31,467 data
+# set (~150), W6a params-only GPU vs CPU (~60), W6b posterior predictive on the GPU (~120).
+BENCH_W6_S=330
 download="pip download --no-deps -d gpu_tests/wheels pyro-ppl==1.9.2 opt-einsum pyro-api"
 
 say() { echo "gpu_tests/run.sh: $*" >&2; }
@@ -85,12 +90,17 @@ timeout --kill-after=10 $(( $(left) * 6 / 10 )) "$PYTHON" -u -m pytest -p no:cac
 pytest_rc=${PIPESTATUS[0]}
 pytest_s=$(( SECONDS - started ))
 
+bench_only=${GPU_TESTS_BENCH:-W6}
+if [ -z "${GPU_TESTS_BENCH:-}" ] && [ "$(left)" -lt "$BENCH_W6_S" ]; then
+    bench_only=W6a
+    say "$(left) s left, under the ~$BENCH_W6_S s all of W6 takes: running only W6a (params only)"
+fi
 started=$SECONDS
-timeout --kill-after=10 "$(left)" "$PYTHON" -u -m bench --quick --only W6 --out "$out/bench" 2>&1 \
+timeout --kill-after=10 "$(left)" "$PYTHON" -u -m bench --quick --only "$bench_only" --out "$out/bench" 2>&1 \
     | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
 bench_s=$(( SECONDS - started ))
 
 # 4. One summary; its exit status is the script's.
 "$PYTHON" -m gpu_tests.summarize "$out" --gpu "$gpu" --pyro "$pyro_version" \
-    --step "pytest=$pytest_rc:$pytest_s" --step "bench=$bench_rc:$bench_s" --total-s "$SECONDS"
+    --step "pytest=$pytest_rc:$pytest_s" --step "bench $bench_only=$bench_rc:$bench_s" --total-s "$SECONDS"

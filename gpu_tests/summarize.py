@@ -17,7 +17,8 @@ from typing import Any
 
 SUMMARY_FILE = "summary.json"
 TESTS_FILE = "gpu_tests.json"
-BENCH_WORKLOAD = "W6"
+BENCH_GROUP = "W6"
+ROW_KEYS = ("name", "status", "median_wall_s", "cuda_peak_bytes", "peak_rss_bytes", "info")
 
 
 def _step(text: str) -> tuple[str, dict[str, int]]:
@@ -38,21 +39,35 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _bench(out: Path) -> dict[str, Any] | None:
-    """The bench workload's record from the newest bench JSON report in ``out/bench``."""
+    """The bench's CUDA workloads (group W6: W6, or W6a, W6b...) from the newest bench JSON
+    report in ``out/bench``; None when there is no readable report."""
     reports = sorted((out / "bench").glob("*.json"), key=lambda path: path.stat().st_mtime)
     results = _load(reports[-1]) if reports else None
     if results is None:
         return None
-    for workload in results.get("workloads", []):
-        if workload.get("name") == BENCH_WORKLOAD:
-            rows = [
-                {key: row.get(key) for key in ("name", "status", "median_wall_s", "cuda_peak_bytes",
-                                                "peak_rss_bytes", "info")}
-                for row in workload.get("rows", [])
-            ]
-            return {"report": str(reports[-1]), "status": workload.get("status"),
-                    "title": workload.get("title"), "notes": workload.get("notes"), "rows": rows}
-    return {"report": str(reports[-1]), "status": f"no {BENCH_WORKLOAD} workload in the report", "rows": []}
+    workloads = [
+        {
+            "name": workload.get("name"), "status": workload.get("status"), "title": workload.get("title"),
+            "notes": workload.get("notes"),
+            "rows": [{key: row.get(key) for key in ROW_KEYS} for row in workload.get("rows", [])],
+        }
+        for workload in results.get("workloads", [])
+        if workload.get("group") == BENCH_GROUP
+    ]
+    return {"report": str(reports[-1]), "workloads": workloads}
+
+
+def _bench_problems(bench: dict[str, Any] | None) -> list[str]:
+    if bench is None:
+        return ["the bench wrote no JSON report (see bench.log)"]
+    if not bench["workloads"]:
+        return [f"the bench report has no {BENCH_GROUP} workload"]
+    return [
+        f"bench {workload['name']}: {workload['status']}, rows "
+        + ", ".join(f"{row['name']}={row['status']}" for row in workload["rows"])
+        for workload in bench["workloads"]
+        if workload["status"] != "done" or any(row["status"] != "ok" for row in workload["rows"])
+    ]
 
 
 def summarize(out: Path, steps: dict[str, dict[str, int]], **facts: Any) -> dict[str, Any]:
@@ -69,11 +84,7 @@ def summarize(out: Path, steps: dict[str, dict[str, int]], **facts: Any) -> dict
     if counts.get("passed", 0) == 0:
         problems.append("no test passed")
     problems += [f"{counts[kind]} test(s) {kind}" for kind in ("failed", "skipped", "not run") if counts.get(kind)]
-    if bench is None:
-        problems.append("the bench wrote no JSON report (see bench.log)")
-    elif bench["status"] != "done" or any(row["status"] != "ok" for row in bench["rows"]):
-        problems.append(f"bench {BENCH_WORKLOAD}: {bench['status']}, rows "
-                        + ", ".join(f"{row['name']}={row['status']}" for row in bench["rows"]))
+    problems += _bench_problems(bench)
     summary = {
         "ok": not problems,
         "problems": problems,

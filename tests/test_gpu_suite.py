@@ -80,8 +80,11 @@ def _write_session(out: Path, outcomes: dict[str, str]) -> None:
 def _write_bench(out: Path, statuses: dict[str, str]) -> None:
     (out / "bench").mkdir()
     rows = [{"name": name, "status": status, "median_wall_s": 0.1} for name, status in statuses.items()]
-    workload = {"name": "W6", "status": "done", "title": "CUDA", "rows": rows}
-    (out / "bench" / "host-2025-01-01-quick.json").write_text(json.dumps({"workloads": [workload]}))
+    workloads = [
+        {"name": "W1a", "group": "W1", "status": "done", "rows": [{"name": "pyro-full", "status": "oom"}]},
+        {"name": "W6a", "group": "W6", "status": "done", "title": "CUDA", "rows": rows},
+    ]
+    (out / "bench" / "host-2025-01-01-quick.json").write_text(json.dumps({"workloads": workloads}))
 
 
 def _summarize(out: Path, *steps: str) -> tuple[int, dict]:
@@ -96,7 +99,9 @@ def test_summary_is_ok_only_when_every_step_and_test_passed(tmp_path):
     assert rc == 0 and summary["ok"] and summary["problems"] == []
     assert summary["test_counts"] == {"passed": 2}
     assert summary["figures"]["7 seed params-only speed"]["speedup"] == 31.5
-    assert [row["name"] for row in summary["bench"]["rows"]] == ["devicemem-auto [cuda]", "pyro-full [cpu]"]
+    (workload,) = summary["bench"]["workloads"]  # W6 only: other groups are not this run's business
+    assert workload["name"] == "W6a"
+    assert [row["name"] for row in workload["rows"]] == ["devicemem-auto [cuda]", "pyro-full [cpu]"]
     assert summary["steps"]["bench"] == {"rc": 0, "duration_s": 150} and summary["gpu"] == "NVIDIA H200"
 
 
@@ -105,7 +110,7 @@ def test_summary_is_ok_only_when_every_step_and_test_passed(tmp_path):
     [
         ({"a": "passed", "b": "failed"}, {"x": "ok"}, ("pytest=1:90", "bench=0:1"), "1 test(s) failed"),
         ({"a": "passed", "b": "skipped"}, {"x": "ok"}, ("pytest=0:90", "bench=0:1"), "1 test(s) skipped"),
-        ({"a": "passed"}, {"x": "oom"}, ("pytest=0:90", "bench=0:1"), "bench W6: done, rows x=oom"),
+        ({"a": "passed"}, {"x": "oom"}, ("pytest=0:90", "bench=0:1"), "bench W6a: done, rows x=oom"),
         ({"a": "passed"}, None, ("pytest=0:90", "bench=124:300"), "bench exited 124"),
         ({"a": "skipped"}, {"x": "ok"}, ("pytest=0:90", "bench=0:1"), "no test passed"),
     ],
