@@ -46,12 +46,16 @@ def test_seed_size_params_only_runs_on_the_gpu_within_its_budget(seed_problem, f
     measured = torch.cuda.max_memory_allocated(0) - base
     plan = runner.plan
     batch_peak = max(row.peak_bytes for row in runner.report) - base
-    analytic = devicemem.technical_footprint(SEED_N, SEED_T, SEED_C, with_obs=False).peak_bytes(plan.batch_size)
+    # The analytic estimate's inputs include a counts matrix this run does not pass: compare its
+    # working memory (the inputs here, vectors and guide parameters, are a few MB).
+    analytic = devicemem.technical_footprint(SEED_N, SEED_T, SEED_C, with_obs=False).peak_bytes(
+        plan.batch_size, inputs_resident=True
+    )
     figures.record(
         "3 seed params-only run", device=plan.device, batch_size=plan.batch_size, n_batches=plan.n_batches,
         predicted_peak_bytes=plan.predicted_peak_bytes, measured_peak_bytes=measured,
         measured_batch_peak_bytes=batch_peak, budget_bytes=plan.budget_bytes,
-        predicted_over_measured=plan.predicted_peak_bytes / batch_peak, analytic_over_measured=analytic / batch_peak,
+        predicted_over_measured=plan.predicted_peak_bytes / batch_peak, analytic_working_over_measured=analytic / batch_peak,
         wall_s=wall,
         batches=[(row.start, row.size, row.device, row.wall_s) for row in runner.report],
     )
