@@ -22,6 +22,7 @@ PYTHON=${PYTHON:-$(command -v python3 || echo python)}
 wheels=${DEVICEMEM_WHEELS:-$here/wheels}
 budget=${GPU_TESTS_BUDGET_S:-470}
 out=${1:-$here/out}
+case $out in /*) ;; *) out=$PWD/$out ;; esac  # the script works from the repository root
 # Estimated seconds for all of bench W6 --quick on one H200: generating the 21,761 x 31,467 data
 # set (~150), W6a params-only GPU vs CPU (~60), W6b posterior predictive on the GPU (~120).
 BENCH_W6_S=330

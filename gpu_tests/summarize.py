@@ -63,8 +63,8 @@ def _bench_problems(bench: dict[str, Any] | None) -> list[str]:
     if not bench["workloads"]:
         return [f"the bench report has no {BENCH_GROUP} workload"]
     return [
-        f"bench {workload['name']}: {workload['status']}, rows "
-        + ", ".join(f"{row['name']}={row['status']}" for row in workload["rows"])
+        f"bench {workload['name']}: {workload['status']}"
+        + "".join(f", {row['name']}={row['status']}" for row in workload["rows"])
         for workload in bench["workloads"]
         if workload["status"] != "done" or any(row["status"] != "ok" for row in workload["rows"])
     ]

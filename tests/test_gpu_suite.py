@@ -110,7 +110,7 @@ def test_summary_is_ok_only_when_every_step_and_test_passed(tmp_path):
     [
         ({"a": "passed", "b": "failed"}, {"x": "ok"}, ("pytest=1:90", "bench=0:1"), "1 test(s) failed"),
         ({"a": "passed", "b": "skipped"}, {"x": "ok"}, ("pytest=0:90", "bench=0:1"), "1 test(s) skipped"),
-        ({"a": "passed"}, {"x": "oom"}, ("pytest=0:90", "bench=0:1"), "bench W6a: done, rows x=oom"),
+        ({"a": "passed"}, {"x": "oom"}, ("pytest=0:90", "bench=0:1"), "bench W6a: done, x=oom"),
         ({"a": "passed"}, None, ("pytest=0:90", "bench=124:300"), "bench exited 124"),
         ({"a": "skipped"}, {"x": "ok"}, ("pytest=0:90", "bench=0:1"), "no test passed"),
     ],
