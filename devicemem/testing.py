@@ -2,8 +2,11 @@
 
 Used by the test-suite and the benchmarks to check memory claims by measurement. The cap is
 a child memory cgroup where this process may create one (cgroup v1 memory controller or
-cgroup v2, normally needs root), else ``RLIMIT_AS``. Peak RSS comes from ``wait4``'s
-``ru_maxrss`` for that one child, exact and the same whatever the cap method.
+cgroup v2, normally needs root), else ``RLIMIT_AS``. Peak RSS is the larger of ``wait4``'s
+``ru_maxrss`` for that one child and the child's ``VmHWM`` read every millisecond: a child
+that resets its own high-water mark (devicemem's CPU backend writes /proc/self/clear_refs
+before each batch) also resets ``ru_maxrss``, and the sampled ``VmHWM`` still holds each
+window's peak until the next reset.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import resource
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -101,6 +105,29 @@ class _Cgroup:
                 time.sleep(0.02)
 
 
+class _HighWaterSampler(threading.Thread):
+    """Keeps the largest ``VmHWM`` a process reports, read every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.001) -> None:
+        super().__init__(daemon=True)
+        self.status = Path(f"/proc/{pid}/status")
+        self.interval = interval
+        self.peak_bytes = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                text = self.status.read_text()
+            except OSError:
+                return
+            for line in text.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_bytes = max(self.peak_bytes, int(line.split()[1]) * 1024)
+                    break
+            time.sleep(self.interval)
+
+
 def cgroup_unavailable_reason() -> str | None:
     """None when a child memory cgroup can be created here, else why not (for pytest.skip)."""
     try:
@@ -155,6 +182,8 @@ def run_child(
                 list(argv), stdout=out, stderr=err, env=dict(env) if env is not None else None,
                 cwd=cwd, preexec_fn=preexec,
             )
+            sampler = _HighWaterSampler(proc.pid)
+            sampler.start()
             deadline = None if timeout is None else start + timeout
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -166,6 +195,8 @@ def run_child(
                     pid, status, usage = os.wait4(proc.pid, 0)
                     break
                 time.sleep(0.01)
+            sampler.done.set()
+            sampler.join()
             proc.returncode = os.waitstatus_to_exitcode(status)
             wall = time.perf_counter() - start
             out.seek(0)
@@ -178,7 +209,7 @@ def run_child(
             group.close()
     return ChildResult(
         returncode=proc.returncode,
-        peak_rss_bytes=usage.ru_maxrss * 1024,
+        peak_rss_bytes=max(usage.ru_maxrss * 1024, sampler.peak_bytes),
         killed=proc.returncode == -signal.SIGKILL and not timed_out,
         timed_out=timed_out,
         stdout=stdout,
