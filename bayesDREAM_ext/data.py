@@ -101,14 +101,14 @@ def _is_anndata(obj: Any) -> bool:
     return all(hasattr(obj, name) for name in ("X", "obs_names", "var_names"))
 
 
-def _as_array(values: Any, what: str) -> tuple[np.ndarray | sparse.spmatrix, tuple[str, ...] | None]:
-    """(dense array or CSR matrix, column names if the container has them)."""
-    names = None
+def _as_array(values: Any, what: str) -> tuple[np.ndarray | sparse.spmatrix, tuple[tuple[str, ...] | None, tuple[str, ...] | None]]:
+    """(dense array or CSR matrix, (row names, column names) where the container has them)."""
+    names: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None)
     if _is_anndata(values):
-        names = tuple(map(str, values.var_names))
+        names = tuple(map(str, values.obs_names)), tuple(map(str, values.var_names))
         values = values.X
     elif hasattr(values, "to_numpy") and hasattr(values, "columns"):
-        names = tuple(map(str, values.columns))
+        names = tuple(map(str, values.index)), tuple(map(str, values.columns))
         if any(hasattr(dtype, "sparse") for dtype in values.dtypes):
             values = sparse.csr_matrix(values.sparse.to_coo())
         else:
@@ -135,9 +135,9 @@ def _check_values(matrix: np.ndarray | sparse.spmatrix, what: str, integer: bool
     values = _stored_values(matrix).astype(np.float64, copy=False)
     bad = ~np.isfinite(values)
     if bad.any():
-        raise ValueError(f"{what}: {int(bad.sum())} value(s) are NaN or infinite; counts must be finite")
+        raise ValueError(f"{what}: {int(bad.sum())} value(s) are NaN or infinite; they must be finite")
     if non_negative and (values < 0).any():
-        raise ValueError(f"{what}: {int((values < 0).sum())} value(s) are negative (smallest {values.min():g}); counts must be >= 0")
+        raise ValueError(f"{what}: {int((values < 0).sum())} value(s) are negative (smallest {values.min():g}); they must be >= 0")
     if integer and (values != np.round(values)).any():
         example = values[values != np.round(values)][0]
         raise ValueError(f"{what}: non-integer values (e.g. {example:g}); this distribution needs integer counts")
@@ -242,7 +242,7 @@ def prepare_technical(
     check_distribution(distribution)
     if cells_axis not in (0, 1) or isinstance(cells_axis, bool):
         raise ValueError(f"cells_axis: expected 0 (cells x features) or 1 (features x cells); got {cells_axis!r}")
-    matrix, names = _as_array(counts, "counts")
+    matrix, axis_names = _as_array(counts, "counts")
     ndim = 2 if sparse.issparse(matrix) else matrix.ndim
     expected_ndim = 3 if distribution == "multinomial" else 2
     if ndim != expected_ndim:
@@ -301,7 +301,7 @@ def prepare_technical(
         denominator=None if denom is None else torch.from_numpy(np.ascontiguousarray(denom[:, keep])),
         feature_mask=keep,
         group_levels=levels,
-        feature_names=names,
+        feature_names=axis_names[1 - cells_axis],
         excluded={reason: n for reason, n in excluded.items() if n},
     )
 

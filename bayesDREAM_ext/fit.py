@@ -35,7 +35,7 @@ from bayesDREAM_ext.data import (
 from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
 from bayesDREAM_ext.training import GUIDES, TrainingPlan, make_guide, plan_training, train
 from devicemem.devices import device_memory, parse_max_memory
-from devicemem.planner import Plan
+from devicemem.planner import Plan, plan_technical, resolve_safety_factor
 from devicemem.runner import Predictive
 
 logger = logging.getLogger("devicemem.bayesdream")
@@ -43,7 +43,6 @@ logger = logging.getLogger("devicemem.bayesdream")
 FORMAT = "bayesDREAM_ext.TechnicalFit/1"
 DEFAULT_NITERS = {"multinomial": 100_000}
 DEFAULT_NITERS_OTHER = 50_000
-DEFAULT_SAFETY_FACTOR = 0.8
 EFFECT_SITES = ("log2_alpha_y", "alpha_y_mul", "delta_y_add")
 CATEGORY_EFFECT_SITES = ("alpha_logits_y", "alpha_logits_y_centered")
 
@@ -81,8 +80,8 @@ class TechnicalFit:
     ``alpha_y_mul``, ``delta_y_add`` [S, C-1, T]; ``o_y``, ``mu_ntc``, ``sigma_y`` [S, 1, T];
     ``beta_o`` [S, 1, 1]; ``alpha_y_mult`` [S, C, T] (baseline row 1) and ``alpha_y_add``
     [S, C, T] (baseline row 0). Multinomial has ``alpha_logits_y`` and
-    ``alpha_logits_y_centered`` [S, C-1, T, K], ``probs_baseline_raw`` [S, 1, 1, T, K],
-    ``probs_baseline`` [S, T, K] and ``alpha_y_add`` [S, C, T, K] instead. Excluded features
+    ``alpha_logits_y_centered`` [S, C-1, T, K], ``probs_baseline_raw`` and ``probs_baseline``
+    [S, 1, 1, T, K] and ``alpha_y_add`` [S, C, T, K] instead. Excluded features
     (``feature_mask`` False) hold the no-effect value in effects (0 on additive and log
     scales, 1 for multiplicative ones) and NaN in baselines and scales.
     """
@@ -96,7 +95,7 @@ class TechnicalFit:
     losses: list[float]
     learning_rates: list[float]
     svi_plan: TrainingPlan
-    predictive_plan: Plan | None
+    predictive_plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -109,7 +108,7 @@ class TechnicalFit:
             "feature_names": None if self.feature_names is None else list(self.feature_names),
             "excluded": self.excluded,
             "svi_plan": dataclasses.asdict(self.svi_plan),
-            "predictive_plan": None if self.predictive_plan is None else dataclasses.asdict(self.predictive_plan),
+            "predictive_plan": dataclasses.asdict(self.predictive_plan),
             "timings": self.timings,
         }
         torch.save(
@@ -140,7 +139,7 @@ class TechnicalFit:
             losses=stored["losses"].tolist(),
             learning_rates=stored["learning_rates"].tolist(),
             svi_plan=_record(TrainingPlan, meta["svi_plan"]),
-            predictive_plan=None if meta["predictive_plan"] is None else _record(Plan, meta["predictive_plan"]),
+            predictive_plan=_record(Plan, meta["predictive_plan"]),
             timings=meta["timings"],
         )
 
@@ -162,7 +161,7 @@ def _check_options(
     check_positive_int(nsamples, "nsamples")
     check_positive_int(niters, "niters", allow_none=True)
     check_positive_int(minibatch_size, "minibatch_size", allow_none=True)
-    check_fraction(safety_factor, "safety_factor", allow_none=True)
+    resolve_safety_factor(safety_factor)
     check_fraction(alpha_ewma, "alpha_ewma")
     for value, what in ((lr, "lr"), (beta_o_alpha, "beta_o_alpha"), (beta_o_beta, "beta_o_beta"), (epsilon, "epsilon")):
         check_positive(value, what)
@@ -212,8 +211,20 @@ def _restore_guide(inputs: ModelInputs, state: GuideState, data: TechnicalData) 
     return guide
 
 
+# Sites' dimensions as Pyro returns them when the model nests plates to its full depth; with
+# a single group there is no group plate, Pyro pads less, and these restore the same shapes.
+SITE_DIMS = {"beta_o": 3, "o_y": 3, "mu_ntc": 3, "sigma_y": 3, "probs_baseline_raw": 5, "probs_baseline": 5}
+
+
+def _pad(value: Tensor, ndim: int) -> Tensor:
+    """``value`` with singleton dims after the sample dim up to ``ndim`` dims."""
+    return value.reshape(value.shape[:1] + (1,) * (ndim - value.dim()) + value.shape[1:])
+
+
 def _complete(samples: dict[str, Tensor], data: TechnicalData) -> dict[str, Tensor]:
-    """Add the empty effect sites of a single group and bayesDREAM's full-C effect tensors."""
+    """bayesDREAM's shapes for every group count: pad per-feature sites, add the empty effect
+    sites of a single group, and the full-C effect tensors."""
+    samples = {name: _pad(value, SITE_DIMS[name]) if name in SITE_DIMS else value for name, value in samples.items()}
     n = next(iter(samples.values())).shape[0]
     tail = (data.n_features, data.n_categories) if data.distribution == "multinomial" else (data.n_features,)
     names = CATEGORY_EFFECT_SITES if data.distribution == "multinomial" else EFFECT_SITES
@@ -293,20 +304,28 @@ def fit_technical(
     )
     data = prepare_technical(counts, groups, sum_factors, distribution=distribution, denominator=denominator, cells_axis=cells_axis)
     inputs = build_model_inputs(data, epsilon=epsilon, beta_o_alpha=beta_o_alpha, beta_o_beta=beta_o_beta)
-    safety = DEFAULT_SAFETY_FACTOR if safety_factor is None else safety_factor
+    safety, _ = resolve_safety_factor(safety_factor)
     niters = niters or DEFAULT_NITERS.get(distribution, DEFAULT_NITERS_OTHER)
     logger.info(
         "fit_technical: %d NTC cells x %d features (%d excluded), %d group(s), %s",
         data.n_cells, data.n_features, data.feature_mask.size - data.n_features, data.n_groups, distribution,
     )
+    shape = (data.n_cells, data.n_features, data.n_groups)
+    if guide_state is None:
+        svi_plan = plan_training(
+            *shape, data.n_categories, distribution=distribution, device=str(device), guide=guide,
+            safety_factor=safety, max_memory=max_memory,
+        )
+    else:
+        svi_plan = guide_state.svi_plan
+    predictive_plan = plan_technical(
+        *shape, nsamples, n_categories=data.n_categories, distribution=distribution, guide=svi_plan.guide,
+        device=str(device), minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory,
+    )
     prepared = time.perf_counter()
     if guide_state is None:
-        plan = plan_training(
-            data.n_cells, data.n_features, data.n_groups, data.n_categories, distribution=distribution,
-            device=str(device), guide=guide, safety_factor=safety, max_memory=max_memory,
-        )
         result = train(
-            inputs, plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
+            inputs, svi_plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
             progress=progress, fallback_to_host=str(device) == "auto",
         )
         state = _guide_state(data, result)
@@ -315,10 +334,9 @@ def fit_technical(
         state = guide_state
         trained_guide = _restore_guide(inputs, state, data)
     trained = time.perf_counter()
-    sites = _site_names(inputs)
     predictive = Predictive(
-        inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=sites, device=str(device),
-        minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory, seed=seed, progress=progress,
+        inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=_site_names(inputs),
+        max_memory=max_memory, seed=seed, progress=progress, plan=predictive_plan,
     )
     try:
         samples = predictive(**inputs.params_only())
@@ -329,9 +347,9 @@ def fit_technical(
             state,
         ) from exc
     sampled = time.perf_counter()
-    posterior = _scatter(_complete({name: value.cpu() for name, value in samples.items()}, data), data)
+    posterior = _scatter(_complete(samples, data), data)
     timings = {
-        "validation_s": prepared - start,
+        "prepare_s": prepared - start,
         "training_s": state.training_s if guide_state is None else 0.0,
         "svi_ms_per_step": 1e3 * state.training_s / max(len(state.losses), 1),
         "predictive_s": sampled - trained,
@@ -348,6 +366,6 @@ def fit_technical(
         losses=state.losses,
         learning_rates=state.learning_rates,
         svi_plan=state.svi_plan,
-        predictive_plan=getattr(predictive, "plan", None),
+        predictive_plan=predictive.plan,
         timings=timings,
     )

@@ -38,10 +38,12 @@ WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0
 FLOAT_BYTES = 4
-# Bytes of one SVI step (activations and the guide's prototype trace, first step included) per
-# observed value, measured as peak RSS over the data on the CPU (N x T = 2000 x 2000 and
-# 4000 x 1000, C = 2-3; multinomial per N x T x K with K = 4), rounded up.
-STEP_BYTES_PER_VALUE = {"negbinom": 72, "normal": 80, "studentt": 104, "binomial": 56, "multinomial": 32}
+# Bytes that SVI adds per observed value beyond the data: the activations of a step and the
+# guide's prototype trace, over the first few steps. Measured as the peak RSS of a child that
+# trains 3 steps minus that of one that only loads the data (tests/ext_train_child.py; N x T =
+# 2000 x 2000, C = 2, and 4000 x 1000, C = 3; multinomial 1000 x 1000 x 4, per N x T x K):
+# negbinom 72-101, normal 76, studentt 96, binomial 68, multinomial 24; rounded up.
+STEP_BYTES_PER_VALUE = {"negbinom": 100, "normal": 80, "studentt": 100, "binomial": 72, "multinomial": 28}
 # AutoNormal: loc and scale per latent value, each with a gradient and two Adam moments.
 NORMAL_GUIDE_FLOATS_PER_LATENT = 8
 # AutoIAFNormal: weights of MaskedLinear(L, H) and MaskedLinear(H, 2L), each also held as a

@@ -1,0 +1,238 @@
+"""Device-aware SVI: the device and guide decision, the footprint against what Pyro builds and
+what a child process measures, the OneCycle schedule, early stop, and the GPU->CPU fallback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
+
+from bayesDREAM_ext.data import prepare_technical
+from bayesDREAM_ext.model import build_model_inputs
+from bayesDREAM_ext.synthetic import synthetic_data
+from bayesDREAM_ext.training import (
+    FLOAT_BYTES,
+    TrainingPlan,
+    iaf_hidden_size,
+    latent_size,
+    plan_training,
+    train,
+    training_footprint,
+)
+from devicemem.devices import Backend, DeviceMemory, get_backend, register_backend
+from devicemem.testing import run_child
+
+GB = 10**9
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def memory(device: str, usable: int | None) -> DeviceMemory:
+    return DeviceMemory(device, device, usable, usable, None, usable, ("fake",))
+
+
+def plan(n_cells=2000, n_features=1000, n_groups=2, *, gpus=(), host=20 * GB, device="auto", guide="normal", safety=0.8):
+    registry = {"cpu": memory("cpu", host), **{m.device: m for m in gpus}}
+
+    def memory_of(name: str) -> DeviceMemory:
+        if name not in registry:
+            raise ValueError(f"device {name!r} is not visible to this process")
+        return registry[name]
+
+    return plan_training(
+        n_cells, n_features, n_groups, distribution="negbinom", device=device, guide=guide, safety_factor=safety,
+        memory_of=memory_of, accelerators=lambda: list(gpus),
+    )
+
+
+def inputs_for(distribution="negbinom", n_cells=200, n_features=20, n_groups=2):
+    data = synthetic_data(distribution, n_cells, n_features, n_groups, seed=1)
+    prepared = prepare_technical(data.counts, data.groups, distribution=distribution, denominator=data.denominator)
+    return prepared, build_model_inputs(prepared)
+
+
+def test_auto_trains_on_the_roomiest_gpu_when_it_fits():
+    need = training_footprint(2000, 1000, 2)
+    chosen = plan(gpus=[memory("cuda:0", 2 * need), memory("cuda:1", 4 * need)])
+    assert (chosen.device, chosen.guide) == ("cuda:1", "normal")
+    assert chosen.predicted_peak_bytes == need and chosen.budget_bytes == int(0.8 * 4 * need)
+    assert "SVI on cuda:1" in chosen.reasons[0]
+
+
+def test_auto_falls_back_to_the_cpu_and_says_why():
+    need = training_footprint(2000, 1000, 2)
+    chosen = plan(gpus=[memory("cuda:0", need)])
+    assert chosen.device == "cpu"
+    assert "does not fit cuda:0" in chosen.reasons[0]
+    assert plan().reasons[0] == "no GPU visible; SVI on the CPU"
+
+
+def test_explicit_device_is_used_or_rejected():
+    assert plan(device="cpu", gpus=[memory("cuda:0", 100 * GB)]).device == "cpu"
+    with pytest.raises(ValueError, match="not visible"):
+        plan(device="cuda:3")
+
+
+def test_iaf_only_when_its_real_footprint_fits():
+    latent = latent_size("negbinom", 300, 2)
+    iaf_need = training_footprint(500, 300, 2, guide="iaf")
+    assert iaf_need > 9 * latent * iaf_hidden_size(latent) // 3 * FLOAT_BYTES
+    roomy = plan(500, 300, host=2 * iaf_need, guide="auto")
+    assert (roomy.guide, roomy.predicted_peak_bytes) == ("iaf", iaf_need)
+    tight = plan(500, 300, host=iaf_need, guide="auto")
+    assert tight.guide == "normal" and "using AutoNormal" in tight.reasons[-1]
+    with pytest.raises(ValueError, match="AutoIAFNormal .* does not fit"):
+        plan(500, 300, host=iaf_need, guide="iaf")
+
+
+@pytest.mark.parametrize("distribution", ["negbinom", "normal", "binomial", "multinomial"])
+def test_latent_size_is_what_autonormal_builds(distribution):
+    data, inputs = inputs_for(distribution, n_groups=3)
+    pyro.clear_param_store()
+    guide = AutoNormal(inputs.model)
+    guide(**inputs.kwargs)
+    built = sum(loc.numel() for loc in guide.locs.parameters())
+    assert latent_size(distribution, data.n_features, 3, data.n_categories) == built
+
+
+def test_iaf_weights_are_counted_with_the_default_hidden_size():
+    data, inputs = inputs_for(n_features=6)
+    latent = latent_size("negbinom", data.n_features, 2)
+    pyro.clear_param_store()
+    guide = AutoIAFNormal(inputs.model, hidden_dim=[iaf_hidden_size(latent)])
+    guide(**inputs.kwargs)
+    weights = sum(p.numel() for name, p in guide.named_parameters() if "loc" not in name and "scale" not in name)
+    hidden = iaf_hidden_size(latent)
+    assert weights == latent * hidden + hidden * 2 * latent + hidden + 2 * latent
+
+
+def _cpu_plan(data, guide="normal") -> TrainingPlan:
+    return plan_training(data.n_cells, data.n_features, data.n_groups, data.n_categories, distribution=data.distribution,
+                         device="cpu", guide=guide, safety_factor=0.8)
+
+
+def test_one_cycle_schedule_steps_every_iteration():
+    data, inputs = inputs_for()
+    result = train(inputs, _cpu_plan(data), niters=40, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    rates = result.learning_rates
+    assert len(result.losses) == len(rates) == 40
+    assert rates[0] == pytest.approx(0.4e-3)
+    peak = rates.index(max(rates))
+    assert peak == 0.1 * 40 - 1 and max(rates) == pytest.approx(1e-2)  # OneCycleLR's warm-up ends at step 3
+    assert all(a < b for a, b in zip(rates[: peak + 1], rates[1 : peak + 1]))
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1 :]))
+    assert rates[-1] < 1e-5
+
+
+def test_early_stop_waits_for_the_warm_up_then_follows_the_tolerance():
+    data, inputs = inputs_for()
+    loose = train(inputs, _cpu_plan(data), niters=100, lr=1e-3, tolerance=1.0, alpha_ewma=0.05, progress=False)
+    assert loose.converged and len(loose.losses) == 11
+    strict = train(inputs, _cpu_plan(data), niters=30, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    assert not strict.converged and len(strict.losses) == 30
+
+
+def test_training_learns_and_reports_its_first_step_peak():
+    data, inputs = inputs_for()
+    result = train(inputs, _cpu_plan(data), niters=100, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False, seed=0)
+    assert sum(result.losses[-20:]) < sum(result.losses[:20])
+    assert result.plan.measured_peak_bytes is not None and result.plan.measured_peak_bytes > 0
+    assert result.guide.locs.log2_alpha_y.device.type == "cpu"
+
+
+class FakeGpu(Backend):
+    """A "cuda" device that computes on the CPU and reports a chosen first-step peak, or
+    raises an out-of-memory error from the first model call."""
+
+    kind = "cuda"
+
+    def __init__(self, peak: int = 0) -> None:
+        self.peak = peak
+        self.emptied = 0
+
+    def discover(self, probe):
+        return [memory("cuda:0", 10 * GB)]
+
+    def torch_device(self, device):
+        return torch.device("cpu")
+
+    def reset_peak(self, device):
+        pass
+
+    def current_bytes(self, device):
+        return 0
+
+    def peak_bytes(self, device):
+        return self.peak
+
+    def empty_cache(self, device):
+        self.emptied += 1
+
+    def is_oom(self, exc):
+        return isinstance(exc, torch.OutOfMemoryError)
+
+
+@pytest.fixture
+def fake_gpu():
+    real = get_backend("cuda")
+    gpu = FakeGpu()
+    register_backend("cuda", gpu)
+    try:
+        yield gpu
+    finally:
+        register_backend("cuda", real)
+
+
+def _gpu_plan(data, budget: int) -> TrainingPlan:
+    need = training_footprint(data.n_cells, data.n_features, data.n_groups)
+    return TrainingPlan("cuda:0", "normal", latent_size("negbinom", data.n_features, 2), need, budget, 0.8, ("fake",))
+
+
+def test_a_first_gpu_step_over_budget_moves_training_to_the_cpu(fake_gpu):
+    data, inputs = inputs_for()
+    fake_gpu.peak = 10**9
+    result = train(inputs, _gpu_plan(data, budget=10**6), niters=5, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
+                   progress=False, fallback_to_host=True)
+    assert result.plan.device == "cpu" and len(result.losses) == 5
+    assert "over the budget" in result.plan.reasons[-1] and fake_gpu.emptied == 1
+
+
+def test_a_first_gpu_step_out_of_memory_moves_training_to_the_cpu(fake_gpu):
+    data, inputs = inputs_for()
+    calls = []
+
+    def runs_out_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return inputs.model(*args, **kwargs)
+
+    failing = type(inputs)(runs_out_once, inputs.kwargs, inputs.init_values, inputs.max_plate_nesting, inputs.data_keys)
+    result = train(failing, _gpu_plan(data, budget=10**12), niters=3, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
+                   progress=False, fallback_to_host=True)
+    assert result.plan.device == "cpu" and "ran out of memory on cuda:0" in result.plan.reasons[-1]
+
+
+def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
+    data, inputs = inputs_for()
+    fake_gpu.peak = 10**9
+    result = train(inputs, _gpu_plan(data, budget=10**6), niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    assert result.plan.device == "cuda:0" and result.plan.measured_peak_bytes == 10**9
+
+
+@pytest.mark.slow
+def test_footprint_covers_the_measured_peak_of_training():
+    """Peak RSS of a child that trains minus one that only loads the data, against the
+    footprint less the data (which both children hold)."""
+    spec = ["negbinom", "1500", "1500", "3", "1"]
+    child = [sys.executable, str(ROOT / "tests" / "ext_train_child.py"), *spec]
+    env = {"PYTHONPATH": str(ROOT)}
+    loaded = run_child(child + ["0"], env=env, timeout=300)
+    trained = run_child(child + ["3"], env=env, timeout=300)
+    assert loaded.ok and trained.ok, loaded.stderr + trained.stderr
+    measured = trained.peak_rss_bytes - loaded.peak_rss_bytes
+    predicted = training_footprint(1500, 1500, 3) - 1500 * 1500 * FLOAT_BYTES
+    assert 0.9 <= predicted / measured <= 1.6, (predicted, measured)
