@@ -23,7 +23,7 @@ import psutil
 from devicemem.testing import cgroup_unavailable_reason, run_child
 
 from bench import report
-from bench.harness import REPO_ROOT, ensure_dataset, run_configs
+from bench.harness import REPO_ROOT, run_configs
 from bench.workloads import Workload, build_workloads
 
 log = logging.getLogger("devicemem.bench")
@@ -72,14 +72,12 @@ def run_workload(workload: Workload, cache_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     if workload.kind == "skipped":
         record["status"] = "skipped"
+    elif workload.kind == "derived":
+        record["status"] = "derived"
     elif workload.kind == "external":
         record.update(_run_external(workload))
     else:
-        configs = workload.configs
-        if workload.data is not None:
-            data = str(ensure_dataset(workload.data, cache_dir))
-            configs = tuple(replace(c, spec={**c.spec, "data": data}) for c in configs)
-        rows = run_configs(configs, workload.reps, label=workload.name)
+        rows = run_configs(workload.configs, workload.reps, cache_dir, label=workload.name)
         record["rows"] = [{**row.to_json(), "info": row.info} for row in rows]
         record["status"] = "done"
     record["duration_s"] = time.perf_counter() - start
@@ -118,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                         help="smaller sizes and 1 repetition (under 5 minutes on 2 cores)")
     parser.add_argument("--only", action="append", metavar="NAME",
                         help="run only these workloads, by name or group (W1, W2a, ...)")
+    parser.add_argument("--reps", type=int, metavar="N",
+                        help="repetitions of every configuration (default: each workload's)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch/OpenMP threads in every child (default: torch's, one per "
                         "core); 1 keeps timings sane while other jobs load the machine")
@@ -129,8 +129,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         if args.threads < 1:
             parser.error(f"--threads: expected a positive integer; got {args.threads}")
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps: expected a positive integer; got {args.reps}")
     cuda = _cuda_device()
     workloads = _selected(build_workloads(args.quick, cuda is not None), args.only)
+    if args.reps is not None:
+        workloads = [replace(w, reps=args.reps) for w in workloads]
     started = time.perf_counter()
     now = dt.datetime.now()
     results: dict[str, Any] = {
@@ -142,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         for workload in workloads:
             log.info("[bench] %s: %s", workload.name, workload.title)
             results["workloads"].append(run_workload(workload, Path(cache)))
+    for record in results["workloads"]:
+        if record["status"] == "derived":
+            record["points"] = report.overhead_points(results, record["params"]["compares"])
     results["machine"]["load_after"] = _load()
     results["duration_s"] = time.perf_counter() - started
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", results["machine"]["host"])

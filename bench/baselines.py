@@ -176,6 +176,7 @@ def _devicemem_auto(
         "batch_size": plan.batch_size, "n_batches": len(predictive.report),
         "vectorized": plan.vectorized, "device": plan.device,
         "samples_drawn": sum(row.size for row in predictive.report),
+        "batches_s": sum(row.wall_s for row in predictive.report),
         "retries": sum(row.retries for row in predictive.report),
         "predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
         "reasons": list(plan.reasons),

@@ -4,7 +4,7 @@ The child sets up outside the timed region (imports, loading the cached data set
 and initialising the guide), then times only the measured call, and prints one line
 ``BENCH-RESULT {json}`` with ``sample_wall_s``, the CUDA peak when on CUDA, and details.
 Spec kinds: ``predictive`` (a baseline on the technical model), ``raw_fill`` (W4: float32
-normals into a preallocated buffer), ``plan`` (W5: devicemem's plan, probe included).
+normals into a preallocated buffer).
 """
 
 from __future__ import annotations
@@ -72,24 +72,26 @@ def run_predictive(spec: dict) -> dict:
     if spec["baseline"] != "devicemem-auto" and device != "cpu":
         from devicemem.placement import to_device
 
+        device = "cuda" if device == "auto" else device
         args = to_device(args, device)
         guide.to(device)
+    measured = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     return_sites = spec.get("return_sites")
     shape = (data["counts"].shape[0], data["counts"].shape[1], data["n_groups"])
     pyro.set_rng_seed(spec.get("seed", 0) + 1)
-    _sync(device)
-    _reset_cuda_peak(device)
+    _sync(measured)
+    _reset_cuda_peak(measured)
     start = time.perf_counter()
     result, info = run_baseline(
         spec["baseline"], model, guide, args, kwargs, spec["num_samples"], return_sites,
         reduce_sites=spec.get("reduce_sites"), batch_size=spec.get("batch_size"), shape=shape,
         device=device,
     )
-    _sync(device)
+    _sync(measured)
     wall = time.perf_counter() - start
     return {
         "sample_wall_s": wall,
-        "cuda_peak_bytes": _cuda_peak(device),
+        "cuda_peak_bytes": _cuda_peak(measured),
         "outputs": {name: list(value.shape) for name, value in result.items()},
         "info": info,
         "torch_threads": torch.get_num_threads(),
@@ -113,27 +115,9 @@ def run_raw_fill(spec: dict) -> dict:
             "info": {"n_elements": spec["n_elements"]}}
 
 
-def run_plan(spec: dict) -> dict:
-    """W5: devicemem's plan for the same work as a devicemem-auto run, cold in a fresh process."""
-    import devicemem
-
-    model, guide, args, kwargs, _ = _technical_setup(spec)
-    start = time.perf_counter()
-    plan = devicemem.plan_predictive(
-        model, guide, spec["num_samples"], *args, device=spec.get("device", "auto"),
-        return_sites=spec.get("return_sites"), **kwargs,
-    )
-    wall = time.perf_counter() - start
-    return {"sample_wall_s": wall, "cuda_peak_bytes": None,
-            "info": {"batch_size": plan.batch_size, "n_batches": plan.n_batches,
-                     "vectorized": plan.vectorized, "device": plan.device,
-                     "reasons": list(plan.reasons)}}
-
-
 KINDS: dict[str, Callable[[dict], dict]] = {
     "predictive": run_predictive,
     "raw_fill": run_raw_fill,
-    "plan": run_plan,
 }
 
 

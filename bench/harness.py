@@ -32,12 +32,17 @@ _OOM_MARKERS = ("can't allocate memory", "MemoryError", "OutOfMemoryError", "out
 
 @dataclass(frozen=True)
 class Config:
-    """One measured configuration: the child's spec, its memory cap and its time limit."""
+    """One measured configuration: the child's spec, its memory cap and its time limit.
+
+    ``data``: the synthetic data set the child loads; its cached file's path is added to the
+    spec as ``"data"`` when the configuration runs.
+    """
 
     name: str
     spec: dict[str, Any]
     cap_bytes: int | None = None
     timeout_s: float = 600.0
+    data: DataSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,12 @@ def classify(child: ChildResult) -> tuple[str, str | None, dict[str, Any] | None
     return "ok", None, payload
 
 
-def run_rep(config: Config) -> Rep:
+def run_rep(config: Config, cache_dir: Path) -> Rep:
     """Start one fresh child for ``config`` and measure it."""
-    argv = [sys.executable, "-m", "bench.child", json.dumps(config.spec)]
+    spec = config.spec
+    if config.data is not None:
+        spec = {**spec, "data": str(ensure_dataset(config.data, cache_dir))}
+    argv = [sys.executable, "-m", "bench.child", json.dumps(spec)]
     child = run_child(argv, cap_bytes=config.cap_bytes, timeout=config.timeout_s, cwd=REPO_ROOT)
     status, error, payload = classify(child)
     return Rep(
@@ -151,16 +159,19 @@ def run_rep(config: Config) -> Rep:
     )
 
 
-def run_configs(configs: Iterable[Config], reps: int, label: str = "") -> list[ConfigResult]:
+def run_configs(
+    configs: Iterable[Config], reps: int, cache_dir: Path, label: str = ""
+) -> list[ConfigResult]:
     """Run every configuration ``reps`` times, round-robin so drift in machine load spreads
-    over all of them; a configuration that did not finish ok is not repeated."""
+    over all of them; a configuration that did not finish ok is not repeated. Data sets are
+    generated into ``cache_dir`` on first use."""
     configs = list(configs)
     results = [ConfigResult(config.name, config.cap_bytes) for config in configs]
     for rep_index in range(reps):
         for config, result in zip(configs, results):
             if result.reps and not result.ok:
                 continue
-            rep = run_rep(config)
+            rep = run_rep(config, cache_dir)
             result.reps.append(rep)
             wall = f"{rep.sample_wall_s:.2f} s" if rep.sample_wall_s is not None else "-"
             log.info("[bench] %s %s rep %d/%d: %s, %s, peak %s (total %.1f s)", label,

@@ -21,15 +21,15 @@ SWEEP_SIZES = (10, 25, 50, 100, 250, 1000)
 @dataclass(frozen=True)
 class Workload:
     """One table of the report. ``kind``: "predictive" (baselines on the technical model),
-    "raw_fill" (W4), "plan" (W5), "external" (W3, W7: measured by ``params["module"]``'s
-    ``run(quick)``), "skipped" (W6 without CUDA)."""
+    "raw_fill" (W4), "derived" (W5, computed from the other workloads' rows), "external"
+    (W3, W7: measured by ``params["module"]``'s ``run(quick)``), "skipped" (W6 without CUDA).
+    """
 
     name: str
     group: str
     title: str
     kind: str
     reps: int = 3
-    data: DataSpec | None = None
     configs: tuple[Config, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -50,72 +50,78 @@ def baseline_configs(size: dict, timeout_s: float, sweep: tuple[int, ...] = SWEE
     conservative-50, sweep-B for each B in ``sweep`` below num_samples (plus B = S), and
     devicemem-auto."""
     cap = size.get("cap")
+    data = DataSpec(size["N"], size["T"], size["C"])
     size = {**size, "device": device}
-    configs = [
-        Config(name, _predictive_spec(name, size), cap, timeout_s)
-        for name in ("pyro-full", "pyro-sequential", "bayesdream-rule", "conservative-50")
-    ]
-    sizes = sorted({min(b, size["S"]) for b in sweep})
-    configs += [Config(f"sweep-B={b}", _predictive_spec("sweep", size, batch_size=b), cap, timeout_s)
-                for b in sizes]
-    configs.append(Config("devicemem-auto", _predictive_spec("devicemem-auto", size), cap, timeout_s))
-    return tuple(configs)
+    runs = [(name, _predictive_spec(name, size))
+            for name in ("pyro-full", "pyro-sequential", "bayesdream-rule", "conservative-50")]
+    runs += [(f"sweep-B={b}", _predictive_spec("sweep", size, batch_size=b))
+             for b in sorted({min(b, size["S"]) for b in sweep})]
+    runs.append(("devicemem-auto", _predictive_spec("devicemem-auto", size)))
+    return tuple(Config(name, spec, cap, timeout_s, data) for name, spec in runs)
 
 
 def _w1(quick: bool) -> list[Workload]:
+    """Params-only Predictive (bayesDREAM's case): vectorising is everything here."""
     sizes = [("W1a", dict(N=3000, T=4000, C=2, S=1000)),
              ("W1b", dict(N=2000, T=31467, C=2, S=1000))]
     out = []
     for name, size in sizes:
         notes: tuple[str, ...] = ()
-        if quick and name == "W1b":
-            size = {**size, "S": 200}
-            notes = ("quick: S=200 instead of 1000 (sequential baselines trace every sample).",)
+        sweep = SWEEP_SIZES
+        if quick:
+            sweep = (50, 1000)
+            notes = ("quick: 1 repetition; sweep-B only at B=50 and B=S.",)
+            if name == "W1b":
+                size = {**size, "S": 200}
+                notes += ("quick: S=200 instead of 1000.",)
         size = {**size, "observe": False}
         out.append(Workload(
             name=name, group="W1", kind="predictive", reps=1 if quick else 3,
             title=(f"technical params-only Predictive, N={size['N']}, T={size['T']}, "
                    f"C={size['C']}, S={size['S']}, no cap"),
-            data=DataSpec(size["N"], size["T"], size["C"]),
-            configs=baseline_configs(size, timeout_s=300),
-            params=size, notes=notes,
-            reference="devicemem-auto",
+            configs=baseline_configs(size, timeout_s=300, sweep=sweep),
+            params=size, notes=notes, reference="devicemem-auto",
         ))
     return out
 
 
 def _w2(quick: bool) -> list[Workload]:
+    """Posterior predictive with the observation site under a real cap: sampling-bound."""
     common = dict(C=2, observe=True, return_sites=["y_obs"], reduce_sites=["y_obs"])
     if quick:
         sizes = [
             ("W2a", dict(N=1000, T=1000, S=40, cap=int(0.8 * GIB)),
-             ("quick: N=T=1000, S=40 under a 0.8 GiB cap, the same regime in miniature "
-              "(the cap fits a batch of about 20); the full run uses N=T=2000 under 4 GiB.",)),
+             ("quick: N=T=1000, S=40 under a 0.8 GiB cap, the full run's regime in miniature "
+              "(the cap holds a vectorised batch of about 25); 1 repetition.",)),
         ]
         sweep: tuple[int, ...] = (10, 25, 50)
     else:
         sizes = [
-            ("W2a", dict(N=2000, T=2000, S=100, cap=4 * GIB),
-             ("S=100 instead of 1000: sampling the observation site costs about 0.5 s per "
-              "sample here, so every batch size is measured on the same 100 samples; the "
-              "memory regime (cap vs batch) is the issue's.",)),
+            ("W2a", dict(N=2000, T=2000, S=200, cap=4 * GIB),
+             ("S=200 instead of 1000, 1 repetition: one sample of y_obs costs about 0.5 s on "
+              "this machine (the NB draw is single-threaded), so one configuration at S=1000 "
+              "takes over 8 minutes. Per-sample time is nearly flat in the batch size, so "
+              "the ratios carry over except for devicemem's fixed plan + probe time (W5), "
+              "which weighs 5x more here than at S=1000. The cap and batch regime are the "
+              "issue's.",)),
             ("W2b", dict(N=5000, T=8000, S=20, cap=8 * GIB),
-             ("S=20 instead of 200 (about 6 s per sample here); 1 repetition.",)),
+             ("S=20 instead of 200, 1 repetition: one sample costs about 5 s here.",)),
         ]
         sweep = (10, 25, 50, 100)
     out = []
     for name, size, notes in sizes:
         size = {**common, **size}
-        reps = 1 if quick or name == "W2b" else 3
         out.append(Workload(
-            name=name, group="W2", kind="predictive", reps=reps,
+            name=name, group="W2", kind="predictive", reps=1,
             title=(f"posterior predictive with y_obs, N={size['N']}, T={size['T']}, "
                    f"S={size['S']}, cap {size['cap'] / GIB:.1f} GiB"),
-            data=DataSpec(size["N"], size["T"], size["C"]),
             configs=baseline_configs(size, timeout_s=900, sweep=sweep),
             params={**size, "cap_bytes": size["cap"]}, notes=notes + (
-                "Each batch is streamed into per-entry mean/variance of y_obs (float64), the "
-                "same consumer for every configuration.",),
+                "Every configuration streams each batch into per-entry mean/variance of y_obs "
+                "(float64; devicemem through reduce=), so [S, N, T] is never held.",
+                "Peak RSS includes torch's shared-library pages (about 80 MB) that the cgroup "
+                "does not charge to the child, so a run that completed can show a peak just "
+                "above the cap."),
             reference="devicemem-auto",
         ))
     return out
@@ -139,39 +145,56 @@ def _w4(w1: list[Workload]) -> Workload:
 
 
 def _w5(workloads: list[Workload]) -> Workload:
-    """devicemem's plan (probe included) alone, cold, for the same work as a devicemem-auto run."""
-    configs = []
-    for workload in workloads:
-        auto = next(c for c in workload.configs if c.name == "devicemem-auto")
-        spec = {**auto.spec, "kind": "plan", "device": "auto"}
-        configs.append(Config(f"plan {workload.name}", spec, auto.cap_bytes, auto.timeout_s))
+    """devicemem's own overhead (planning, probe, site discovery): its run time outside its
+    batches, derived from the devicemem-auto rows of ``workloads`` in the same run."""
     return Workload(
-        name="W5", group="W5", kind="plan", reps=workloads[0].reps,
-        title="planning overhead: devicemem plan + probe time / devicemem-auto run time",
-        configs=tuple(configs),
+        name="W5", group="W5", kind="derived", reps=workloads[0].reps,
+        title=("planning overhead: devicemem-auto time outside its batches (plan, probe, "
+               "site discovery) / its run time"),
         params={"compares": [w.name for w in workloads]},
+        notes=("Derived from each devicemem-auto row above: run time minus the sum of its "
+               "batches' wall times (Predictive.report).",),
     )
 
 
-def _w6(quick: bool, cuda: bool) -> Workload:
-    title = "CUDA: W1 and W2 at the seed's full size, GPU vs CPU"
+def _w6(quick: bool, cuda: bool) -> list[Workload]:
+    """W1's and W2's work at the seed's full size (N=21761, T=31467, C=2) on the GPU vs CPU."""
     if not cuda:
-        return Workload(name="W6", group="W6", kind="skipped", title=title,
-                        notes=("skipped: no CUDA device (torch.cuda.is_available() is False).",))
-    size = dict(N=21761, T=31467, C=2, S=1000 if not quick else 200, observe=False)
-    configs = tuple(
+        return [Workload(name="W6", group="W6", kind="skipped",
+                         title="CUDA: W1 and W2 at the seed's full size, GPU vs CPU",
+                         notes=("skipped: no CUDA device (torch.cuda.is_available() is False).",))]
+    full = dict(N=21761, T=31467, C=2)
+    reps = 1 if quick else 3
+    params_only = {**full, "S": 200 if quick else 1000, "observe": False}
+    w6a = tuple(
         replace(config, name=f"{config.name} [{device}]")
         for device in ("cuda", "cpu")
-        for config in baseline_configs(size, timeout_s=600, sweep=(), device=device)
+        for config in baseline_configs(params_only, timeout_s=600, sweep=(),
+                                       device=device if device == "cpu" else "auto")
         if config.name in ("pyro-full", "devicemem-auto")
     )
-    return Workload(
-        name="W6", group="W6", kind="predictive", reps=1 if quick else 3, title=title,
-        data=DataSpec(size["N"], size["T"], size["C"]), configs=configs, params=size,
-        notes=("params-only (W1's work) at N=21761, T=31467; devicemem-auto [cuda] means "
-               "device='cuda'.",),
-        reference="devicemem-auto [cuda]",
+    with_obs = {**full, "S": 20 if quick else 50, "observe": True, "return_sites": ["y_obs"],
+                "reduce_sites": ["y_obs"]}
+    w6b = tuple(
+        replace(config, name=f"{config.name} [cuda]")
+        for config in baseline_configs(with_obs, timeout_s=900, sweep=(4,), device="auto")
+        if config.name in ("sweep-B=4", "devicemem-auto")
     )
+    return [
+        Workload(name="W6a", group="W6", kind="predictive", reps=reps, configs=w6a,
+                 title=(f"CUDA: W1's params-only Predictive at the seed's size, N={full['N']}, "
+                        f"T={full['T']}, S={params_only['S']}, GPU vs CPU"),
+                 params=params_only, reference="devicemem-auto [cuda]",
+                 notes=("[cuda] rows: pyro-full with data and guide moved to cuda:0; "
+                        "devicemem-auto with device='auto'. [cpu] rows: device='cpu'.",)),
+        Workload(name="W6b", group="W6", kind="predictive", reps=reps, configs=w6b,
+                 title=(f"CUDA: W2's posterior predictive with y_obs at the seed's size, "
+                        f"S={with_obs['S']}, on the GPU"),
+                 params=with_obs, reference="devicemem-auto [cuda]",
+                 notes=("No CPU rows: one sample of y_obs at this size takes over a minute on "
+                        "one CPU core (NB sampling is single-threaded); W2a is the CPU picture.",
+                        "sweep-B=4: fixed vectorised batches of 4 on cuda:0 (about 55 GB).")),
+    ]
 
 
 def build_workloads(quick: bool, cuda: bool) -> list[Workload]:
@@ -183,4 +206,4 @@ def build_workloads(quick: bool, cuda: bool) -> list[Workload]:
     w7 = Workload(name="W7", group="W7", kind="external",
                   title="Ray: one posterior predictive sharded over workers (bench.w7_ray)",
                   params={"quick": quick, "module": "bench.w7_ray"})
-    return [*w1, *w2, w3, _w4(w1), _w5([w1[0], w2[0]]), _w6(quick, cuda), w7]
+    return [*w1, *w2, w3, _w4(w1), _w5(w1 + w2), *_w6(quick, cuda), w7]

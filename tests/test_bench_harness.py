@@ -35,7 +35,7 @@ def test_measures_a_run_and_records_a_config_killed_under_its_cap(tiny_data, tmp
         # allocations fail (RLIMIT_AS); either way the row must be kept with that outcome.
         Config("capped", _spec(tiny_data, "pyro-full"), cap_bytes=48 * 2**20, timeout_s=120),
     ]
-    ok, capped = run_configs(configs, reps=2)
+    ok, capped = run_configs(configs, reps=2, cache_dir=tmp_path)
 
     assert ok.status == "ok" and len(ok.reps) == 2
     first = ok.reps[0]
