@@ -14,7 +14,6 @@ Two estimators, one record (:class:`Footprint`):
 
 from __future__ import annotations
 
-import gc
 import inspect
 import math
 import sys
@@ -57,9 +56,9 @@ class Footprint:
 
     ``input_bytes`` is the part of ``fixed_bytes`` that is the inputs themselves (model
     arguments and guide parameters): not needed again on a device where they already live.
-    ``transient_bytes`` is a batch-independent spike that never coexists with the batch's
-    tensors (AutoIAFNormal's masked weight product): the working peak is the larger of the two.
-    ``output_per_sample_bytes`` is what one returned sample takes on the host;
+    Below ``small_batch_limit`` samples each costs ``small_batch_bytes`` more (see
+    :meth:`per_sample_at`). ``output_per_sample_bytes`` is what one returned sample takes on
+    the host;
     ``saturation_batch`` the batch size beyond which vectorising buys no more speed (None:
     bigger is always faster).
     """
@@ -68,27 +67,37 @@ class Footprint:
     per_sample_bytes: int
     source: str
     input_bytes: int = 0
-    transient_bytes: int = 0
+    small_batch_bytes: int = 0
+    small_batch_limit: int = 0
     output_per_sample_bytes: int | None = None
     saturation_batch: int | None = None
+
+    def per_sample_at(self, batch_size: int) -> int:
+        """Bytes per sample in a batch of ``batch_size``: ``small_batch_bytes`` more below
+        ``small_batch_limit``, where the batch's temporaries are small enough for glibc's heap,
+        which keeps them resident after they die."""
+        return self.per_sample_bytes + (self.small_batch_bytes if batch_size < self.small_batch_limit else 0)
 
     def peak_bytes(self, batch_size: int, inputs_resident: bool = False) -> int:
         """Predicted peak for a vectorised batch of ``batch_size`` samples; with
         ``inputs_resident`` the inputs already live on the device and are not counted."""
         inputs = 0 if inputs_resident else self.input_bytes
-        working = self.fixed_bytes - self.input_bytes + self.per_sample_bytes * batch_size
-        return inputs + max(working, self.transient_bytes)
+        working = self.fixed_bytes - self.input_bytes + self.per_sample_at(batch_size) * batch_size
+        return inputs + working
 
     def max_batch(self, budget_bytes: int, inputs_resident: bool = False) -> int:
         """The largest vectorised batch whose predicted peak fits ``budget_bytes`` (0: not even
         one sample; ``sys.maxsize`` when samples cost nothing)."""
-        if self.peak_bytes(1, inputs_resident) > budget_bytes:
+        inputs = 0 if inputs_resident else self.input_bytes
+        room = budget_bytes - inputs - (self.fixed_bytes - self.input_bytes)
+        if room < 0:
             return 0
         if self.per_sample_bytes <= 0:
-            return sys.maxsize
-        inputs = 0 if inputs_resident else self.input_bytes
-        working = self.fixed_bytes - self.input_bytes
-        return int((budget_bytes - inputs - working) // self.per_sample_bytes)
+            return sys.maxsize if self.peak_bytes(1, inputs_resident) <= budget_bytes else 0
+        large = room // self.per_sample_bytes
+        if large >= self.small_batch_limit:
+            return int(large)
+        return int(min(room // (self.per_sample_bytes + self.small_batch_bytes), self.small_batch_limit - 1))
 
 
 # --- analytic: the technical model family ----------------------------------------------
@@ -143,18 +152,25 @@ def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribu
     return _Sites(effects, features, latent)
 
 
-# Per-sample floats at the peak of a params-only vectorised call, per effect element and per
-# per-feature element (measured, negbinom with AutoNormal: 2 * (C-1)*T + 7 * T exactly at
-# T=4000, C=2, 4, 8 and B=500-2000 with every tensor mmapped): the effect sample (its
-# unconstrained draw is the value) and alpha_y_mul; for each per-feature site its draw, its
-# transformed value and the rsample temporaries. AutoDelta's draws are expanded views: only
-# the model's derived tensors and copies remain (4 per effect element, ~0 per feature).
-_PARAMS_PER_EFFECT = {"normal": 2.0, "delta": 4.0}
-_PARAMS_PER_FEATURE = {"normal": 3.5, "delta": 0.0}
-# AutoIAFNormal: the guide phase holds the base draw [B, D], the hidden layer [B, 3D+1] and the
-# network output [B, 2D]: 6 floats per latent element per sample (measured 6.0-6.6 D at
-# T=250-1000), and its unbatched masked weight product (2D x H floats) peaks alone.
-_IAF_PER_LATENT = 6.0
+# Per-sample floats at the peak of a params-only vectorised call, as (per effect element, per
+# per-feature element) for each of the call's two candidate peaks; the larger one wins.
+# AutoNormal, negbinom, measured with every tensor mmapped: 2 * (C-1)*T + 7*T while the guide
+# draws (the effect draw is its own value; each per-feature site holds its draw, its
+# transformed value and rsample temporaries), and 3 * (C-1)*T + 6*T at the end of the model,
+# which adds alpha_y_mul and the [B, C, T] effects with the baseline row (C=2: 9.0 T; C=3:
+# 12.0 T; C=5: 18.5 T, T=32000). AutoDelta's draws are expanded views: only the model's
+# derived tensors remain (4 per effect element at C=2; ~0 per feature).
+_PARAMS_PEAKS = {"normal": ((2.0, 3.5), (3.0, 3.0)), "delta": ((4.0, 0.0),)}
+# While a [B, T] tensor is under glibc's mmap threshold the guide's dead temporaries stay
+# resident: measured +4.0-7.3 T floats per sample (negbinom, T=2000-8000, C=2 and 4).
+_HEAP_PER_FEATURE = {"normal": 3.0, "delta": 0.0}
+# AutoIAFNormal: per sample the guide holds the base draw [B, D], the hidden layer [B, 3D+1] and
+# the network output [B, 2D]; beside them, its masked weight products (2D x H floats for the
+# larger layer) stay resident. Measured (peak RSS, T=250-1000, D=3T+1, B=1000-8000): 5.3-8.0 D
+# floats per sample and 1.3-1.9 weight products fixed; 7 D and 1.25 products predict 0.80-1.17
+# of every point (the low end at T=250, under 220 MB).
+_IAF_PER_LATENT = 7.0
+_IAF_WEIGHT_PRODUCTS = 1.25
 _IAF_HIDDEN = 3  # pyro's default hidden size is 3 * latent_dim + 1
 
 # With the observation site: [B, N, T]-sized tensors alive at the peak per sample, and
@@ -203,14 +219,16 @@ def technical_footprint(
     sites = _technical_sites(n_features, n_groups, n_categories, distribution)
     cells_by_features = n_cells * n_features * (n_categories if distribution == "multinomial" else 1)
 
-    transient = 0
+    heap = heap_limit = 0
     if guide == "iaf":
         per_sample = _IAF_PER_LATENT * sites.latent
-        hidden = _IAF_HIDDEN * sites.latent + 1
-        transient = 2 * sites.latent * hidden * item
+        working = _IAF_WEIGHT_PRODUCTS * 2 * sites.latent * (_IAF_HIDDEN * sites.latent + 1)
     else:
-        per_sample = _PARAMS_PER_EFFECT[guide] * sites.effects + _PARAMS_PER_FEATURE[guide] * sites.features
-    working = 2 * per_sample  # the two unvectorised runs (one of them kept during the call)
+        per_sample = max(a * sites.effects + b * sites.features for a, b in _PARAMS_PEAKS[guide])
+        heap = _HEAP_PER_FEATURE[guide] * sites.features * item
+        feature_tensor = sites.features // (1 if distribution in ("binomial", "multinomial") else 2) * item
+        heap_limit = math.ceil(GLIBC_MMAP_THRESHOLD_MAX / feature_tensor)
+        working = 2 * per_sample  # the two unvectorised runs (one of them kept during the call)
     saturation = None
     if with_obs:
         per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
@@ -219,15 +237,17 @@ def technical_footprint(
             working += _OBS_PER_SAMPLE[distribution] * cells_by_features  # kept in the heap
         saturation = OBS_SATURATION_BATCH
 
-    data = 2 * cells_by_features + 2 * n_cells + 3 * n_features  # counts (+ denominator), groups, sizes, priors
-    inputs = (data + _guide_parameter_floats(guide, sites.latent)) * item
+    matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
+    data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups
+    inputs = data + _guide_parameter_floats(guide, sites.latent) * item
     output = _technical_output_floats(sites, n_features, cells_by_features, distribution, with_obs) * item
     return Footprint(
         fixed_bytes=int(inputs + working * item),
         per_sample_bytes=int(math.ceil(per_sample * item)),
         source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}",
         input_bytes=int(inputs),
-        transient_bytes=int(transient),
+        small_batch_bytes=int(heap),
+        small_batch_limit=int(heap_limit),
         output_per_sample_bytes=int(output),
         saturation_batch=saturation,
     )
@@ -333,7 +353,7 @@ def probe_footprint(
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
 
-    Each batch runs after a garbage collection and the backend's ``empty_cache``, between its
+    Each batch runs after the backend's ``empty_cache`` (a garbage collection), between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
     /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (tensors big
@@ -371,7 +391,6 @@ def probe_footprint(
         ladder = list(sizes or PROBE_LADDER)
 
     def run(batch: int) -> _Measure:
-        gc.collect()
         backend.empty_cache(device)
         backend.reset_peak(device)
         start = backend.current_bytes(device) or 0
