@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests gpu_tests
 
 demo: $(STAMP)
-	$(VENV)/bin/devicemem info
+	$(VENV)/bin/bayesdream-ext demo
 
 bench-quick: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -24,13 +24,15 @@ COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
 
 
 def _log_to_stdout(quiet: bool) -> None:
-    """Show devicemem's log lines on stdout (once per process, however often main runs)."""
+    """Show devicemem's log lines on the current stdout (replacing the handler an earlier
+    ``main`` call in this process added)."""
     root = logging.getLogger("devicemem")
-    if not any(getattr(handler, "_bayesdream_ext", False) for handler in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._bayesdream_ext = True
-        root.addHandler(handler)
+    for handler in [h for h in root.handlers if getattr(h, "_bayesdream_ext", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._bayesdream_ext = True
+    root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
 
 

@@ -132,15 +132,21 @@ def _stored_values(matrix: np.ndarray | sparse.spmatrix) -> np.ndarray:
 
 
 def _check_values(matrix: np.ndarray | sparse.spmatrix, what: str, integer: bool, non_negative: bool) -> None:
-    values = _stored_values(matrix).astype(np.float64, copy=False)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise ValueError(f"{what}: {int(bad.sum())} value(s) are NaN or infinite; they must be finite")
-    if non_negative and (values < 0).any():
-        raise ValueError(f"{what}: {int((values < 0).sum())} value(s) are negative (smallest {values.min():g}); they must be >= 0")
-    if integer and (values != np.round(values)).any():
-        example = values[values != np.round(values)][0]
-        raise ValueError(f"{what}: non-integer values (e.g. {example:g}); this distribution needs integer counts")
+    """ValueError for NaN/inf, negative or fractional values, checked in chunks so that the
+    temporaries stay small next to the data."""
+    values = _stored_values(matrix)
+    chunk = 1 << 22
+    for start in range(0, values.size, chunk):
+        part = values[start : start + chunk]
+        for problem, bad in (
+            ("NaN or infinite values; they must be finite", lambda: ~np.isfinite(part)),
+            ("negative values; they must be >= 0", lambda: part < 0 if non_negative else None),
+            ("non-integer values; this distribution needs integer counts", lambda: part != np.round(part) if integer else None),
+        ):
+            found = bad()
+            if found is not None and found.any():
+                first = int(np.argmax(found))
+                raise ValueError(f"{what}: has {problem} (e.g. {part[first]:g} at stored position {start + first})")
 
 
 def _orient(matrix: np.ndarray | sparse.spmatrix, cells_axis: int, ndim: int) -> np.ndarray | sparse.spmatrix:
@@ -295,15 +301,20 @@ def prepare_technical(
         )
     return TechnicalData(
         distribution=distribution,
-        counts=torch.from_numpy(np.ascontiguousarray(dense[:, keep])),
+        counts=_kept(dense, keep),
         groups=torch.from_numpy(codes),
         sum_factors=torch.from_numpy(factors),
-        denominator=None if denom is None else torch.from_numpy(np.ascontiguousarray(denom[:, keep])),
+        denominator=None if denom is None else _kept(denom, keep),
         feature_mask=keep,
         group_levels=levels,
         feature_names=axis_names[1 - cells_axis],
         excluded={reason: n for reason, n in excluded.items() if n},
     )
+
+
+def _kept(values: np.ndarray, keep: np.ndarray) -> Tensor:
+    """The kept features of [N, T, ...] ``values`` as a tensor (no copy when all are kept)."""
+    return torch.from_numpy(values if keep.all() else np.ascontiguousarray(values[:, keep]))
 
 
 def _describe(excluded: dict[str, int]) -> str:

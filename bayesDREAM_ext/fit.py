@@ -33,7 +33,7 @@ from bayesDREAM_ext.data import (
     prepare_technical,
 )
 from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
-from bayesDREAM_ext.training import GUIDES, TrainingPlan, make_guide, plan_training, train
+from bayesDREAM_ext.training import GUIDES, TrainingPlan, TrainResult, make_guide, plan_training, train
 from devicemem.devices import device_memory, parse_max_memory
 from devicemem.planner import Plan, plan_technical, resolve_safety_factor
 from devicemem.runner import Predictive
@@ -182,7 +182,7 @@ def _site_names(inputs: ModelInputs) -> list[str]:
     return [name for name, site in trace.nodes.items() if site["type"] == "sample"]
 
 
-def _guide_state(data: TechnicalData, result: Any) -> GuideState:
+def _guide_state(data: TechnicalData, result: TrainResult) -> GuideState:
     return GuideState(
         distribution=data.distribution,
         guide=result.plan.guide,
@@ -292,7 +292,8 @@ def fit_technical(
     ``device="auto"`` trains on the GPU when data, guide, optimizer state and one step fit its
     budget, else on the CPU; Predictive then goes wherever devicemem's planner puts it.
     ``niters`` defaults to bayesDREAM's 50,000 (100,000 for multinomial); training stops
-    earlier once the loss's EWMA settles (``tolerance``, relative). ``guide``: "normal"
+    earlier once the loss's EWMA settles (moves by less than ``tolerance`` x |EWMA| per step
+    over 1 / ``alpha_ewma`` steps). ``guide``: "normal"
     (AutoNormal), "iaf" (AutoIAFNormal, ValueError if it cannot fit) or "auto". If Predictive
     fails, :class:`PredictiveFailedError` carries the trained guide: pass its ``guide_state``
     to resume without retraining.
@@ -328,11 +329,11 @@ def fit_technical(
             inputs, svi_plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
             progress=progress, fallback_to_host=str(device) == "auto",
         )
-        state = _guide_state(data, result)
-        trained_guide = result.guide
+        trained_guide, svi_plan = result.guide, result.plan
+        losses, rates, svi_seconds = result.losses, result.learning_rates, result.seconds
     else:
-        state = guide_state
-        trained_guide = _restore_guide(inputs, state, data)
+        trained_guide = _restore_guide(inputs, guide_state, data)
+        losses, rates, svi_seconds = guide_state.losses, guide_state.learning_rates, guide_state.training_s
     trained = time.perf_counter()
     predictive = Predictive(
         inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=_site_names(inputs),
@@ -341,6 +342,7 @@ def fit_technical(
     try:
         samples = predictive(**inputs.params_only())
     except Exception as exc:
+        state = guide_state or _guide_state(data, result)
         raise PredictiveFailedError(
             f"Predictive failed after training ({type(exc).__name__}: {exc}); the trained guide is kept: "
             "call fit_technical(..., guide_state=err.guide_state) to draw the samples again without retraining",
@@ -350,8 +352,8 @@ def fit_technical(
     posterior = _scatter(_complete(samples, data), data)
     timings = {
         "prepare_s": prepared - start,
-        "training_s": state.training_s if guide_state is None else 0.0,
-        "svi_ms_per_step": 1e3 * state.training_s / max(len(state.losses), 1),
+        "training_s": trained - prepared,
+        "svi_ms_per_step": 1e3 * svi_seconds / len(losses),
         "predictive_s": sampled - trained,
         "total_s": time.perf_counter() - start,
     }
@@ -363,9 +365,9 @@ def fit_technical(
         group_levels=data.group_levels,
         feature_names=data.feature_names,
         excluded=dict(data.excluded),
-        losses=state.losses,
-        learning_rates=state.learning_rates,
-        svi_plan=state.svi_plan,
+        losses=list(losses),
+        learning_rates=list(rates),
+        svi_plan=svi_plan,
         predictive_plan=predictive.plan,
         timings=timings,
     )

@@ -12,6 +12,7 @@ import torch
 import bayesDREAM_ext.fit as fit_module
 from bayesDREAM_ext.fit import PredictiveFailedError, TechnicalFit, fit_technical
 from bayesDREAM_ext.synthetic import synthetic_data, synthetic_technical
+from tests.runner_fakes import fake_gpu
 
 QUIET = dict(progress=False, seed=0)
 
@@ -29,6 +30,15 @@ def test_negbinom_recovers_the_true_log2_effects():
     assert pearson(recovered[0, enough], data.log2_alpha_true[0, enough]) >= 0.95
     assert fit.predictive_plan.device == "cpu" and fit.predictive_plan.num_samples == 200
     assert fit.svi_plan.device == "cpu" and fit.svi_plan.measured_peak_bytes > 0
+
+
+def test_auto_trains_and_samples_on_a_gpu_that_fits():
+    data = synthetic_technical(60, 8, 2, seed=9)
+    with fake_gpu():
+        fit = fit_technical(data.counts, data.groups, data.sum_factors, niters=10, nsamples=6, **QUIET)
+    assert fit.svi_plan.device == "cuda:0" and "SVI on cuda:0" in fit.svi_plan.reasons[0]
+    assert fit.predictive_plan.device == "cuda:0"
+    assert fit.posterior_samples["log2_alpha_y"].device.type == "cpu"
 
 
 @pytest.mark.parametrize(
