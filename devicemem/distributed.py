@@ -325,14 +325,30 @@ def _node_device(ray: ModuleType, slot: Slot) -> str:
     return f"cuda:{ids[0]}" if len(ids) == 1 else "cuda"
 
 
+# This worker's guide of the latest run, by object id. The shards of one run that land on one
+# worker share one guide object, so the footprint probe (cached per model and guide object)
+# runs once per worker and device, not once per shard; the next run's guide replaces it.
+_GUIDES: dict[str, Any] = {}
+
+
+def _guide(ray: ModuleType, ref: Any) -> Any:
+    key = ref.hex()
+    if key not in _GUIDES:
+        _GUIDES.clear()
+        _GUIDES[key] = ray.get(ref)
+    return _GUIDES[key]
+
+
 def _run_shard(
-    job: _Job, model: Callable[..., Any], guide: Any, params: dict | None, args: tuple, kwargs: dict,
+    job: _Job, model: Callable[..., Any], guide_box: list, params: dict | None, args: tuple, kwargs: dict,
     posterior: dict[str, Tensor] | None,
 ) -> _ShardOutput:
-    """Run one shard with the single-device runner on the device this task was given."""
+    """Run one shard with the single-device runner on the device this task was given.
+    ``guide_box`` holds the guide's ObjectRef (boxed, so Ray leaves it unresolved)."""
     import ray
 
     shard = job.shard
+    guide = _guide(ray, guide_box[0])
     if job.worker_setup is not None:
         job.worker_setup(shard)
     max_memory = job.max_memory
@@ -508,8 +524,7 @@ def _submit(
     """Put the shared objects once (on the host) and start one task per shard."""
     with parameters_on(HOST, owner.guide):
         guide_ref = ray.put(owner.guide)
-        params = pyro.get_param_store().get_state() if pyro.get_param_store().keys() else None
-        params_ref = ray.put(to_device(params, HOST))
+        params_ref = ray.put(pyro.get_param_store().get_state() if pyro.get_param_store().keys() else None)
     model_ref = ray.put(owner.model)
     args_ref, kwargs_ref = ray.put(to_device(args, HOST)), ray.put(to_device(kwargs, HOST))
     pending = {}
@@ -529,6 +544,6 @@ def _submit(
             if _split(slot.device, "device")[0] == "cuda":
                 task_options["runtime_env"] = _NOSET_CUDA
         remote = _remote(ray, slot.num_gpus > 0).options(**task_options)
-        ref = remote.remote(job, model_ref, guide_ref, params_ref, args_ref, kwargs_ref, posterior)
+        ref = remote.remote(job, model_ref, [guide_ref], params_ref, args_ref, kwargs_ref, posterior)
         pending[ref] = shard
     return pending
