@@ -171,3 +171,11 @@ def test_a_failed_predictive_keeps_the_trained_guide_for_a_resume(monkeypatch):
     assert resumed.losses == uninterrupted.losses
     with pytest.raises(ValueError, match="guide_state: it was trained on other data"):
         fit_technical(data.counts[:, :8], data.groups, data.sum_factors, guide_state=state, **options)
+
+
+def test_iaf_guide_when_asked_and_it_fits():
+    data = synthetic_technical(60, 6, 2, seed=10)
+    fit = fit_technical(data.counts, data.groups, data.sum_factors, guide="iaf", niters=15, nsamples=4, **QUIET)
+    assert fit.svi_plan.guide == "iaf" and "AutoIAFNormal (hidden size 58)" in fit.svi_plan.reasons[-1]
+    assert fit.predictive_plan.reasons[-1].startswith("Will use one vectorised batch of 4")
+    assert fit.posterior_samples["log2_alpha_y"].shape == (4, 1, 6)
