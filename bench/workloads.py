@@ -66,21 +66,23 @@ def _w1(quick: bool) -> list[Workload]:
              ("W1b", dict(N=2000, T=31467, C=2, S=1000))]
     out = []
     for name, size in sizes:
-        notes: tuple[str, ...] = ()
-        sweep = SWEEP_SIZES
-        if quick:
-            sweep = (50, 1000)
-            notes = ("quick: 1 repetition; sweep-B only at B=50 and B=S.",)
-            if name == "W1b":
-                size = {**size, "S": 200}
-                notes += ("quick: S=200 instead of 1000.",)
         size = {**size, "observe": False}
+        notes: tuple[str, ...] = ()
+        configs = baseline_configs(size, timeout_s=300)
+        if quick and name == "W1a":
+            configs = tuple(c for c in configs
+                            if not c.name.startswith("sweep-") or c.name == "sweep-B=50")
+            notes = ("quick: 1 repetition; sweep-B only at B=50.",)
+        elif quick:
+            size = {**size, "S": 200}
+            configs = tuple(c for c in baseline_configs(size, timeout_s=300)
+                            if c.name in ("pyro-full", "bayesdream-rule", "devicemem-auto"))
+            notes = ("quick: S=200 instead of 1000, 1 repetition, three configurations.",)
         out.append(Workload(
             name=name, group="W1", kind="predictive", reps=1 if quick else 3,
             title=(f"technical params-only Predictive, N={size['N']}, T={size['T']}, "
                    f"C={size['C']}, S={size['S']}, no cap"),
-            configs=baseline_configs(size, timeout_s=300, sweep=sweep),
-            params=size, notes=notes, reference="devicemem-auto",
+            configs=configs, params=size, notes=notes, reference="devicemem-auto",
         ))
     return out
 
