@@ -296,7 +296,7 @@ def fit_technical(
     over 1 / ``alpha_ewma`` steps). ``guide``: "normal"
     (AutoNormal), "iaf" (AutoIAFNormal, ValueError if it cannot fit) or "auto". If Predictive
     fails, :class:`PredictiveFailedError` carries the trained guide: pass its ``guide_state``
-    to resume without retraining.
+    to resume without retraining. Like bayesDREAM, it clears Pyro's global param store.
     """
     start = time.perf_counter()
     _check_options(
@@ -327,7 +327,7 @@ def fit_technical(
     if guide_state is None:
         result = train(
             inputs, svi_plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
-            progress=progress, fallback_to_host=str(device) == "auto",
+            progress=progress, fallback_to_host=str(device) == "auto", max_memory=max_memory,
         )
         trained_guide, svi_plan = result.guide, result.plan
         losses, rates, svi_seconds = result.losses, result.learning_rates, result.seconds

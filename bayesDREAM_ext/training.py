@@ -39,19 +39,23 @@ WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0
 FLOAT_BYTES = 4
-# Bytes that SVI adds per observed value beyond the data: the activations of a step and the
-# guide's prototype trace, over the first few steps. Measured as the peak RSS of a child that
-# trains 3 steps minus that of one that only loads the data (tests/ext_train_child.py), N x T =
-# 2000 x 2000, C = 2 unless noted: negbinom 52, 65 (1500 x 1500, C = 3) and 89 (4000 x 1000,
-# C = 3); normal 69; studentt 99; binomial 81; multinomial 33 per N x T x K (1000 x 1000 x 4).
-# The spread is glibc keeping freed [N, T] temporaries under its 32 MB mmap threshold resident;
-# each constant is the largest measurement, rounded up, so the prediction errs high.
-STEP_BYTES_PER_VALUE = {"negbinom": 90, "normal": 72, "studentt": 100, "binomial": 84, "multinomial": 36}
+# What SVI adds beyond the data: a fixed part (Pyro's traces, autograd and allocator arenas:
+# the first step of a tiny model measures 80-86 MB) and the activations of a step per observed
+# value. Measured as the peak RSS of a child that trains 3 steps minus that of one that only
+# loads the data (tests/ext_train_child.py), less the fixed part; N x T = 2000 x 2000, C = 2
+# unless noted: negbinom 32, 29 (1500 x 1500, C = 3) and 69 (4000 x 1000, C = 3); normal 49;
+# studentt 79; binomial 61; multinomial 13 per N x T x K (1000 x 1000 x 4). The spread is
+# glibc keeping freed [N, T] temporaries under its 32 MB mmap threshold resident; each
+# constant is the largest measurement, rounded up, so the prediction errs high.
+STEP_FIXED_BYTES = 80 * 10**6
+STEP_BYTES_PER_VALUE = {"negbinom": 70, "normal": 50, "studentt": 80, "binomial": 64, "multinomial": 14}
 # AutoNormal: loc and scale per latent value, each with a gradient and two Adam moments.
 NORMAL_GUIDE_FLOATS_PER_LATENT = 8
-# AutoIAFNormal: weights of MaskedLinear(L, H) and MaskedLinear(H, 2L), each also held as a
-# mask, a gradient and two Adam moments (H = 3L + 1, Pyro's default hidden size).
-IAF_COPIES = 5
+# AutoIAFNormal: weights W of MaskedLinear(L, H) and MaskedLinear(H, 2L) (H = 3L + 1, Pyro's
+# default hidden size), each also held as its mask, the masked product the forward pass keeps
+# for the backward, that product's gradient, the weight's gradient and two Adam moments: 7 W;
+# the first step measures 8.1 W at T = 400 (L = 1201), fixed part included.
+IAF_COPIES = 7
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def training_footprint(
     values = n_cells * n_features * n_categories
     data = values * FLOAT_BYTES * (2 if distribution == "binomial" else 1) + n_cells * 12
     latent = latent_size(distribution, n_features, n_groups, n_categories)
-    return data + guide_bytes(guide, latent) + STEP_BYTES_PER_VALUE[distribution] * values
+    return data + guide_bytes(guide, latent) + STEP_FIXED_BYTES + STEP_BYTES_PER_VALUE[distribution] * values
 
 
 def _budget(memory: DeviceMemory, safety_factor: float) -> int | None:
@@ -240,9 +244,12 @@ def train(
     seed: int | None = None,
     progress: bool = True,
     fallback_to_host: bool = False,
+    max_memory: Any = None,
 ) -> TrainResult:
     """Run SVI on ``plan.device``. With ``fallback_to_host`` (device="auto"), a first step on a
-    GPU that runs out of memory or measures above the budget restarts training on the CPU.
+    GPU that runs out of memory or measures above the budget restarts training on the CPU
+    (budgeted with ``max_memory`` like the plan). Clears Pyro's global param store first, as
+    bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
     ``tolerance`` x |EWMA| per step over its own window (W = 1 / alpha_ewma steps).
@@ -257,7 +264,7 @@ def train(
         logger.warning("[MEMORY] %s", reason)
     pyro.clear_param_store()
     get_backend(plan.device).empty_cache(plan.device)
-    host = device_memory(HOST)
+    host = device_memory(HOST, max_memory=max_memory)
     host_plan = replace(plan, device=HOST, budget_bytes=_budget(host, plan.safety_factor), reasons=plan.reasons + (reason,))
     return _train_on(inputs, host_plan, niters, lr, tolerance, alpha_ewma, seed, progress, check_first_step=False)
 

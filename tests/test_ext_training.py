@@ -206,17 +206,18 @@ def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
 
 
 @pytest.mark.slow
-def test_footprint_covers_the_measured_peak_of_training():
+@pytest.mark.parametrize("n_cells, n_features, n_groups, guide", [(1500, 1500, 3, "normal"), (200, 400, 2, "iaf")])
+def test_footprint_covers_the_measured_peak_of_training(n_cells, n_features, n_groups, guide):
     """Peak RSS of a child that trains minus one that only loads the data, against the
     footprint less the data (which both children hold). The footprint takes the largest of its
     calibration points, so it may be up to ~2x high at sizes where glibc returns memory early,
     never more than 10% low."""
-    spec = ["negbinom", "1500", "1500", "3", "1"]
+    spec = ["negbinom", str(n_cells), str(n_features), str(n_groups), "1", guide]
     child = [sys.executable, str(ROOT / "tests" / "ext_train_child.py"), *spec]
     env = {"PYTHONPATH": str(ROOT)}
     loaded = run_child(child + ["0"], env=env, timeout=300)
     trained = run_child(child + ["3"], env=env, timeout=300)
     assert loaded.ok and trained.ok, loaded.stderr + trained.stderr
     measured = trained.peak_rss_bytes - loaded.peak_rss_bytes
-    predicted = training_footprint(1500, 1500, 3) - 1500 * 1500 * FLOAT_BYTES
+    predicted = training_footprint(n_cells, n_features, n_groups, guide=guide) - n_cells * n_features * FLOAT_BYTES
     assert 0.9 <= predicted / measured <= 2.0, (predicted, measured)
