@@ -30,24 +30,28 @@ RANGE = (0.9, 1.25)
 # 16 MB [B, T] tensors) glibc's heap keeps a varying share of dead temporaries resident: see
 # SMALL, reported apart.
 TECHNICAL_FULL = [
-    ("negbinom", "normal", False, 500, 16000, 2, 600),
-    ("negbinom", "normal", False, 500, 16000, 2, 1000),
-    ("negbinom", "normal", False, 500, 32000, 3, 500),
-    ("negbinom", "normal", False, 500, 32000, 3, 1000),
-    ("negbinom", "normal", True, 1000, 2000, 2, 8),
-    ("negbinom", "normal", True, 1000, 2000, 2, 24),
-    ("negbinom", "normal", True, 2000, 5000, 2, 2),
-    ("negbinom", "normal", True, 2000, 5000, 2, 6),
-    ("negbinom", "iaf", False, 200, 500, 2, 8000),
-    ("negbinom", "delta", False, 500, 32000, 2, 1000),
+    ("negbinom", "normal", False, 500, 20000, 2, 600),
+    ("negbinom", "normal", False, 500, 20000, 2, 1200),
+    ("negbinom", "normal", False, 300, 24000, 4, 500),
+    ("negbinom", "normal", False, 300, 24000, 4, 1000),
+    ("negbinom", "normal", True, 1500, 3000, 2, 4),
+    ("negbinom", "normal", True, 1500, 3000, 2, 12),
+    ("negbinom", "normal", True, 2500, 4000, 3, 3),
+    ("negbinom", "normal", True, 2500, 4000, 3, 8),
+    ("normal", "normal", True, 1500, 3000, 2, 8),
+    ("studentt", "normal", False, 300, 24000, 3, 600),
+    ("binomial", "normal", False, 300, 24000, 3, 600),
+    ("negbinom", "iaf", False, 200, 750, 2, 6000),
+    ("negbinom", "delta", False, 300, 24000, 2, 1000),
 ]
 SMALL = [("negbinom", "normal", False, 3000, 4000, 2, 1000)]
 TECHNICAL_QUICK = [
-    ("negbinom", "normal", False, 500, 16000, 2, 600),
-    ("negbinom", "normal", False, 500, 16000, 2, 1000),
-    ("negbinom", "normal", True, 1000, 2000, 2, 8),
-    ("negbinom", "normal", True, 1000, 2000, 2, 16),
+    ("negbinom", "normal", False, 500, 20000, 2, 600),
+    ("negbinom", "normal", False, 500, 20000, 2, 1200),
+    ("negbinom", "normal", True, 1200, 2500, 2, 4),
+    ("negbinom", "normal", True, 1200, 2500, 2, 10),
 ]
+CAP_BYTES = 6 << 30  # a point that outgrows this is killed, not the shared machine
 # The Hill model: N cells x T features with the observation site; batches measured after the probe.
 HILL = {"full": dict(N=1000, T=1000, batches=(24, 48)), "quick": dict(N=500, T=1000, batches=(16, 32))}
 
@@ -89,7 +93,7 @@ def _technical(spec: dict) -> tuple[Any, Any, dict, dict]:
     from bayesDREAM_ext.model import build_model_inputs
     from bayesDREAM_ext.synthetic import synthetic_data
 
-    synthetic = synthetic_data(spec["distribution"], spec["N"], spec["T"], spec["C"], seed=0)
+    synthetic = synthetic_data(spec["distribution"], spec["N"], spec["T"], spec["C"], n_categories=spec.get("K", 3), seed=0)
     data = prepare_technical(synthetic.counts, synthetic.groups, synthetic.sum_factors,
                              distribution=spec["distribution"], denominator=synthetic.denominator)
     del synthetic
@@ -97,8 +101,14 @@ def _technical(spec: dict) -> tuple[Any, Any, dict, dict]:
     guide = {"normal": AutoNormal, "iaf": AutoIAFNormal, "delta": AutoDelta}[spec["guide"]](inputs.model)
     with torch.no_grad():
         guide(**inputs.kwargs)
-    kwargs = dict(inputs.kwargs, observe=True, counts=None) if spec["with_obs"] else inputs.params_only()
-    shapes = {"n_cells": data.n_cells, "n_features": data.n_features, "n_groups": data.n_groups}
+    if not spec["with_obs"]:
+        kwargs = inputs.params_only()
+    elif spec["distribution"] == "multinomial":  # its likelihood is a factor on the observed counts
+        kwargs = dict(inputs.kwargs, observe=True)
+    else:
+        kwargs = dict(inputs.kwargs, observe=True, counts=None)
+    shapes = {"n_cells": data.n_cells, "n_features": data.n_features, "n_groups": data.n_groups,
+              "n_categories": data.n_categories}
     return inputs.model, guide, kwargs, shapes
 
 
@@ -144,7 +154,8 @@ def measure(spec: dict) -> dict[str, Any]:
 def _child(spec: dict) -> tuple[dict | None, Any]:
     from devicemem.testing import run_child
 
-    child = run_child([sys.executable, "-m", "bench.w3_accuracy", json.dumps(spec)], timeout=900, cwd=REPO_ROOT)
+    child = run_child([sys.executable, "-m", "bench.w3_accuracy", json.dumps(spec)], cap_bytes=CAP_BYTES,
+                      timeout=900, cwd=REPO_ROOT)
     payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines()
                     if line.startswith(MARKER)), None)
     return (payload if child.ok else None), child
@@ -173,7 +184,7 @@ def _technical_points(rows: list[tuple]) -> tuple[list[dict[str, Any]], list[str
             failures.append(f"{name}: {_error_line(child.stderr)}")
             continue
         footprint = technical_footprint(payload["n_cells"], payload["n_features"], payload["n_groups"],
-                                        distribution=distribution, guide=guide, with_obs=with_obs)
+                                        payload["n_categories"], distribution, guide, with_obs)
         points.append(_point(name, footprint.peak_bytes(b, inputs_resident=True), payload, child))
     return points, failures
 

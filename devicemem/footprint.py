@@ -40,7 +40,7 @@ OBS_SATURATION_BATCH = 40
 
 PROBE_MARGIN = 0.10
 PROBE_TARGET_BYTES = 256 * MiB
-PROBE_LADDER = (1, 2, 8, 32, 128, 512, 2048)
+PROBE_LADDER = (1, 4, 16, 64, 256, 1024, 4096)
 
 DISTRIBUTIONS = ("negbinom", "normal", "studentt", "binomial", "multinomial")
 GUIDES = ("normal", "iaf", "delta")
@@ -153,16 +153,27 @@ def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribu
 
 
 # Per-sample floats at the peak of a params-only vectorised call, as (per effect element, per
-# per-feature element) for each of the call's two candidate peaks; the larger one wins.
-# AutoNormal, negbinom, measured with every tensor mmapped: 2 * (C-1)*T + 7*T while the guide
-# draws (the effect draw is its own value; each per-feature site holds its draw, its
-# transformed value and rsample temporaries), and 3 * (C-1)*T + 6*T at the end of the model,
-# which adds alpha_y_mul and the [B, C, T] effects with the baseline row (C=2: 9.0 T; C=3:
-# 12.0 T; C=5: 18.5 T, T=32000). AutoDelta's draws are expanded views: only the model's
-# derived tensors remain (4 per effect element at C=2; ~0 per feature).
-_PARAMS_PEAKS = {"normal": ((2.0, 3.5), (3.0, 3.0)), "delta": ((4.0, 0.0),)}
+# per-feature element) for each of the call's candidate peaks; the larger one wins. Measured by
+# peak RSS with [B, T] tensors >= 32 MiB (T=16000-32000, B=500-1000).
+# AutoNormal, negbinom: 2 * (C-1)*T + 7*T while the guide draws (the effect draw is its own
+# value; each per-feature site holds its draw, its transformed value and rsample temporaries),
+# and 3 * (C-1)*T + 6*T at the end of the model, which adds alpha_y_mul and the [B, C, T]
+# effects with the baseline row (C=2: 9.0 T; C=3: 12.0 T; C=5: 18.5 T). Other distributions,
+# measured at C=2: normal and studentt 8.0 T (mu_ntc needs no transform), binomial 7.3 T
+# (one per-feature site, a Beta), multinomial 25 T at K=3 (masking, centring and the simplex).
+_NORMAL_GUIDE_PEAKS = {
+    "negbinom": ((2.0, 3.5), (3.0, 3.0)),
+    "normal": ((2.0, 3.0), (3.0, 2.5)),
+    "studentt": ((2.0, 3.0), (3.0, 2.5)),
+    "binomial": ((2.0, 5.25), (3.0, 4.25)),
+    "multinomial": ((4.2, 4.2),),
+}
+# AutoDelta's draws are expanded views: only the model's derived tensors remain (negbinom: 4 per
+# effect element at C=2, ~0 per feature).
+_DELTA_GUIDE_PEAKS = ((4.0, 0.0),)
 # While a [B, T] tensor is under glibc's mmap threshold the guide's dead temporaries stay
-# resident: measured +4.0-7.3 T floats per sample (negbinom, T=2000-8000, C=2 and 4).
+# resident: measured +4.0-7.3 T floats per sample (negbinom, T=2000-8000, C=2 and 4), i.e. about
+# 3 per per-feature element, assumed alike for the other distributions.
 _HEAP_PER_FEATURE = {"normal": 3.0, "delta": 0.0}
 # AutoIAFNormal: per sample the guide holds the base draw [B, D], the hidden layer [B, 3D+1] and
 # the network output [B, 2D]; beside them, its masked weight products (2D x H floats for the
@@ -174,12 +185,15 @@ _IAF_WEIGHT_PRODUCTS = 1.25
 _IAF_HIDDEN = 3  # pyro's default hidden size is 3 * latent_dim + 1
 
 # With the observation site: [B, N, T]-sized tensors alive at the peak per sample, and
-# [N, T]-sized ones kept by Pyro's unvectorised trace during the vectorised call.
-# negbinom (measured 4.95-5.05 per sample, N x T = 1000 x 2000 and 2000 x 5000): mu_final,
-# logits, exp(-logits) (the gamma rate), the gamma draw and the Poisson draw; the unvectorised
-# trace keeps y_obs, logits and the gamma rate.
-_OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 6.0, "binomial": 4.0, "multinomial": 4.0}
-_OBS_TRACE = {"negbinom": 3.0, "normal": 2.0, "studentt": 3.0, "binomial": 2.0, "multinomial": 2.0}
+# [N, T]-sized ones kept by Pyro's unvectorised trace during the vectorised call; while an
+# [N, T] tensor is under glibc's mmap threshold, one more sample's worth stays in the heap from
+# the unvectorised runs. Measured at N x T = 1000 x 2000 (B=8, 24), negbinom also 2000 x 5000:
+# negbinom 4.95-5.05 per sample (mu_final, logits, exp(-logits), the gamma and Poisson draws),
+# trace 3 (y_obs, logits, the gamma rate); normal 4.0 and 4; studentt 6.4 and 13 (its chi2
+# draws); binomial 2.9 and 1. multinomial's likelihood is a factor on observed counts; its
+# figures are read from the code, not measured (see the closing note).
+_OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 6.5, "binomial": 3.0, "multinomial": 4.0}
+_OBS_TRACE = {"negbinom": 3.0, "normal": 4.0, "studentt": 13.0, "binomial": 1.0, "multinomial": 2.0}
 
 
 def _guide_parameter_floats(guide: str, latent: int) -> int:
@@ -224,7 +238,8 @@ def technical_footprint(
         per_sample = _IAF_PER_LATENT * sites.latent
         working = _IAF_WEIGHT_PRODUCTS * 2 * sites.latent * (_IAF_HIDDEN * sites.latent + 1)
     else:
-        per_sample = max(a * sites.effects + b * sites.features for a, b in _PARAMS_PEAKS[guide])
+        peaks = _NORMAL_GUIDE_PEAKS[distribution] if guide == "normal" else _DELTA_GUIDE_PEAKS
+        per_sample = max(a * sites.effects + b * sites.features for a, b in peaks)
         heap = _HEAP_PER_FEATURE[guide] * sites.features * item
         feature_tensor = sites.features // (1 if distribution in ("binomial", "multinomial") else 2) * item
         heap_limit = math.ceil(GLIBC_MMAP_THRESHOLD_MAX / feature_tensor)
@@ -348,17 +363,20 @@ def probe_footprint(
     return_sites: Sequence[str] | None = None,
     batch_sizes: Sequence[int] | None = None,
     posterior_samples: Mapping[str, torch.Tensor] | None = None,
+    max_batch_size: int | None = None,
     backend: Any = None,
     **kwargs: Any,
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
 
-    Each batch runs after the backend's ``empty_cache`` (a garbage collection), between its
+    After one ``empty_cache`` of the backend, each batch runs between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
     /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (tensors big
     enough for the allocator to behave as it will at full size); the line goes through the
-    two largest batches, plus :data:`PROBE_MARGIN`. A timed line gives ``saturation_batch``.
+    two largest batches, plus :data:`PROBE_MARGIN`. The climb stays below ``max_batch_size``
+    (the planner passes ``num_samples``: the run itself will not be repeated) and the number of
+    posterior samples. The first batch also warms up (an autoguide's parameters, kernels). A timed line gives ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
     """
@@ -368,13 +386,15 @@ def probe_footprint(
     from devicemem.placement import _guide_tensors, parameters_on, to_device
 
     sizes = _check_batch_sizes(batch_sizes)
+    if max_batch_size is not None:
+        _check_count(max_batch_size, "max_batch_size", minimum=2)
     if guide is None and posterior_samples is None:
         raise ValueError("probe_footprint: pass a guide or posterior_samples")
     backend = get_backend(device) if backend is None else backend
     model_key, model_ref = _identity(model)
     guide_key, guide_ref = _identity(guide)
     key = (
-        model_key, guide_key, str(device), tuple(return_sites or ()), sizes,
+        model_key, guide_key, str(device), tuple(return_sites or ()), sizes, max_batch_size,
         _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
     )
     cached = _PROBE_CACHE.get(key)
@@ -384,14 +404,17 @@ def probe_footprint(
     where = backend.torch_device(device)
     moved_args, moved_kwargs = to_device((args, kwargs), where)
     posterior = to_device(dict(posterior_samples), where) if posterior_samples is not None else None
-    if posterior is not None:
-        available = min(int(v.shape[0]) for v in posterior.values())
-        ladder = [b for b in (sizes or PROBE_LADDER) if b <= available]
+    cap = min(
+        max_batch_size or sys.maxsize,
+        min((int(v.shape[0]) for v in posterior.values()), default=sys.maxsize) if posterior else sys.maxsize,
+    )
+    if sizes is not None:
+        ladder = [b for b in sizes if b <= cap]
     else:
-        ladder = list(sizes or PROBE_LADDER)
+        ladder = [b for b in PROBE_LADDER if b < cap]
+        ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
 
     def run(batch: int) -> _Measure:
-        backend.empty_cache(device)
         backend.reset_peak(device)
         start = backend.current_bytes(device) or 0
         began = time.perf_counter()
@@ -407,8 +430,8 @@ def probe_footprint(
         del out, predictive
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
+    backend.empty_cache(device)  # what earlier work left; each batch's tensors die by refcount
     with parameters_on(where, guide):
-        run(ladder[0])  # warm-up: initialises an autoguide, kernels and Pyro's caches
         measures = [run(batch) for batch in ladder[: 2 if sizes is None else len(ladder)]]
         if sizes is None:
             for batch in ladder[2:]:
@@ -418,7 +441,8 @@ def probe_footprint(
         inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
     if len(measures) < 2:
         raise ValueError(
-            f"probe_footprint: needs two batch sizes; posterior_samples hold only {ladder} samples"
+            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
+            f"posterior samples); got {ladder}"
         )
     low, high = measures[-2], measures[-1]
     intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])

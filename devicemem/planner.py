@@ -353,7 +353,7 @@ def plan_predictive(
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
 
     The footprint is probed on each candidate device (:func:`devicemem.probe_footprint`,
-    cached). ``device="auto"``: the GPU with the most usable memory when it holds the fixed cost
+    cached, never with a batch above ``num_samples``). ``device="auto"``: the GPU with the most usable memory when it holds the fixed cost
     plus one vectorised sample, else the CPU. The batch is the largest whose predicted peak fits
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
@@ -370,7 +370,8 @@ def plan_predictive(
 
     def footprint_for(name: str) -> Footprint:
         return probe(
-            model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples, **kwargs
+            model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
+            max_batch_size=max(num_samples, 2), **kwargs,
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,

@@ -193,7 +193,7 @@ def test_probe_fits_the_line_through_the_two_largest_batches_plus_margin():
 def test_probe_climbs_until_a_batch_is_big_enough():
     recorder, backend, guide = scripted(base=0, slope=10 * MB)
     fp = probe_footprint(recorder.model, guide, backend=backend)
-    assert fp.source == "probe on cpu at B=8,32"  # 32 x 10 MB is the first past 256 MiB
+    assert fp.source == "probe on cpu at B=16,64"  # 64 x 10 MB is the first past 256 MiB
     assert fp.per_sample_bytes == pytest.approx(10 * MB * (1 + PROBE_MARGIN), rel=1e-6)
 
 
@@ -211,7 +211,15 @@ def test_probe_with_posterior_samples_stays_within_them():
     recorder, backend, _ = scripted()
     posterior = {"z": torch.randn(10, 3)}
     fp = probe_footprint(recorder.model, None, posterior_samples=posterior, backend=backend)
-    assert fp.source == "probe on cpu at B=2,8"
+    assert fp.source == "probe on cpu at B=1,4"
+
+
+def test_probe_never_runs_a_batch_above_max_batch_size():
+    recorder, backend, guide = scripted()
+    fp = probe_footprint(recorder.model, guide, max_batch_size=20, backend=backend)
+    assert fp.source == "probe on cpu at B=4,16" and recorder.batch == 16
+    fp = probe_footprint(recorder.model, guide, max_batch_size=3, backend=backend)
+    assert fp.source == "probe on cpu at B=1,3"
 
 
 @pytest.mark.parametrize("bad", [(4,), (4, 4), (0, 2), "12", 3, (2, 2.5)])
@@ -219,6 +227,8 @@ def test_probe_rejects_bad_batch_sizes(bad):
     recorder, backend, guide = scripted()
     with pytest.raises(ValueError, match="batch_sizes"):
         probe_footprint(recorder.model, guide, batch_sizes=bad, backend=backend)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        probe_footprint(recorder.model, guide, max_batch_size=1, backend=backend)
 
 
 def test_probe_needs_a_guide_or_posterior_samples():
