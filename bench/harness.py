@@ -1,9 +1,9 @@
 """Run benchmark configurations in fresh, capped child processes and collect their numbers.
 
 Each repetition of a configuration is one ``python -m bench.child`` process started through
-``devicemem.testing.run_child``: a real memory cap (child cgroup, else RLIMIT_AS), the exact
-peak RSS of that child from ``wait4``, its total wall time. The child reports the wall time of
-the measured call itself. A configuration killed or failing under its cap is recorded with
+``devicemem.testing.run_child``: a real memory cap (child cgroup, else RLIMIT_AS), the peak
+RSS of that child (``wait4`` and its sampled ``VmHWM``), its total wall time. The child reports
+the wall time of the measured call itself. A configuration killed or failing under its cap is recorded with
 that outcome and not repeated (the cap outcome does not change between repetitions).
 """
 

@@ -223,6 +223,9 @@ def summarize(results: dict) -> list[dict]:
             out += _w4_summary(workload, by_name)
         elif group == "W5":
             out += _w5_summary(workload)
+        out += [{"workload": workload["name"], "claim": key.replace("_", " "),
+                 "value": _cell(key, value), "target": "report", "passed": None}
+                for key, value in workload.get("figures", {}).items()]
     return out
 
 

@@ -83,3 +83,24 @@ def test_workloads_cover_every_baseline_and_skip_w6_without_cuda():
     assert names[-1] == "devicemem-auto"
     assert workloads["W2a"].params["cap_bytes"] == 4 * 2**30
     assert workloads["W6"].kind == "skipped" and "CUDA" in workloads["W6"].notes[0]
+
+
+def _row(name: str, status: str, wall: float | None, peak: int = 2**30) -> dict:
+    return {"name": name, "status": status, "median_wall_s": wall, "peak_rss_bytes": peak,
+            "info": {}, "reps": [{"status": status}]}
+
+
+def test_w2_acceptance_compares_with_the_best_completed_sweep_only():
+    rows = [_row("conservative-50", "killed", None), _row("sweep-B=10", "ok", 12.0),
+            _row("sweep-B=25", "ok", 10.0), _row("sweep-B=100", "killed", None),
+            _row("sweep-B=250", "ok", 1.0), _row("devicemem-auto", "ok", 10.5)]
+    workload = {"name": "W2a", "group": "W2", "params": {"cap_bytes": 4 * 2**30}, "rows": rows}
+    completes, vs_sweep, vs_conservative = report.summarize({"workloads": [workload]})
+    assert completes["passed"] is True
+    assert "sweep-B=25" in vs_sweep["claim"]  # B=250 is outside {10, 25, 50, 100}
+    assert vs_sweep["value"] == "0.95x" and vs_sweep["passed"] is True
+    assert vs_conservative["passed"] is True and "killed" in vs_conservative["value"]
+
+    rows[-1] = _row("devicemem-auto", "ok", 12.0)
+    _, vs_sweep, _ = report.summarize({"workloads": [workload]})
+    assert vs_sweep["value"] == "0.83x" and vs_sweep["passed"] is False
