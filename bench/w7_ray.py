@@ -14,6 +14,7 @@ Configurations: devicemem in this process (1 and 2 torch threads), then Ray with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -113,9 +114,7 @@ def _figures(points: list[dict[str, Any]]) -> dict[str, float]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Measure W7 in a fresh child process; the figures, or status "skipped" without Ray."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:
         return {"status": "skipped", "notes": ["skipped: Ray is not installed (pip install 'devicemem[ray]')."]}
     from devicemem.testing import run_child
 

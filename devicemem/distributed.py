@@ -28,12 +28,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import pyro
@@ -54,7 +53,6 @@ logger = logging.getLogger("devicemem.distributed")
 
 INSTALL_HINT = "pip install 'devicemem[ray]'"
 RESOURCE_PREFIX = "devicemem:"
-BACKENDS = ("ray",)
 _MOMENTS = ("mean", "var")
 _NOSET_CUDA = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
 
@@ -163,7 +161,6 @@ class ShardRecord:
 class _ShardOutput:
     """What a shard task sends back: arrays by result name, and how the shard ran."""
 
-    index: int
     arrays: dict[str, np.ndarray]
     plan: Plan
     batches: tuple[BatchRecord, ...]
@@ -375,7 +372,7 @@ def _run_shard(
     wall = time.perf_counter() - began
     batches = tuple(dataclasses.replace(row, start=row.start + shard.start) for row in runner.report)
     return _ShardOutput(
-        index=shard.index, arrays={name: value.detach().numpy() for name, value in results.items()}, plan=runner.plan,
+        arrays={name: value.detach().numpy() for name, value in results.items()}, plan=runner.plan,
         batches=batches, node=ray.util.get_node_ip_address(), device=_node_device(ray, shard.slot), wall_s=wall,
     )
 
