@@ -13,6 +13,7 @@ probe_footprint
 Plan, plan_predictive, plan_technical,         devicemem.planner
 estimate_predictive_memory_and_set_minibatch
 Predictive                                     devicemem.runner
+RayOptions, ShardError                         devicemem.distributed
 parse_bytes, format_bytes                      devicemem.units
 =============================================  ======================
 """
@@ -38,6 +39,8 @@ _EXPORTS = {
     "plan_technical": "devicemem.planner",
     "estimate_predictive_memory_and_set_minibatch": "devicemem.planner",
     "Predictive": "devicemem.runner",
+    "RayOptions": "devicemem.distributed",
+    "ShardError": "devicemem.distributed",
     "parse_bytes": "devicemem.units",
     "format_bytes": "devicemem.units",
 }
