@@ -104,3 +104,15 @@ def test_w2_acceptance_compares_with_the_best_completed_sweep_only():
     rows[-1] = _row("devicemem-auto", "ok", 12.0)
     _, vs_sweep, _ = report.summarize({"workloads": [workload]})
     assert vs_sweep["value"] == "0.83x" and vs_sweep["passed"] is False
+
+
+def test_w2_extrapolates_a_reduced_run_to_the_issues_sample_count():
+    auto = {**_row("devicemem-auto", "ok", 60.0), "info": {"batches_s": 50.0}}
+    workload = {"name": "W2a", "group": "W2", "rows": [_row("sweep-B=25", "ok", 50.0), auto],
+                "params": {"cap_bytes": 4 * 2**30, "S": 100, "issue_S": 1000}}
+    rows = report.summarize({"workloads": [workload]})
+    measured, projected = rows[1], rows[2]
+    assert measured["value"] == "0.83x"
+    # 10 s of fixed overhead over 10x the work: 500 / (500 + 10)
+    assert projected["value"] == "0.98x" and "not measured" in projected["claim"]
+    assert projected["passed"] is None
