@@ -200,30 +200,34 @@ def _sum_factors(
     return values.astype(np.float32)
 
 
+def _constant(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per feature (axis 1), whether every (valid) cell has the same value: zero std, found
+    with min == max so that no array-sized float temporaries are made."""
+    if valid is None:
+        return values.max(axis=0) == values.min(axis=0)
+    return np.where(valid, values, -np.inf).max(axis=0) <= np.where(valid, values, np.inf).min(axis=0)
+
+
 def _exclusions(
     counts: np.ndarray, groups: np.ndarray, denominator: np.ndarray | None, distribution: str, n_groups: int
 ) -> dict[str, np.ndarray]:
     """Boolean [T] masks of features that cannot be fitted, by reason (bayesDREAM's filters)."""
     if distribution == "multinomial":
         totals = counts.sum(axis=2, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = np.where(totals > 0, counts / np.maximum(totals, 1), 0.0)
+        ratios = counts / np.maximum(totals, 1)
         present = np.ones(counts.shape[1:], dtype=bool)
         for g in range(n_groups):
             present &= counts[groups == g].sum(axis=0) > 0
         return {
             "zero NTC counts": counts.sum(axis=(0, 2)) == 0,
-            "zero std": (ratios.std(axis=0) == 0).all(axis=-1),
+            "zero std": _constant(ratios).all(axis=-1),
             "<= 1 category present in every group": present.sum(axis=-1) <= 1,
         }
-    reasons = {"zero NTC counts": (counts == 0).all(axis=0), "zero std": counts.std(axis=0) == 0}
+    reasons = {"zero NTC counts": ~counts.any(axis=0), "zero std": _constant(counts)}
     if distribution == "binomial":
         valid = denominator > 0
-        ratio = np.where(valid, counts / np.where(valid, denominator, 1), 0.0)
-        n_valid = np.maximum(valid.sum(axis=0), 1)
-        mean = ratio.sum(axis=0) / n_valid
-        spread = (np.where(valid, ratio - mean, 0.0) ** 2).sum(axis=0)
-        reasons["zero std"] |= spread == 0
+        ratio = counts / np.maximum(denominator, 1)
+        reasons["zero std"] |= _constant(ratio, valid)
         boundary = np.zeros(counts.shape[1], dtype=bool)
         for g in range(n_groups):
             in_g = groups == g
@@ -261,7 +265,7 @@ def prepare_technical(
         raise ValueError(f"counts: empty matrix of shape {tuple(matrix.shape)}")
     if _stored_values(matrix).size == 0 or not _stored_values(matrix).any():
         raise ValueError("counts: every value is zero; nothing to fit")
-    dense = (matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)).astype(np.float32)
+    dense = (matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)).astype(np.float32, copy=False)
 
     codes, levels = _group_codes(groups, n_cells)
     sizes = np.bincount(codes, minlength=len(levels))
@@ -276,7 +280,7 @@ def prepare_technical(
         denom_matrix, _ = _as_array(denominator, "denominator")
         _check_values(denom_matrix, "denominator", integer=True, non_negative=True)
         denom_matrix = _orient(denom_matrix, cells_axis, 2)
-        denom = (denom_matrix.toarray() if sparse.issparse(denom_matrix) else np.asarray(denom_matrix)).astype(np.float32)
+        denom = (denom_matrix.toarray() if sparse.issparse(denom_matrix) else np.asarray(denom_matrix)).astype(np.float32, copy=False)
         if denom.shape != dense.shape:
             raise ValueError(f"denominator: shape {denom.shape} (cells first) differs from counts' {dense.shape}")
         if (denom < dense).any():
@@ -313,8 +317,9 @@ def prepare_technical(
 
 
 def _kept(values: np.ndarray, keep: np.ndarray) -> Tensor:
-    """The kept features of [N, T, ...] ``values`` as a tensor (no copy when all are kept)."""
-    return torch.from_numpy(values if keep.all() else np.ascontiguousarray(values[:, keep]))
+    """The kept features of [N, T, ...] ``values`` as a contiguous tensor (no copy when all are
+    kept and ``values`` is already contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(values if keep.all() else values[:, keep]))
 
 
 def _describe(excluded: dict[str, int]) -> str:

@@ -16,7 +16,7 @@ Predictive step draws), so the counts may then be None.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyro
 import pyro.distributions as dist
@@ -32,6 +32,9 @@ EPS = 1e-8
 FEATURE_PLATE = "feature_plate_technical"
 EFFECT_DF = 3.0
 EFFECT_SCALE = 20.0
+# Statistics over cells (means, medians) go through the counts this many bytes of features at a
+# time, so that preparing the priors never copies the whole matrix.
+FEATURE_BLOCK_BYTES = 8 * 2**20
 
 TechnicalModel = Callable[..., None]
 
@@ -82,15 +85,39 @@ def _effects(n_groups: int, features: pyro.plate, scale: Tensor | float, like: T
     return torch.cat([torch.zeros_like(log2_alpha_y[..., :1, :]), log2_alpha_y], dim=-2)
 
 
+def _feature_blocks(n_cells: int, n_features: int) -> Iterator[slice]:
+    """Blocks of features whose [N, block] float32 slice is about ``FEATURE_BLOCK_BYTES``."""
+    width = max(1, FEATURE_BLOCK_BYTES // (4 * max(n_cells, 1)))
+    for start in range(0, n_features, width):
+        yield slice(start, start + width)
+
+
+def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Tensor) -> tuple[Tensor, ...]:
+    """``fn`` over blocks of features (axis 1 of each [N, T] argument), its results joined on
+    their last axis: statistics over cells whose temporaries stay block-sized."""
+    parts = [fn(*(c[:, block] for c in columns)) for block in _feature_blocks(*columns[0].shape[:2])]
+    return tuple(torch.cat(items, dim=-1) for items in zip(*parts))
+
+
+def _group_sums(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """[C, ...] sums of ``values`` [N, ...] over each group's cells, without copying rows."""
+    return torch.zeros((n_groups,) + values.shape[1:], dtype=values.dtype).index_add_(0, groups, values)
+
+
 def mu_ntc_prior(counts: Tensor, groups: Tensor, sum_factors: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-feature mean and robust sd of the baseline group's normalised counts.
 
     m = mean(y / s) over baseline cells; s = max(1.4826 * MAD / sqrt(N) + eps, 0.1 * (m + eps)).
     """
-    base = counts[groups == 0] / sum_factors[groups == 0, None]
-    m = base.mean(dim=0)
-    mad = (base - base.median(dim=0).values).abs().median(dim=0).values
-    sd = torch.maximum(1.4826 * mad / base.shape[0] ** 0.5 + epsilon, 0.1 * (m + epsilon))
+    rows = (groups == 0).nonzero().squeeze(-1)
+    factors = sum_factors[rows, None]
+
+    def stats(block: Tensor) -> tuple[Tensor, Tensor]:
+        base = block[rows] / factors
+        return base.mean(dim=0), (base - base.median(dim=0).values).abs().median(dim=0).values
+
+    m, mad = _per_feature(stats, counts)
+    sd = torch.maximum(1.4826 * mad / rows.numel() ** 0.5 + epsilon, 0.1 * (m + epsilon))
     return m, sd
 
 
@@ -284,11 +311,6 @@ class ModelInputs:
         return {**self.kwargs, **{key: None for key in self.data_keys}, "observe": False}
 
 
-def _group_means(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
-    """[C, ...] mean of ``values`` [N, ...] over each group's cells."""
-    return torch.stack([values[groups == g].mean(dim=0) for g in range(n_groups)])
-
-
 def _robust_sd(values: Tensor, epsilon: float) -> Tensor:
     """1.4826 * MAD per feature, the plain sd where the MAD is (near) 0."""
     mad = 1.4826 * (values - values.median(dim=0).values).abs().median(dim=0).values
@@ -305,31 +327,36 @@ def build_model_inputs(
     """Priors, initial values and model arguments for ``data``'s distribution, as bayesDREAM
     derives them from the NTC cells (group 0 = baseline)."""
     y, groups, n_groups = data.counts, data.groups, data.n_groups
-    base = groups == 0
+    sizes = torch.bincount(groups, minlength=n_groups).to(y.dtype)[:, None]
+    base = (groups == 0).nonzero().squeeze(-1)
     if data.distribution == "negbinom":
         mean, sd = mu_ntc_prior(y, groups, data.sum_factors, epsilon)
-        normalised = y / data.sum_factors[:, None]
-        means = _group_means(normalised, groups, n_groups) + EPS
+        factors = data.sum_factors[:, None]
+        (sums,) = _per_feature(lambda block: (_group_sums(block / factors, groups, n_groups),), y)
+        means = sums / sizes + EPS
         kwargs = dict(
             counts=y, groups=groups, sum_factors=data.sum_factors, mu_prior_mean=mean + epsilon,
             mu_prior_sd=sd, n_groups=n_groups, beta_o_alpha=beta_o_alpha, beta_o_beta=beta_o_beta,
         )
         return ModelInputs(technical_model, kwargs, {"log2_alpha_y": torch.log2(means[1:] / means[:1])}, 2, ("counts",))
     if data.distribution in ("normal", "studentt"):
-        mean = y[base].mean(dim=0)
-        robust = _robust_sd(y, epsilon)
+        def stats(block: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return _robust_sd(block, epsilon), block[base].std(dim=0, unbiased=False), _group_sums(block, groups, n_groups)
+
+        robust, spread, sums = _per_feature(stats, y)
+        means = sums / sizes
+        mean = means[0]
         mean_sd = torch.maximum(robust / y.shape[0] ** 0.5 + epsilon, torch.clamp(0.1 * mean.abs(), min=0.1))
-        means = _group_means(y, groups, n_groups)
         kwargs = dict(
             counts=y, groups=groups, mu_prior_mean=mean, mu_prior_sd=mean_sd,
-            sigma_hat=y[base].std(dim=0, unbiased=False) + epsilon, effect_scale=robust.clamp_min(epsilon),
+            sigma_hat=spread + epsilon, effect_scale=robust.clamp_min(epsilon),
             n_groups=n_groups, studentt=data.distribution == "studentt",
         )
         return ModelInputs(gaussian_technical_model, kwargs, {"log2_alpha_y": means[1:] - means[:1]}, 2, ("counts",))
     if data.distribution == "binomial":
         denominator = data.denominator
-        successes = torch.stack([y[groups == g].sum(dim=0) for g in range(n_groups)]) + 0.5
-        trials = torch.stack([denominator[groups == g].sum(dim=0) for g in range(n_groups)]) + 1.0
+        successes = _group_sums(y, groups, n_groups) + 0.5
+        trials = _group_sums(denominator, groups, n_groups) + 1.0
         logits = _logit((successes / trials).clamp(1e-6, 1 - 1e-6))
         p_hat = logits[0].sigmoid()
         kappa = (trials[0] - 1.0).clamp(20.0, 200.0)
@@ -338,7 +365,7 @@ def build_model_inputs(
             prior_b=(1.0 - p_hat) * kappa + 1e-3, n_groups=n_groups,
         )
         return ModelInputs(binomial_technical_model, kwargs, {"log2_alpha_y": logits[1:] - logits[:1]}, 2, ("counts", "denominator"))
-    totals = torch.stack([y[groups == g].sum(dim=0) for g in range(n_groups)])  # [C, T, K]
+    totals = _group_sums(y, groups, n_groups)  # [C, T, K]
     zero_cat_mask = (totals == 0).any(dim=0)
     props = (totals + 0.5) / (totals + 0.5).sum(dim=-1, keepdim=True)
     log_ratio = torch.log(props[1:]) - torch.log(props[:1])

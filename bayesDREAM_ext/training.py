@@ -41,14 +41,14 @@ CLIP_NORM = 10.0
 FLOAT_BYTES = 4
 # What SVI adds beyond the data: a fixed part (Pyro's traces, autograd and allocator arenas:
 # the first step of a tiny model measures 80-86 MB) and the activations of a step per observed
-# value. Measured as the peak RSS of a child that trains 3 steps minus that of one that only
-# loads the data (tests/ext_train_child.py), less the fixed part; N x T = 2000 x 2000, C = 2
-# unless noted: negbinom 32, 29 (1500 x 1500, C = 3) and 69 (4000 x 1000, C = 3); normal 49;
-# studentt 79; binomial 61; multinomial 13 per N x T x K (1000 x 1000 x 4). The spread is
-# glibc keeping freed [N, T] temporaries under its 32 MB mmap threshold resident; each
-# constant is the largest measurement, rounded up, so the prediction errs high.
+# value. Measured by the CPU backend (VmHWM after clear_refs) over the first steps in fresh
+# processes, less the fixed part, B per value: negbinom 44 (3000 x 3000, C = 2), 43 (1500 x
+# 1500, C = 3), 17-50 (2000 x 2000) and 42-61 (4000 x 1000, C = 3); normal 32-37; studentt
+# 36-37; binomial 29-30; multinomial 18 per N x T x K (1500 x 1500 x 4). The spread under 32 MB
+# per [N, T] tensor is glibc keeping freed temporaries resident; each constant covers the
+# largest measurement, so the prediction errs high.
 STEP_FIXED_BYTES = 80 * 10**6
-STEP_BYTES_PER_VALUE = {"negbinom": 70, "normal": 50, "studentt": 80, "binomial": 64, "multinomial": 14}
+STEP_BYTES_PER_VALUE = {"negbinom": 64, "normal": 40, "studentt": 40, "binomial": 32, "multinomial": 20}
 # AutoNormal: loc and scale per latent value, each with a gradient and two Adam moments.
 NORMAL_GUIDE_FLOATS_PER_LATENT = 8
 # AutoIAFNormal: weights W of MaskedLinear(L, H) and MaskedLinear(H, 2L) (H = 3L + 1, Pyro's

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -206,18 +207,17 @@ def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_cells, n_features, n_groups, guide", [(1500, 1500, 3, "normal"), (200, 400, 2, "iaf")])
-def test_footprint_covers_the_measured_peak_of_training(n_cells, n_features, n_groups, guide):
-    """Peak RSS of a child that trains minus one that only loads the data, against the
-    footprint less the data (which both children hold). The footprint takes the largest of its
-    calibration points, so it may be up to ~2x high at sizes where glibc returns memory early,
-    never more than 10% low."""
-    spec = ["negbinom", str(n_cells), str(n_features), str(n_groups), "1", guide]
-    child = [sys.executable, str(ROOT / "tests" / "ext_train_child.py"), *spec]
-    env = {"PYTHONPATH": str(ROOT)}
-    loaded = run_child(child + ["0"], env=env, timeout=300)
-    trained = run_child(child + ["3"], env=env, timeout=300)
-    assert loaded.ok and trained.ok, loaded.stderr + trained.stderr
-    measured = trained.peak_rss_bytes - loaded.peak_rss_bytes
-    predicted = training_footprint(n_cells, n_features, n_groups, guide=guide) - n_cells * n_features * FLOAT_BYTES
-    assert 0.9 <= predicted / measured <= 2.0, (predicted, measured)
+@pytest.mark.parametrize("n_cells, n_features, n_groups, guide", [(3000, 3000, 2, "normal"), (200, 400, 2, "iaf")])
+def test_footprint_covers_the_measured_peak_of_training(tmp_path, n_cells, n_features, n_groups, guide):
+    """A fresh child (devicemem.testing.run_child) trains 3 steps; the CPU backend measures
+    what training added to its RSS (VmHWM after clear_refs, exact). The footprint less the
+    data, which was resident before, must cover it without being wildly high. (The child's
+    ru_maxrss is no use here: it starts from this, much larger, process's high-water mark.)"""
+    data = synthetic_data("negbinom", n_cells, n_features, n_groups, seed=0)
+    np.savez(tmp_path / "data.npz", counts=data.counts, groups=data.groups)
+    child = [sys.executable, str(ROOT / "tests" / "ext_train_child.py"), str(tmp_path / "data.npz"), "negbinom", guide, "3"]
+    trained = run_child(child, env={"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert trained.ok, trained.stderr
+    predicted, measured = map(int, trained.stdout.split())
+    assert predicted == training_footprint(n_cells, n_features, n_groups, guide=guide)
+    assert 0.9 <= (predicted - n_cells * n_features * FLOAT_BYTES) / measured <= 1.5, (predicted, measured)
