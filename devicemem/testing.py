@@ -2,11 +2,9 @@
 
 Used by the test-suite and the benchmarks to check memory claims by measurement. The cap is
 a child memory cgroup where this process may create one (cgroup v1 memory controller or
-cgroup v2, normally needs root), else ``RLIMIT_AS``. Peak RSS is the larger of ``wait4``'s
-``ru_maxrss`` for that one child and the child's ``VmHWM`` read every millisecond: a child
-that resets its own high-water mark (devicemem's CPU backend writes /proc/self/clear_refs
-before each batch) also resets ``ru_maxrss``, and the sampled ``VmHWM`` still holds each
-window's peak until the next reset.
+cgroup v2, normally needs root), else ``RLIMIT_AS``. Peak RSS is measured by a small
+watcher process between this one and the command (see ``_WATCHER``), so it is the command's
+own, whatever the size of the caller and whether the command resets its high-water mark.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import os
 import resource
 import signal
 import subprocess
-import threading
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -105,27 +103,49 @@ class _Cgroup:
                 time.sleep(0.02)
 
 
-class _HighWaterSampler(threading.Thread):
-    """Keeps the largest ``VmHWM`` a process reports, read every ``interval`` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.001) -> None:
-        super().__init__(daemon=True)
-        self.status = Path(f"/proc/{pid}/status")
-        self.interval = interval
-        self.peak_bytes = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                text = self.status.read_text()
-            except OSError:
-                return
-            for line in text.splitlines():
+# The watcher runs ``argv`` as its own child and keeps that child's peak RSS: the larger of
+# ``VmHWM`` read every millisecond and ``wait4``'s ``ru_maxrss``. It exists because a process
+# forked straight from a big parent (pytest, the bench driver) inherits the parent's RSS
+# high-water mark into ``ru_maxrss`` at exec; forked from this small watcher it inherits only
+# the watcher's few MB. Sampling ``VmHWM`` keeps the peak of a child that resets its own mark
+# (devicemem's CPU backend writes /proc/self/clear_refs before each batch).
+_WATCHER = r"""
+import os, signal, sys, time
+result, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        sys.stderr.write(f"cannot run {argv[0]}: {exc}\n")
+        os._exit(127)
+peak = 0
+def record(value):
+    global peak
+    if value > peak:
+        peak = value
+        with open(result, "w") as f:
+            f.write(str(peak))
+while True:
+    got, status, usage = os.wait4(pid, os.WNOHANG)
+    if got == pid:
+        break
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
                 if line.startswith("VmHWM:"):
-                    self.peak_bytes = max(self.peak_bytes, int(line.split()[1]) * 1024)
+                    record(int(line.split()[1]) * 1024)
                     break
-            time.sleep(self.interval)
+    except OSError:
+        pass
+    time.sleep(0.001)
+record(usage.ru_maxrss * 1024)
+if os.WIFSIGNALED(status):
+    if os.WTERMSIG(status) != signal.SIGKILL:
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.WEXITSTATUS(status))
+"""
 
 
 def cgroup_unavailable_reason() -> str | None:
@@ -179,11 +199,10 @@ def run_child(
     try:
         with open(f"{out_path}.out", "w+") as out, open(f"{out_path}.err", "w+") as err:
             proc = subprocess.Popen(
-                list(argv), stdout=out, stderr=err, env=dict(env) if env is not None else None,
-                cwd=cwd, preexec_fn=preexec,
+                [sys.executable, "-S", "-c", _WATCHER, f"{out_path}.peak", *argv],
+                stdout=out, stderr=err, env=dict(env) if env is not None else None,
+                cwd=cwd, preexec_fn=preexec, start_new_session=True,
             )
-            sampler = _HighWaterSampler(proc.pid)
-            sampler.start()
             deadline = None if timeout is None else start + timeout
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -191,25 +210,25 @@ def run_child(
                     break
                 if deadline is not None and time.perf_counter() > deadline:
                     timed_out = True
-                    proc.send_signal(signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     pid, status, usage = os.wait4(proc.pid, 0)
                     break
                 time.sleep(0.01)
-            sampler.done.set()
-            sampler.join()
             proc.returncode = os.waitstatus_to_exitcode(status)
             wall = time.perf_counter() - start
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read(), err.read()
+            peak_path = Path(f"{out_path}.peak")
+            peak = int(peak_path.read_text() or 0) if peak_path.exists() else 0
     finally:
-        for suffix in (".out", ".err"):
+        for suffix in (".out", ".err", ".peak"):
             Path(f"{out_path}{suffix}").unlink(missing_ok=True)
         if group is not None:
             group.close()
     return ChildResult(
         returncode=proc.returncode,
-        peak_rss_bytes=max(usage.ru_maxrss * 1024, sampler.peak_bytes),
+        peak_rss_bytes=peak,
         killed=proc.returncode == -signal.SIGKILL and not timed_out,
         timed_out=timed_out,
         stdout=stdout,

@@ -36,3 +36,11 @@ def test_cgroup_cap_kills_a_child_over_it_and_lets_one_under_it_finish() -> None
 def test_timeout_kills_and_is_reported() -> None:
     result = run_child([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert result.timed_out and not result.killed and result.wall_s < 10
+
+
+def test_peak_rss_is_the_childs_own_not_its_big_parents() -> None:
+    ballast = bytearray(600_000_000)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    result = run_child([sys.executable, "-c", "pass"])
+    del ballast
+    assert result.ok and result.peak_rss_bytes < 100e6
