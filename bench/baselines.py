@@ -1,10 +1,11 @@
 """The ways a user would otherwise run Predictive, reimplemented from their published behaviour.
 
-Every baseline draws ``num_samples`` samples of ``model`` (with ``guide``) and hands each batch
-to a sink: ``Collect`` keeps and concatenates them (what bayesDREAM does with its parameter
-samples), ``MeanVar`` streams them into per-entry mean and variance (a posterior predictive
-summary, the only way [S, N, T] fits under a cap). The runners return a small ``info`` dict
-(batch size, vectorised or not, number of batches) for the results table.
+Every baseline draws ``num_samples`` samples of ``model`` (with ``guide``). The pyro baselines
+hand each batch to a sink: ``Collect`` keeps and concatenates them (what bayesDREAM does with
+its parameter samples), ``MeanVar`` streams them into per-entry mean and variance (a posterior
+predictive summary, the only way [S, N, T] fits under a cap; devicemem does the same through
+its ``reduce``). ``run_baseline`` returns the result and a small ``info`` dict (batch size,
+vectorised or not, number of batches) for the results table.
 """
 
 from __future__ import annotations
@@ -56,10 +57,8 @@ class MeanVar:
         self._sumsq: dict[str, Tensor] = {}
 
     def add(self, samples: dict[str, Tensor]) -> None:
-        batch = 0
         for name in self.sites:
             values = samples[name].detach()
-            batch = values.shape[0]
             if name not in self._sum:
                 self._sum[name] = torch.zeros(values.shape[1:], dtype=torch.float64)
                 self._sumsq[name] = torch.zeros(values.shape[1:], dtype=torch.float64)
@@ -67,7 +66,7 @@ class MeanVar:
                 row64 = row.to("cpu", torch.float64)
                 self._sum[name].add_(row64)
                 self._sumsq[name].addcmul_(row64, row64)
-        self.count += batch
+        self.count += samples[self.sites[0]].shape[0]
 
     def result(self) -> dict[str, Tensor]:
         out = {}
@@ -177,6 +176,7 @@ def _devicemem_auto(
         "vectorized": plan.vectorized, "device": plan.device,
         "samples_drawn": sum(row.size for row in predictive.report),
         "batches_s": sum(row.wall_s for row in predictive.report),
+        "max_batch_peak_bytes": max((row.peak_bytes or 0 for row in predictive.report), default=0),
         "retries": sum(row.retries for row in predictive.report),
         "predicted_peak_bytes": plan.predicted_peak_bytes, "budget_bytes": plan.budget_bytes,
         "reasons": list(plan.reasons),

@@ -89,9 +89,12 @@ def run_predictive(spec: dict) -> dict:
     )
     _sync(measured)
     wall = time.perf_counter() - start
+    cuda_peak = _cuda_peak(measured)
+    if cuda_peak is not None:  # devicemem resets the CUDA peak before each batch
+        cuda_peak = max(cuda_peak, info.get("max_batch_peak_bytes", 0))
     return {
         "sample_wall_s": wall,
-        "cuda_peak_bytes": _cuda_peak(measured),
+        "cuda_peak_bytes": cuda_peak,
         "outputs": {name: list(value.shape) for name, value in result.items()},
         "info": info,
         "torch_threads": torch.get_num_threads(),

@@ -100,6 +100,13 @@ def _w1_summary(workload: dict) -> list[dict]:
             "target": f">= {target:g}x" if passed is not None else "report",
             "passed": passed,
         })
+    ceiling = _ratio(rows.get("bayesdream-rule", {}).get("median_wall_s"),
+                     rows.get("pyro-full", {}).get("median_wall_s"))
+    out.append({
+        "workload": workload["name"],
+        "claim": "context: pyro-full vs bayesdream-rule, what one vectorised call gains here",
+        "value": _fmt_x(ceiling), "target": "report", "passed": None,
+    })
     return out
 
 
