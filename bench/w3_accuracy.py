@@ -8,9 +8,10 @@ measured peak is VmHWM minus the RSS just before the call (the data and guide ar
 resident); ``wait4``'s peak RSS of the whole child is reported next to it as a cross-check.
 
 The prediction for the technical model is :func:`devicemem.technical_footprint` (inputs
-resident); for the non-technical model (a fit_trans-style Hill model) it is
-:func:`devicemem.probe_footprint`, run in its own child, margin included, then compared with
-fresh children at larger batches. ``run(quick)`` is what ``python -m bench`` calls as W3.
+resident); for the non-technical model (a fit_trans-style Hill model), and once for the
+technical model as a check of the probe itself, it is :func:`devicemem.probe_footprint`, run in
+its own child (several batches in one process, as the planner runs it), margin included, then
+compared with fresh children at larger batches. ``run(quick)`` is what ``python -m bench`` calls as W3.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from typing import Any
 
 from bench.child import MARKER
@@ -48,12 +50,17 @@ SMALL = [("negbinom", "normal", False, 3000, 4000, 2, 1000)]
 TECHNICAL_QUICK = [
     ("negbinom", "normal", False, 500, 20000, 2, 600),
     ("negbinom", "normal", False, 500, 20000, 2, 1200),
-    ("negbinom", "normal", True, 1200, 2500, 2, 4),
-    ("negbinom", "normal", True, 1200, 2500, 2, 10),
+    ("negbinom", "normal", True, 1200, 2500, 2, 6),
+    ("negbinom", "normal", True, 1200, 2500, 2, 12),
 ]
 CAP_BYTES = 6 << 30  # a point that outgrows this is killed, not the shared machine
-# The Hill model: N cells x T features with the observation site; batches measured after the probe.
-HILL = {"full": dict(N=1000, T=1000, batches=(24, 48)), "quick": dict(N=500, T=1000, batches=(16, 32))}
+# Probed models (the Hill model and, as a check of the probe itself, the technical model with
+# its observation site) and the larger batches measured in fresh children after the probe.
+_TECHNICAL_OBS = dict(model="technical", distribution="negbinom", guide="normal", with_obs=True, C=2)
+PROBES = {
+    "full": [(dict(model="hill", N=1000, T=1000), (24, 48)), (dict(_TECHNICAL_OBS, N=1500, T=3000), (12,))],
+    "quick": [(dict(model="hill", N=500, T=1000), (16, 32))],
+}
 
 
 # --- the non-technical model -------------------------------------------------------------
@@ -138,8 +145,9 @@ def measure(spec: dict) -> dict[str, Any]:
     pyro.set_rng_seed(0)
     model, guide, kwargs, shapes = (_hill if spec["model"] == "hill" else _technical)(spec)
     if spec.get("probe"):
+        began = time.perf_counter()
         footprint = probe_footprint(model, guide, device="cpu", **kwargs)
-        return {"footprint": footprint.__dict__, **shapes}
+        return {"footprint": footprint.__dict__, "seconds": time.perf_counter() - began, **shapes}
     backend = get_backend("cpu")
     gc.collect()
     backend.reset_peak("cpu")
@@ -189,17 +197,19 @@ def _technical_points(rows: list[tuple]) -> tuple[list[dict[str, Any]], list[str
     return points, failures
 
 
-def _probe_points(size: dict) -> tuple[list[dict[str, Any]], list[str]]:
+def _probe_points(shapes: dict, batches: tuple[int, ...]) -> tuple[list[dict[str, Any]], list[str]]:
     from devicemem.footprint import Footprint
 
-    probed, child = _child(dict(model="hill", probe=True, N=size["N"], T=size["T"]))
+    what = "Hill model" if shapes["model"] == "hill" else f"technical {shapes['distribution']}"
+    label = f"probe: {what} +obs N={shapes['N']} T={shapes['T']}"
+    probed, child = _child(dict(shapes, probe=True))
     if probed is None:
-        return [], [f"hill probe: {_error_line(child.stderr)}"]
+        return [], [f"{label}: {_error_line(child.stderr)}"]
     footprint = Footprint(**probed["footprint"])
     points, failures = [], []
-    for b in size["batches"]:
-        payload, child = _child(dict(model="hill", N=size["N"], T=size["T"], B=b))
-        name = f"probe: Hill model +obs N={size['N']} T={size['T']} B={b} ({footprint.source})"
+    for b in batches:
+        payload, child = _child(dict(shapes, B=b))
+        name = f"{label} B={b} ({footprint.source}, {probed['seconds']:.1f} s)"
         if payload is None:
             failures.append(f"{name}: {_error_line(child.stderr)}")
             continue
@@ -211,9 +221,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Measure every point in fresh children; ``{"status", "params", "points", "notes"}``.
     The small-tensor points (full run only) are reported in the notes, outside the grid."""
     points, failures = _technical_points(TECHNICAL_QUICK if quick else TECHNICAL_FULL)
-    probe_points, probe_failures = _probe_points(HILL["quick" if quick else "full"])
-    points += probe_points
-    failures += probe_failures
+    for shapes, batches in PROBES["quick" if quick else "full"]:
+        probe_points, probe_failures = _probe_points(shapes, batches)
+        points += probe_points
+        failures += probe_failures
     small, small_failures = ([], []) if quick else _technical_points(SMALL)
     failures += small_failures
     low, high = RANGE

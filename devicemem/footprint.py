@@ -33,7 +33,7 @@ MiB = 1 << 20
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
 # Each Predictive call runs the model (and guide) twice unvectorised before the vectorised run
-# (REFERENCE section 2): about two samples' worth of work per call. With the observation site
+# (pyro.infer.predictive._predictive): about two samples' worth of work per call. With the observation site
 # the per-sample cost is otherwise flat in the batch size, so beyond 40 samples (overhead
 # under 5%) a bigger batch buys no speed, only memory.
 OBS_SATURATION_BATCH = 40
@@ -108,7 +108,8 @@ class _Sites:
     """Element counts of one technical model's latent sites (per sample, unbatched)."""
 
     effects: int  # effect elements: (C-1) * T, times K for multinomial
-    features: int  # elements of per-feature sites ([T] or [T, K])
+    features: int  # elements of all per-feature sites ([T] or [T, K] each)
+    feature_site: int  # elements of one per-feature site
     latent: int  # the guide's latent dimension (unconstrained)
 
 
@@ -137,19 +138,13 @@ def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
 
 def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribution: str) -> _Sites:
     effects = (n_groups - 1) * n_features * (n_categories if distribution == "multinomial" else 1)
-    if distribution == "multinomial":
-        features = n_features * n_categories  # probs_baseline_raw [T, K]
-        latent = effects + n_features * (n_categories - 1)  # stick-breaking drops one category
-    elif distribution == "binomial":
-        features = n_features  # mu_ntc
-        latent = effects + features
-    elif distribution == "negbinom":
-        features = 2 * n_features  # o_y, mu_ntc (+ the scalar beta_o)
-        latent = effects + features + 1
-    else:
-        features = 2 * n_features  # sigma_y, mu_ntc
-        latent = effects + features
-    return _Sites(effects, features, latent)
+    if distribution == "multinomial":  # probs_baseline_raw [T, K], stick-breaking drops a category
+        return _Sites(effects, n_features * n_categories, n_features * n_categories,
+                      effects + n_features * (n_categories - 1))
+    if distribution == "binomial":  # mu_ntc
+        return _Sites(effects, n_features, n_features, effects + n_features)
+    extra = 1 if distribution == "negbinom" else 0  # negbinom: o_y, mu_ntc and the scalar beta_o
+    return _Sites(effects, 2 * n_features, n_features, effects + 2 * n_features + extra)
 
 
 # Per-sample floats at the peak of a params-only vectorised call, as (per effect element, per
@@ -190,8 +185,9 @@ _IAF_HIDDEN = 3  # pyro's default hidden size is 3 * latent_dim + 1
 # the unvectorised runs. Measured at N x T = 1000 x 2000 (B=8, 24), negbinom also 2000 x 5000:
 # negbinom 4.95-5.05 per sample (mu_final, logits, exp(-logits), the gamma and Poisson draws),
 # trace 3 (y_obs, logits, the gamma rate); normal 4.0 and 4; studentt 6.4 and 13 (its chi2
-# draws); binomial 2.9 and 1. multinomial's likelihood is a factor on observed counts; its
-# figures are read from the code, not measured (see the closing note).
+# draws); binomial 2.9 and 1. multinomial's likelihood is a factor on the observed counts; its
+# figures are read from the code, not measured (its vectorised factor grew as B**2 when this
+# was written).
 _OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 6.5, "binomial": 3.0, "multinomial": 4.0}
 _OBS_TRACE = {"negbinom": 3.0, "normal": 4.0, "studentt": 13.0, "binomial": 1.0, "multinomial": 2.0}
 
@@ -241,8 +237,7 @@ def technical_footprint(
         peaks = _NORMAL_GUIDE_PEAKS[distribution] if guide == "normal" else _DELTA_GUIDE_PEAKS
         per_sample = max(a * sites.effects + b * sites.features for a, b in peaks)
         heap = _HEAP_PER_FEATURE[guide] * sites.features * item
-        feature_tensor = sites.features // (1 if distribution in ("binomial", "multinomial") else 2) * item
-        heap_limit = math.ceil(GLIBC_MMAP_THRESHOLD_MAX / feature_tensor)
+        heap_limit = math.ceil(GLIBC_MMAP_THRESHOLD_MAX / (sites.feature_site * item))
         working = 2 * per_sample  # the two unvectorised runs (one of them kept during the call)
     saturation = None
     if with_obs:
@@ -255,7 +250,7 @@ def technical_footprint(
     matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
     data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups
     inputs = data + _guide_parameter_floats(guide, sites.latent) * item
-    output = _technical_output_floats(sites, n_features, cells_by_features, distribution, with_obs) * item
+    output = _technical_output_floats(sites, cells_by_features, distribution, with_obs) * item
     return Footprint(
         fixed_bytes=int(inputs + working * item),
         per_sample_bytes=int(math.ceil(per_sample * item)),
@@ -268,7 +263,7 @@ def technical_footprint(
     )
 
 
-def _technical_output_floats(sites: _Sites, n_features: int, cells_by_features: int, distribution: str, with_obs: bool) -> int:
+def _technical_output_floats(sites: _Sites, cells_by_features: int, distribution: str, with_obs: bool) -> int:
     """Floats of one returned sample: every latent and deterministic site (bayesDREAM's
     effect site and its two deterministic views), plus y_obs with the observation site."""
     floats = 3 * sites.effects + sites.features + (1 if distribution == "negbinom" else 0)
@@ -369,14 +364,18 @@ def probe_footprint(
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
 
-    After one ``empty_cache`` of the backend, each batch runs between its
+    Each batch runs after the backend's ``empty_cache`` (a garbage collection: a likelihood's
+    trace can hold its batch's tensors in reference cycles, and garbage freed during the next
+    batch would hide part of its peak), between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
     /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
-    :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (tensors big
-    enough for the allocator to behave as it will at full size); the line goes through the
-    two largest batches, plus :data:`PROBE_MARGIN`. The climb stays below ``max_batch_size``
-    (the planner passes ``num_samples``: the run itself will not be repeated) and the number of
-    posterior samples. The first batch also warms up (an autoguide's parameters, kernels). A timed line gives ``saturation_batch``.
+    :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (four times
+    that for the first batch, which also warms up and is the noisiest), then runs
+    twice that batch: both batches' tensors are then big enough for the allocator to behave as
+    at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`.
+    No batch reaches ``max_batch_size`` (the planner passes ``num_samples``: the run itself is
+    not repeated) or the number of posterior samples, except when two batches need it. A timed
+    line gives ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
     """
@@ -415,6 +414,7 @@ def probe_footprint(
         ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
 
     def run(batch: int) -> _Measure:
+        backend.empty_cache(device)
         backend.reset_peak(device)
         start = backend.current_bytes(device) or 0
         began = time.perf_counter()
@@ -430,14 +430,18 @@ def probe_footprint(
         del out, predictive
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
-    backend.empty_cache(device)  # what earlier work left; each batch's tensors die by refcount
     with parameters_on(where, guide):
-        measures = [run(batch) for batch in ladder[: 2 if sizes is None else len(ladder)]]
+        measures = [run(batch) for batch in ladder[: 1 if sizes is None else len(ladder)]]
         if sizes is None:
-            for batch in ladder[2:]:
-                if measures[-1].delta_bytes >= PROBE_TARGET_BYTES:
+            for batch in ladder[1:]:
+                # the first batch also warms up (and is the noisiest): it ends the climb only
+                # when it is clearly big
+                target = PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1)
+                if measures[-1].delta_bytes >= target:
                     break
                 measures.append(run(batch))
+            if 2 * measures[-1].batch_size < cap:
+                measures.append(run(2 * measures[-1].batch_size))
         inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
     if len(measures) < 2:
         raise ValueError(

@@ -193,7 +193,7 @@ def test_probe_fits_the_line_through_the_two_largest_batches_plus_margin():
 def test_probe_climbs_until_a_batch_is_big_enough():
     recorder, backend, guide = scripted(base=0, slope=10 * MB)
     fp = probe_footprint(recorder.model, guide, backend=backend)
-    assert fp.source == "probe on cpu at B=16,64"  # 64 x 10 MB is the first past 256 MiB
+    assert fp.source == "probe on cpu at B=64,128"  # 64 x 10 MB is the first past 256 MiB
     assert fp.per_sample_bytes == pytest.approx(10 * MB * (1 + PROBE_MARGIN), rel=1e-6)
 
 
@@ -211,7 +211,7 @@ def test_probe_with_posterior_samples_stays_within_them():
     recorder, backend, _ = scripted()
     posterior = {"z": torch.randn(10, 3)}
     fp = probe_footprint(recorder.model, None, posterior_samples=posterior, backend=backend)
-    assert fp.source == "probe on cpu at B=1,4"
+    assert fp.source == "probe on cpu at B=4,8"
 
 
 def test_probe_never_runs_a_batch_above_max_batch_size():
