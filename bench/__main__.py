@@ -30,8 +30,8 @@ log = logging.getLogger("devicemem.bench")
 
 
 def _cuda_device() -> str | None:
-    """Name of CUDA device 0, or None; asked of a child so this process never imports torch
-    (a forked child starts with its parent's RSS as its peak, so the parent stays small)."""
+    """Name of CUDA device 0, or None; asked of a child so the driver never imports torch or
+    creates a CUDA context (it stays small and leaves the GPU to the measured children)."""
     code = ("import torch; print(torch.cuda.get_device_name(0) "
             "if torch.cuda.is_available() else '')")
     child = run_child([sys.executable, "-c", code])
