@@ -330,8 +330,8 @@ def chart(results: dict, path: Path) -> Path | None:
     for (ax_time, ax_mem), workload in zip(axes, w2):
         rows = workload["rows"]
         names = [row["name"] for row in rows]
-        colors = ["tab:green" if name == "devicemem-auto" else
-                  ("tab:blue" if row["status"] == "ok" else "tab:red")
+        colors = ["tab:red" if row["status"] != "ok" else
+                  ("tab:green" if name == "devicemem-auto" else "tab:blue")
                   for name, row in zip(names, rows)]
         times = [row["median_wall_s"] or 0.0 for row in rows]
         peaks = [row["peak_rss_bytes"] / 2**30 for row in rows]
@@ -344,6 +344,9 @@ def chart(results: dict, path: Path) -> Path | None:
                 label, color = f" {times[i]:.1f} s  ({_batching(row.get('info', {}))})", "black"
             ax_time.text(times[i], i, label, va="center", fontsize=8, color=color)
         ax_time.set_yticks(y, names)
+        for label in ax_time.get_yticklabels():
+            if label.get_text() == "devicemem-auto":
+                label.set_fontweight("bold")
         ax_time.invert_yaxis()
         ax_time.set_xlim(0, max(times + [1.0]) * 1.45)
         ax_time.set_xlabel(f"sampling time, s (median of {workload['reps']})")
