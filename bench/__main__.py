@@ -35,7 +35,7 @@ def _cuda_device() -> str | None:
     code = ("import torch; print(torch.cuda.get_device_name(0) "
             "if torch.cuda.is_available() else '')")
     child = run_child([sys.executable, "-c", code])
-    return child.stdout.strip() or None if child.ok else None
+    return (child.stdout.strip() or None) if child.ok else None
 
 
 def machine_info(cuda: str | None) -> dict[str, Any]:

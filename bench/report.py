@@ -282,7 +282,8 @@ def markdown(results: dict) -> str:
         f"# Benchmark results: {machine['host']}, {results['date']} ({mode} run)",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, "
-        f"{format_bytes(machine['ram_bytes'])} RAM, torch {machine['torch']}, "
+        f"{format_bytes(machine['ram_bytes'])} RAM, GPU: {machine.get('cuda') or 'none'}, "
+        f"torch {machine['torch']}, "
         f"pyro {machine['pyro']}, caps by {machine['cap_method']}, "
         f"torch threads per child: {results.get('threads') or 'default'}, "
         f"load average {machine['load_before']} before, {machine['load_after']} after; "
