@@ -169,6 +169,12 @@ def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
     raise ValueError(f"device: {device!r} is not visible to this process; it sees: {seen} (or pass 'auto')")
 
 
+def _is_oom(device: str, exc: BaseException) -> bool:
+    from devicemem.devices import get_backend
+
+    return get_backend(device).is_oom(exc)
+
+
 def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
     """(batch size, batches): the fewest batches of at most ``batch_size``, evened out."""
     n_batches = math.ceil(num_samples / batch_size)
@@ -206,7 +212,13 @@ def _decide(
             if not last:
                 continue
             return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
-        footprint = footprint_for(memory.device)
+        try:
+            footprint = footprint_for(memory.device)
+        except Exception as exc:
+            if last or not _is_oom(memory.device, exc):
+                raise
+            reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
+            continue
         if output_bytes is None and footprint.output_per_sample_bytes is not None:
             output_bytes = footprint.output_per_sample_bytes * num_samples
         on_host = memory.device == HOST

@@ -159,6 +159,28 @@ def test_auto_falls_back_to_the_host_when_the_gpu_cannot_hold_one_sample():
     assert any("cuda:0 cannot hold one vectorised sample" in r for r in result.reasons)
 
 
+def test_auto_falls_back_to_the_host_when_probing_the_gpu_runs_out_of_memory():
+    listing = [memory("cpu", 64 * GB), memory("cuda:0", 4 * GB)]
+    res, probe = resources(listing, {"cpu": fp(0, 1 * MB)})
+    calls = []
+
+    def probe_or_oom(model, guide, *args, device, **kwargs):
+        calls.append(device)
+        if device == "cuda:0":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return probe(model, guide, *args, device=device, **kwargs)
+
+    result = plan_predictive(model, guide, 100, resources=Resources(res.devices, probe_or_oom, {}))
+    assert result.device == "cpu" and calls == ["cuda:0", "cpu"]
+    assert any("ran out of memory while probing" in r for r in result.reasons)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("not an OOM")
+
+    with pytest.raises(RuntimeError, match="not an OOM"):  # other errors are not swallowed
+        plan_predictive(model, guide, 100, resources=Resources(res.devices, broken, {}))
+
+
 def test_auto_without_gpus_plans_the_host():
     result, _ = plan([memory("cpu", 10 * GB)], {"cpu": fp(0, 1 * MB)})
     assert result.device == "cpu"
