@@ -33,11 +33,12 @@ logger = logging.getLogger("devicemem.planner")
 
 HOST = "cpu"
 DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
-# Measured accuracy (bench/w3_accuracy.py, 16 points in fresh children): predicted / measured
-# peak 0.95-1.19, so a real peak exceeds its prediction by at most ~5%; below 32 MiB tensors
-# glibc adds noise (0.93-1.42, mostly over). With 0.8 the worst measured batch peaks at 0.85 of
-# usable memory: the rest is for what the estimate cannot see, chiefly other processes growing
-# after the usable figure was read (usable is a snapshot). 0.9 would leave ~5% on a shared node.
+# Measured accuracy (bench/w3_accuracy.py, 16 points in fresh children, three runs): predicted /
+# measured peak 0.94-1.17, so a real peak exceeds its prediction by at most ~7%; below 32 MiB
+# tensors glibc adds noise (up to 1.42 over). With 0.8 the worst measured batch peaks at
+# 0.86 of usable memory: the rest is for what the estimate cannot see, chiefly other processes
+# growing after the usable figure was read (it is a snapshot). 0.9 would leave ~4% on a shared
+# node; the seed's 0.7 / 0.35 paid for an estimator that was off by far more.
 DEFAULT_SAFETY_FACTOR = 0.8
 # The seed's batch size when no memory reading exists (it used sequential batches of 50).
 CONSERVATIVE_BATCH = 50
