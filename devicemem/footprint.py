@@ -397,8 +397,8 @@ def probe_footprint(
     twice that batch: both batches' tensors are then big enough for the allocator to behave as
     at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`.
     No batch reaches ``max_batch_size`` (the planner passes ``num_samples``: the run itself is
-    not repeated) or the number of posterior samples, except when two batches need it. A timed
-    line gives ``saturation_batch``.
+    not repeated) or the number of posterior samples, except when two batches need it. The
+    batches' times give ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
     """
@@ -477,8 +477,11 @@ def probe_footprint(
     intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
     slope = max(slope, 0.0)
     working = max(intercept, 0.0)
-    t0, t1 = _line([low.batch_size, high.batch_size], [low.seconds, high.seconds])
-    saturation = int(math.ceil(20 * t0 / t1)) if t0 > 0 and t1 > 0 else None
+    # Beyond the batch whose per-call overhead is 5% of its time a bigger batch is no faster.
+    # The overhead is taken as the whole first batch's time (warm-up included): an upper bound,
+    # so that timing noise does not cap batches that would still gain.
+    _, t1 = _line([low.batch_size, high.batch_size], [low.seconds, high.seconds])
+    saturation = int(math.ceil(20 * measures[0].seconds / t1)) if t1 > 0 else None
     footprint = Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),
         per_sample_bytes=int(math.ceil(slope * (1 + PROBE_MARGIN))),
