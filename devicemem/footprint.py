@@ -373,6 +373,54 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return ys[0] - slope * xs[0], slope
 
 
+def _climb(
+    run: Callable[[int], _Measure],
+    ladder: list[int],
+    explicit: bool,
+    cap: int,
+    limit: int | None,
+    is_oom: Callable[[BaseException], bool],
+) -> list[_Measure]:
+    """The probe's batches, in order: every explicit size, else up the ladder until a peak
+    passes the target, then its double. A batch whose peak, extrapolated from those before it,
+    would pass ``limit`` is not run, and an out-of-memory error ends the climb (not the first)."""
+    measures: list[_Measure] = []
+
+    def attempt(batch: int) -> bool:
+        if limit is not None and measures:
+            last = measures[-1]
+            if len(measures) >= 2:
+                intercept, slope = _line([measures[-2].batch_size, last.batch_size],
+                                         [measures[-2].delta_bytes, last.delta_bytes])
+                need = intercept + slope * batch
+            else:
+                need = last.delta_bytes * batch / last.batch_size
+            if need > limit:
+                return False
+        try:
+            measures.append(run(batch))
+        except Exception as exc:
+            if not measures or not is_oom(exc):
+                raise
+            return False
+        return True
+
+    if explicit:
+        for batch in ladder:
+            if not attempt(batch):
+                break
+        return measures
+    for batch in ladder:
+        # the first batch also warms up (and is the noisiest): it ends the climb only when big
+        if measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1):
+            break
+        if not attempt(batch):
+            return measures
+    if 2 * measures[-1].batch_size < cap:
+        attempt(2 * measures[-1].batch_size)
+    return measures
+
+
 def probe_footprint(
     model: Callable[..., Any],
     guide: Callable[..., Any] | None,
@@ -382,6 +430,7 @@ def probe_footprint(
     batch_sizes: Sequence[int] | None = None,
     posterior_samples: Mapping[str, torch.Tensor] | None = None,
     max_batch_size: int | None = None,
+    max_probe_bytes: int | None = None,
     backend: Any = None,
     **kwargs: Any,
 ) -> Footprint:
@@ -397,8 +446,10 @@ def probe_footprint(
     twice that batch: both batches' tensors are then big enough for the allocator to behave as
     at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`.
     No batch reaches ``max_batch_size`` (the planner passes ``num_samples``: the run itself is
-    not repeated) or the number of posterior samples, except when two batches need it. The
-    batches' times give ``saturation_batch``.
+    not repeated) or the number of posterior samples, except when two batches need it, nor
+    (by extrapolation) peaks above ``max_probe_bytes`` (the planner passes its budget); when
+    that allows one batch only, the footprint is that batch's peak per sample, through the
+    origin. The batches' times give ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
     """
@@ -410,6 +461,8 @@ def probe_footprint(
     sizes = _check_batch_sizes(batch_sizes)
     if max_batch_size is not None:
         _check_count(max_batch_size, "max_batch_size", minimum=2)
+    if max_probe_bytes is not None:
+        _check_count(max_probe_bytes, "max_probe_bytes")
     if guide is None and posterior_samples is None:
         raise ValueError("probe_footprint: pass a guide or posterior_samples")
     backend = get_backend(device) if backend is None else backend
@@ -435,6 +488,11 @@ def probe_footprint(
     else:
         ladder = [b for b in PROBE_LADDER if b < cap]
         ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
+    if len(ladder) < 2:
+        raise ValueError(
+            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
+            f"posterior samples); got {ladder}"
+        )
 
     def run(batch: int) -> _Measure:
         backend.empty_cache(device)
@@ -456,36 +514,26 @@ def probe_footprint(
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
     with parameters_on(where, guide):
-        measures = [run(batch) for batch in ladder[: 1 if sizes is None else len(ladder)]]
-        if sizes is None:
-            for batch in ladder[1:]:
-                # the first batch also warms up (and is the noisiest): it ends the climb only
-                # when it is clearly big
-                target = PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1)
-                if measures[-1].delta_bytes >= target:
-                    break
-                measures.append(run(batch))
-            if 2 * measures[-1].batch_size < cap:
-                measures.append(run(2 * measures[-1].batch_size))
+        measures = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
         inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
-    if len(measures) < 2:
-        raise ValueError(
-            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
-            f"posterior samples); got {ladder}"
-        )
-    low, high = measures[-2], measures[-1]
-    intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
-    slope = max(slope, 0.0)
-    working = max(intercept, 0.0)
-    # Beyond the batch whose per-call overhead is 5% of its time a bigger batch is no faster.
-    # The overhead is taken as the whole first batch's time (warm-up included): an upper bound,
-    # so that timing noise does not cap batches that would still gain.
-    _, t1 = _line([low.batch_size, high.batch_size], [low.seconds, high.seconds])
-    saturation = int(math.ceil(20 * measures[0].seconds / t1)) if t1 > 0 else None
+    high = measures[-1]
+    if len(measures) == 1:  # the budget allowed one batch: through the origin, an over-estimate
+        low, slope, working, saturation = high, high.delta_bytes / high.batch_size, 0.0, None
+        at = f"B={high.batch_size} only (max_probe_bytes)"
+    else:
+        low = measures[-2]
+        intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
+        slope, working = max(slope, 0.0), max(intercept, 0.0)
+        # Beyond the batch whose per-call overhead is 5% of its time a bigger batch is no faster.
+        # The overhead is taken as the whole first batch's time (warm-up included): an upper
+        # bound, so that timing noise does not cap batches that would still gain.
+        _, t1 = _line([low.batch_size, high.batch_size], [low.seconds, high.seconds])
+        saturation = int(math.ceil(20 * measures[0].seconds / t1)) if t1 > 0 else None
+        at = f"B={low.batch_size},{high.batch_size}"
     footprint = Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),
         per_sample_bytes=int(math.ceil(slope * (1 + PROBE_MARGIN))),
-        source=f"probe on {device} at B={low.batch_size},{high.batch_size}",
+        source=f"probe on {device} at {at}",
         input_bytes=int(inputs),
         output_per_sample_bytes=high.output_bytes // high.batch_size,
         saturation_batch=saturation,

@@ -183,7 +183,7 @@ def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
 
 
 def _decide(
-    footprint_for: Callable[[str], Footprint],
+    footprint_for: Callable[[str, int], Footprint],
     num_samples: int,
     device: str,
     minibatch_size: int | None,
@@ -214,7 +214,7 @@ def _decide(
                 continue
             return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
         try:
-            footprint = footprint_for(memory.device)
+            footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
         except Exception as exc:
             if last or not _is_oom(memory.device, exc):
                 raise
@@ -368,7 +368,7 @@ def plan_predictive(
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
 
     The footprint is probed on each candidate device (:func:`devicemem.probe_footprint`,
-    cached, never with a batch above ``num_samples``). ``device="auto"``: the GPU with the most usable memory when it holds the fixed cost
+    cached, never with a batch above ``num_samples`` or a peak above the budget). ``device="auto"``: the GPU with the most usable memory when it holds the fixed cost
     plus one vectorised sample, else the CPU. The batch is the largest whose predicted peak fits
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
@@ -383,10 +383,10 @@ def plan_predictive(
     resources = resources or Resources()
     probe = resources.probe or probe_footprint
 
-    def footprint_for(name: str) -> Footprint:
+    def footprint_for(name: str, budget: int) -> Footprint:
         return probe(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
-            max_batch_size=max(num_samples, 2), **kwargs,
+            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), **kwargs,
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
@@ -421,7 +421,7 @@ def plan_technical(
     check_choice(guide, GUIDES, "guide")
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
     footprint = technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype)
-    return _decide(lambda _: footprint, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
+    return _decide(lambda device, budget: footprint, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
                    HOST, resources or Resources())
 
 

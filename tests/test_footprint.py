@@ -208,6 +208,39 @@ def test_probe_is_cached_per_model_guide_shapes_and_device():
     assert other is not first and recorder.resets > resets
 
 
+def test_probe_stays_within_max_probe_bytes():
+    recorder, backend, guide = scripted(base=0, slope=10 * MB)
+    fp = probe_footprint(recorder.model, guide, max_probe_bytes=100 * MB, backend=backend)
+    assert fp.source == "probe on cpu at B=1,4" and recorder.batch == 4  # 16 x 10 MB would pass
+    one = probe_footprint(recorder.model, guide, max_probe_bytes=15 * MB, batch_sizes=(1, 2), backend=backend)
+    assert one.source == "probe on cpu at B=1 only (max_probe_bytes)" and recorder.batch == 1
+    assert one.per_sample_bytes == pytest.approx(10 * MB * (1 + PROBE_MARGIN), rel=1e-6)
+
+
+class OomAbove(ScriptedBackend):
+    """Raises the CPU allocator's error for batches above ``limit``."""
+
+    def __init__(self, recorder: Recorder, limit: int) -> None:
+        super().__init__(recorder)
+        self.limit = limit
+
+    def peak_bytes(self, device):
+        if self.recorder.batch > self.limit:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return super().peak_bytes(device)
+
+    def is_oom(self, exc):
+        return "DefaultCPUAllocator" in str(exc)
+
+
+def test_probe_stops_climbing_at_an_out_of_memory_error():
+    recorder, _, guide = scripted(base=0, slope=1 * MB)
+    fp = probe_footprint(recorder.model, guide, backend=OomAbove(recorder, 16))
+    assert fp.source == "probe on cpu at B=4,16"
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):  # not even the first batch
+        probe_footprint(recorder.model, guide, batch_sizes=(2, 3), backend=OomAbove(recorder, 1))
+
+
 def test_probe_with_posterior_samples_stays_within_them():
     recorder, backend, _ = scripted()
     posterior = {"z": torch.randn(10, 3)}
