@@ -10,11 +10,12 @@ Plan and memory lines go to stdout through the ``devicemem`` logger; progress ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -23,17 +24,20 @@ from bayesDREAM_ext.data import DISTRIBUTIONS
 COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
 
 
-def _log_to_stdout(quiet: bool) -> None:
-    """Show devicemem's log lines on the current stdout (replacing the handler an earlier
-    ``main`` call in this process added)."""
-    root = logging.getLogger("devicemem")
-    for handler in [h for h in root.handlers if getattr(h, "_bayesdream_ext", False)]:
-        root.removeHandler(handler)
+@contextlib.contextmanager
+def _log_to_stdout(quiet: bool) -> Iterator[None]:
+    """Show devicemem's log lines on stdout for the length of one ``main`` call."""
+    logger = logging.getLogger("devicemem")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler._bayesdream_ext = True
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -181,13 +185,13 @@ def run_fit(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _log_to_stdout(args.quiet)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
-        return run_demo(args) if args.command == "demo" else run_fit(args)
+        with _log_to_stdout(args.quiet):
+            return run_demo(args) if args.command == "demo" else run_fit(args)
     except ValueError as exc:
         parser.exit(2, f"bayesdream-ext: error: {exc}\n")
 
