@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import inspect
 import math
 import sys
@@ -277,7 +278,7 @@ def _technical_output_floats(sites: _Sites, cells_by_features: int, distribution
 
 # --- probe-calibrated: any model and guide ----------------------------------------------
 
-_PROBE_CACHE: dict[tuple, tuple[Any, Any, Footprint]] = {}
+_PROBE_CACHE: dict[tuple, tuple[Any, Any, Any, Footprint]] = {}
 
 
 def _identity(obj: Any) -> tuple[Any, Callable[[], Any] | None]:
@@ -373,6 +374,28 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return ys[0] - slope * xs[0], slope
 
 
+def _bound(measures: list[_Measure], cap: int) -> int | None:
+    """After two batches, ``cap`` samples at the last batch's peak per sample: through the
+    origin, an upper bound for any batch from the last one up to ``cap``."""
+    if cap == sys.maxsize or len(measures) < 2:
+        return None
+    return math.ceil(measures[-1].delta_bytes * cap / measures[-1].batch_size)
+
+
+@dataclass
+class _Climb:
+    """The probe's batches, and the range of ``max_probe_bytes`` for which the same batches
+    would have been run (where a cached footprint from them stands)."""
+
+    measures: list[_Measure]
+    min_limit: int = 0
+    max_limit: int | None = None
+
+    def valid_for(self, limit: int | None) -> bool:
+        above = limit is None or limit >= self.min_limit
+        return above and (self.max_limit is None or (limit is not None and limit <= self.max_limit))
+
+
 def _climb(
     run: Callable[[int], _Measure],
     ladder: list[int],
@@ -380,11 +403,14 @@ def _climb(
     cap: int,
     limit: int | None,
     is_oom: Callable[[BaseException], bool],
-) -> list[_Measure]:
+) -> _Climb:
     """The probe's batches, in order: every explicit size, else up the ladder until a peak
     passes the target, then its double. A batch whose peak, extrapolated from those before it,
-    would pass ``limit`` is not run, and an out-of-memory error ends the climb (not the first)."""
-    measures: list[_Measure] = []
+    would pass ``limit`` is not run, and an out-of-memory error ends the climb (not the first).
+    When even the through-origin bound fits ``cap`` samples in a quarter of ``limit`` the climb
+    stops with that one batch: an exact line would not change the plan."""
+    climb = _Climb([])
+    measures = climb.measures
 
     def attempt(batch: int) -> bool:
         if limit is not None and measures:
@@ -396,6 +422,7 @@ def _climb(
             else:
                 need = last.delta_bytes * batch / last.batch_size
             if need > limit:
+                climb.max_limit = limit
                 return False
         try:
             measures.append(run(batch))
@@ -409,16 +436,19 @@ def _climb(
         for batch in ladder:
             if not attempt(batch):
                 break
-        return measures
+        return climb
     for batch in ladder:
         # the first batch also warms up (and is the noisiest): it ends the climb only when big
         if measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1):
             break
+        bound = _bound(measures, cap)
+        if limit is not None and bound is not None and 4 * bound <= limit:
+            return _Climb(measures[-1:], min_limit=4 * bound)
         if not attempt(batch):
-            return measures
+            return climb
     if 2 * measures[-1].batch_size < cap:
         attempt(2 * measures[-1].batch_size)
-    return measures
+    return climb
 
 
 def probe_footprint(
@@ -436,9 +466,9 @@ def probe_footprint(
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
 
-    Each batch runs after the backend's ``empty_cache`` (a garbage collection: a likelihood's
-    trace can hold its batch's tensors in reference cycles, and garbage freed during the next
-    batch would hide part of its peak) and, on the host, glibc's ``malloc_trim``, between its
+    Each batch runs after a garbage collection (a likelihood's trace can hold its batch's
+    tensors in reference cycles, and garbage freed during the next batch would hide part of its
+    peak), the backend's ``empty_cache`` and, on the host, glibc's ``malloc_trim``, between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
     /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (four times
@@ -448,8 +478,8 @@ def probe_footprint(
     No batch reaches ``max_batch_size`` (the planner passes ``num_samples``: the run itself is
     not repeated) or the number of posterior samples, except when two batches need it, nor
     (by extrapolation) peaks above ``max_probe_bytes`` (the planner passes its budget); when
-    that allows one batch only, the footprint is that batch's peak per sample, through the
-    origin. The batches' times give ``saturation_batch``.
+    that allows one batch only, or when ``max_batch_size`` samples clearly fit (see
+    :func:`_climb`), the footprint is one batch's peak per sample, through the origin. The batches' times give ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
     """
@@ -473,8 +503,8 @@ def probe_footprint(
         _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
     )
     cached = _PROBE_CACHE.get(key)
-    if cached is not None and cached[0]() == model and cached[1]() == guide:
-        return cached[2]
+    if cached is not None and cached[0]() == model and cached[1]() == guide and cached[2].valid_for(max_probe_bytes):
+        return cached[3]
 
     where = backend.torch_device(device)
     moved_args, moved_kwargs = to_device((args, kwargs), where)
@@ -495,6 +525,7 @@ def probe_footprint(
         )
 
     def run(batch: int) -> _Measure:
+        gc.collect()
         backend.empty_cache(device)
         if where.type == "cpu":
             _trim_host_heap()
@@ -513,13 +544,19 @@ def probe_footprint(
         del out, predictive
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
-    with parameters_on(where, guide):
-        measures = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
-        inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
+    gc.collect()
+    gc.freeze()  # from here each collection only scans what the probe creates (ms, not 0.1-0.3 s)
+    try:
+        with parameters_on(where, guide):
+            climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
+            inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
+    finally:
+        gc.unfreeze()
+    measures = climb.measures
     high = measures[-1]
-    if len(measures) == 1:  # the budget allowed one batch: through the origin, an over-estimate
+    if len(measures) == 1:  # one batch (budget, or room to spare): through the origin, an upper bound
         low, slope, working, saturation = high, high.delta_bytes / high.batch_size, 0.0, None
-        at = f"B={high.batch_size} only (max_probe_bytes)"
+        at = f"B={high.batch_size}, through the origin"
     else:
         low = measures[-2]
         intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
@@ -539,5 +576,5 @@ def probe_footprint(
         saturation_batch=saturation,
     )
     if model_ref is not None and guide_ref is not None:
-        _PROBE_CACHE[key] = (model_ref, guide_ref, footprint)
+        _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)
     return footprint

@@ -208,12 +208,23 @@ def test_probe_is_cached_per_model_guide_shapes_and_device():
     assert other is not first and recorder.resets > resets
 
 
+def test_probe_stops_early_when_everything_clearly_fits():
+    recorder, backend, guide = scripted(base=1 * MB, slope=1_000)
+    fp = probe_footprint(recorder.model, guide, max_batch_size=1000, max_probe_bytes=10**10, backend=backend)
+    # 1000 x (1 MB + 4 kB) / 4 = 251 MB, under a quarter of the 10 GB budget
+    assert fp.source == "probe on cpu at B=4, through the origin" and recorder.batch == 4
+    assert fp.peak_bytes(1000, inputs_resident=True) >= 1 * MB + 1000 * 1_000
+    # under a 20 MB budget the bound never leaves room: the usual climb, not the cached bound
+    tight = probe_footprint(recorder.model, guide, max_batch_size=1000, max_probe_bytes=20 * MB, backend=backend)
+    assert tight.source == "probe on cpu at B=256,512"
+
+
 def test_probe_stays_within_max_probe_bytes():
     recorder, backend, guide = scripted(base=0, slope=10 * MB)
     fp = probe_footprint(recorder.model, guide, max_probe_bytes=100 * MB, backend=backend)
     assert fp.source == "probe on cpu at B=1,4" and recorder.batch == 4  # 16 x 10 MB would pass
     one = probe_footprint(recorder.model, guide, max_probe_bytes=15 * MB, batch_sizes=(1, 2), backend=backend)
-    assert one.source == "probe on cpu at B=1 only (max_probe_bytes)" and recorder.batch == 1
+    assert one.source == "probe on cpu at B=1, through the origin" and recorder.batch == 1
     assert one.per_sample_bytes == pytest.approx(10 * MB * (1 + PROBE_MARGIN), rel=1e-6)
 
 
