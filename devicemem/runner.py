@@ -47,7 +47,9 @@ class BatchRecord:
     """One finished batch: samples ``start:start + size`` on ``device``.
 
     ``peak_bytes`` is the device's high-water mark during the batch as its backend measures it
-    (host: the process's peak RSS; CUDA: peak allocated); ``retries`` counts the
+    (host: the process's peak RSS; CUDA: peak allocated) and ``base_bytes`` what the process
+    held there when the batch started, so ``working_bytes`` is what the batch itself needed,
+    the figure the plan's predicted peak and budget speak of. ``retries`` counts the
     out-of-memory attempts at this start before the one that worked.
     """
 
@@ -57,6 +59,14 @@ class BatchRecord:
     wall_s: float
     peak_bytes: int | None
     retries: int
+    base_bytes: int | None = None
+
+    @property
+    def working_bytes(self) -> int | None:
+        """Peak above what was held when the batch started (None when either is unknown)."""
+        if self.peak_bytes is None or self.base_bytes is None:
+            return None
+        return max(self.peak_bytes - self.base_bytes, 0)
 
 
 def batch_seed(seed: int, start: int) -> int:
@@ -403,18 +413,20 @@ class Predictive:
         plan = self._given_plan or self._plan(self.device, self.num_samples, args, kwargs, result_bytes)
         self.plan = plan
         if self._given_plan is not None:
-            for reason in plan.reasons:
-                logger.info("[MEMORY] %s", reason)
+            logger.info(
+                "[MEMORY] Using the given plan: %d %s batch(es) of %d on %s",
+                plan.n_batches, "vectorised" if plan.vectorized else "sequential", plan.batch_size, plan.device,
+            )
         self._check_host(sites, (plan.predicted_peak_bytes or 0) if get_backend(plan.device).kind == HOST else 0)
         pin = self.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
         sink = _Sink(sites, self.reduce, self.num_samples, self.out, pin)
         self.report = []
         _Run(self, plan, sink, args, kwargs, result_bytes).execute()
-        peaks = [row.peak_bytes for row in self.report if row.peak_bytes is not None]
+        working = [row.working_bytes for row in self.report if row.working_bytes is not None]
         logger.info(
-            "[MEMORY] drew %d samples in %d batches on %s; largest batch peak %s",
+            "[MEMORY] Drew %d samples in %d batch(es) on %s; largest batch needed %s (predicted %s)",
             self.num_samples, len(self.report), ", ".join(dict.fromkeys(row.device for row in self.report)),
-            format_bytes(max(peaks) if peaks else None),
+            format_bytes(max(working) if working else None), format_bytes(plan.predicted_peak_bytes),
         )
         return sink.result()
 
@@ -493,6 +505,7 @@ class _Run:
                 predictive.posterior_samples = to_device(
                     {n: v[self.start : self.start + size] for n, v in owner.posterior_samples.items()}, where
                 )
+            base = backend.current_bytes(self.device)
             backend.reset_peak(self.device)
             began = time.perf_counter()
             failed = False
@@ -510,16 +523,17 @@ class _Run:
             del samples
             if where.type == "cuda":
                 torch.cuda.synchronize(where)
-            peak = backend.peak_bytes(self.device)
-            owner.report.append(
-                BatchRecord(self.start, size, self.device, time.perf_counter() - began, peak, self.retries)
+            record = BatchRecord(
+                self.start, size, self.device, time.perf_counter() - began,
+                backend.peak_bytes(self.device), self.retries, base,
             )
+            owner.report.append(record)
             self.start += size
             self.retries = 0
             bar.update(size)
             bar.set_postfix(
                 mem=format_bytes(backend.current_bytes(self.device)),
-                peak=f"{format_bytes(peak)}/{format_bytes(self.budget)}",
+                peak=f"{format_bytes(record.working_bytes)}/{format_bytes(self.budget)}",
             )
 
     def _retry_smaller(self, backend: Backend, size: int) -> None:

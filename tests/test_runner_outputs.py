@@ -57,7 +57,8 @@ def test_progress_bar_shows_memory_and_logs_go_to_devicemem(problem, capsys, cap
         Predictive(technical_model, guide=guide, num_samples=6, plan=make_plan(6, 3), progress=True)(*args)
     err = capsys.readouterr().err
     assert "6/6" in err and "mem=" in err and "peak=" in err
-    assert "[MEMORY] test plan: 2 batches of 3 on cpu" in caplog.text
+    assert "[MEMORY] Using the given plan: 2 vectorised batch(es) of 3 on cpu" in caplog.text
+    assert "test plan" not in caplog.text  # a given plan's reasons were logged by whoever made it
     Predictive(technical_model, guide=guide, num_samples=6, plan=make_plan(6, 3), progress=False)(*args)
     assert capsys.readouterr().err == ""
 
@@ -71,4 +72,6 @@ def test_report_has_a_row_per_batch_with_measured_peaks(problem):
     assert [(row.start, row.size, row.device, row.retries) for row in runner.report] == [
         (0, 4, "cpu", 0), (4, 4, "cpu", 0), (8, 2, "cpu", 0)
     ]
-    assert all(row.wall_s > 0 and row.peak_bytes > 50e6 for row in runner.report)
+    assert all(row.wall_s > 0 and row.peak_bytes >= row.base_bytes > 50e6 for row in runner.report)
+    assert runner.report[0].working_bytes > 0
+    assert all(row.working_bytes == row.peak_bytes - row.base_bytes < 200e6 for row in runner.report)
