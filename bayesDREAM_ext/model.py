@@ -263,7 +263,9 @@ def multinomial_technical_model(
         probs = pyro.deterministic("probs_baseline", probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-12), event_dim=1)
     if not observe:
         return
-    logits = torch.log(probs.clamp_min(1e-12)) + alpha_full[..., groups, :, :]
+    # Cells take the effect plates' dim -3 slot after indexing; unsqueeze keeps an outer
+    # (vectorised) sample dim apart from it, or a batch of B would broadcast to B x B.
+    logits = torch.log(probs.clamp_min(1e-12)) + alpha_full[..., groups, :, :].unsqueeze(-4)
     log_p = torch.log_softmax(logits.masked_fill(zero_cat_mask, float("-inf")), dim=-1)
     y = counts.masked_fill(zero_cat_mask, 0.0)
     total = y.sum(dim=-1)

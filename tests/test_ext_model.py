@@ -126,3 +126,13 @@ def test_params_only_drops_the_data_matrices():
     params = inputs.params_only()
     assert params["counts"] is None and params["denominator"] is None and params["observe"] is False
     assert np.all([value is not None for key, value in params.items() if key not in ("counts", "denominator")])
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_vectorised_multinomial_likelihood_grows_linearly_with_the_batch(n_groups):
+    data, inputs = inputs_for("multinomial", n_groups)
+    batch = 4
+    vectorised = pyro.plate("samples", batch, dim=-4)(inputs.model)
+    trace = pyro.poutine.trace(vectorised).get_trace(**inputs.kwargs)
+    trace.compute_log_prob()
+    assert trace.nodes["y_obs"]["log_prob"].shape == (batch, 1, data.n_cells, data.n_features)
