@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.devices import Backend, DeviceMemory, device_memory, devices, get_backend
+from devicemem.footprint import technical_latent_size
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.bayesdream")
@@ -94,13 +95,6 @@ class TrainResult:
         self.ms_per_step = 1e3 * self.seconds / max(len(self.losses), 1)
 
 
-def latent_size(distribution: str, n_features: int, n_groups: int, n_categories: int = 1) -> int:
-    """Number of unconstrained latent values of the technical model (what a guide covers)."""
-    effects = (n_groups - 1) * n_features * (n_categories if distribution == "multinomial" else 1)
-    per_feature = {"negbinom": 2, "normal": 2, "studentt": 2, "binomial": 1, "multinomial": n_categories - 1}
-    return effects + per_feature[distribution] * n_features + (distribution == "negbinom")
-
-
 def iaf_hidden_size(latent: int) -> int:
     """Pyro's default AutoIAFNormal hidden size."""
     return 3 * latent + 1
@@ -121,7 +115,7 @@ def training_footprint(
     """Predicted peak bytes of SVI on one device: data, guide state and one step's activations."""
     values = n_cells * n_features * n_categories
     data = values * FLOAT_BYTES * (2 if distribution == "binomial" else 1) + n_cells * 12
-    latent = latent_size(distribution, n_features, n_groups, n_categories)
+    latent = technical_latent_size(n_features, n_groups, n_categories, distribution)
     return data + guide_bytes(guide, latent) + STEP_FIXED_BYTES + STEP_BYTES_PER_VALUE[distribution] * values
 
 
@@ -159,7 +153,7 @@ def plan_training(
     memory_of = memory_of or (lambda name: device_memory(name, max_memory=max_memory))
     accelerators = accelerators or (lambda: [m for m in devices(max_memory=max_memory) if m.device != HOST])
     shape = dict(n_cells=n_cells, n_features=n_features, n_groups=n_groups, n_categories=n_categories, distribution=distribution)
-    latent = latent_size(distribution, n_features, n_groups, n_categories)
+    latent = technical_latent_size(n_features, n_groups, n_categories, distribution)
     need = training_footprint(**shape, guide="normal")
     reasons: list[str] = []
     if device == "auto":

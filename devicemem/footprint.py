@@ -151,6 +151,11 @@ def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribu
     return _Sites(effects, 2 * n_features, n_features, effects + 2 * n_features + extra)
 
 
+def technical_latent_size(n_features: int, n_groups: int, n_categories: int = 1, distribution: str = "negbinom") -> int:
+    """Number of unconstrained latent values of the technical model (what a guide covers)."""
+    return _technical_sites(n_features, n_groups, n_categories, distribution).latent
+
+
 # Per-sample floats at the peak of a params-only vectorised call, as (per effect element, per
 # per-feature element) for each of the call's candidate peaks; the larger one wins. Measured by
 # peak RSS with [B, T] tensors >= 32 MiB (T=16000-32000, B=500-1000).
@@ -486,7 +491,7 @@ def probe_footprint(
     from pyro.infer import Predictive as PyroPredictive
 
     from devicemem.devices import get_backend
-    from devicemem.placement import _guide_tensors, parameters_on, to_device
+    from devicemem.placement import guide_tensors, parameters_on, to_device
 
     sizes = _check_batch_sizes(batch_sizes)
     if max_batch_size is not None:
@@ -549,7 +554,7 @@ def probe_footprint(
     try:
         with parameters_on(where, guide):
             climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
-            inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + _guide_tensors(guide))
+            inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:
         gc.unfreeze()
     measures = climb.measures

@@ -42,7 +42,7 @@ def to_device(obj: T, device: torch.device | str) -> T:
     return obj
 
 
-def _guide_tensors(guide: Any) -> list[Tensor]:
+def guide_tensors(guide: Any) -> list[Tensor]:
     """The guide's parameters and buffers and the param store's parameters, each once."""
     found: dict[int, Tensor] = {}
     if isinstance(guide, torch.nn.Module):
@@ -70,7 +70,7 @@ def parameters_on(
     device = torch.device(device)
     originals: list[tuple[Tensor, Tensor]] = []
     try:
-        for tensor in _guide_tensors(guide):
+        for tensor in guide_tensors(guide):
             original = tensor.data
             moved = mover(original, device)
             if moved is not original:

@@ -19,12 +19,12 @@ from bayesDREAM_ext.training import (
     FLOAT_BYTES,
     TrainingPlan,
     iaf_hidden_size,
-    latent_size,
     plan_training,
     train,
     training_footprint,
 )
 from devicemem.devices import DeviceMemory, get_backend, register_backend
+from devicemem.footprint import technical_latent_size
 from devicemem.testing import run_child
 from tests.runner_fakes import FakeGpu
 
@@ -79,7 +79,7 @@ def test_explicit_device_is_used_or_rejected():
 
 
 def test_iaf_only_when_its_real_footprint_fits():
-    latent = latent_size("negbinom", 300, 2)
+    latent = technical_latent_size(300, 2)
     iaf_need = training_footprint(500, 300, 2, guide="iaf")
     assert iaf_need > 9 * latent * iaf_hidden_size(latent) // 3 * FLOAT_BYTES
     roomy = plan(500, 300, host=2 * iaf_need, guide="auto")
@@ -97,12 +97,12 @@ def test_latent_size_is_what_autonormal_builds(distribution):
     guide = AutoNormal(inputs.model)
     guide(**inputs.kwargs)
     built = sum(loc.numel() for loc in guide.locs.parameters())
-    assert latent_size(distribution, data.n_features, 3, data.n_categories) == built
+    assert technical_latent_size(data.n_features, 3, data.n_categories, distribution) == built
 
 
 def test_iaf_weights_are_counted_with_the_default_hidden_size():
     data, inputs = inputs_for(n_features=6)
-    latent = latent_size("negbinom", data.n_features, 2)
+    latent = technical_latent_size(data.n_features, 2)
     pyro.clear_param_store()
     guide = AutoIAFNormal(inputs.model, hidden_dim=[iaf_hidden_size(latent)])
     guide(**inputs.kwargs)
@@ -171,7 +171,7 @@ def fake_gpu():
 
 def _gpu_plan(data, budget: int) -> TrainingPlan:
     need = training_footprint(data.n_cells, data.n_features, data.n_groups)
-    return TrainingPlan("cuda:0", "normal", latent_size("negbinom", data.n_features, 2), need, budget, 0.8, ("fake",))
+    return TrainingPlan("cuda:0", "normal", technical_latent_size(data.n_features, 2), need, budget, 0.8, ("fake",))
 
 
 def test_a_first_gpu_step_over_budget_moves_training_to_the_cpu(fake_gpu):
