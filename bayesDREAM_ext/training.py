@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
 from bayesDREAM_ext.model import ModelInputs
-from devicemem.devices import Backend, DeviceMemory, device_memory, devices, get_backend
+from devicemem.backends import Backend, DeviceMemory, device_memory, devices, get_backend
 from devicemem.footprint import technical_latent_size
 from devicemem.units import format_bytes
 

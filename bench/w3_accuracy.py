@@ -139,7 +139,7 @@ def measure(spec: dict) -> dict[str, Any]:
     import torch
     from pyro.infer import Predictive
 
-    from devicemem.devices import get_backend
+    from devicemem.backends import get_backend
     from devicemem.footprint import probe_footprint
 
     pyro.set_rng_seed(0)

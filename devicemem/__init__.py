@@ -6,7 +6,7 @@ cheap; each lives in the module that owns its idea:
 =============================================  ======================
 name                                           module
 =============================================  ======================
-DeviceMemory, devices, device_memory,          devicemem.devices
+DeviceMemory, devices, device_memory,          devicemem.backends
 register_backend, get_backend
 Footprint, technical_footprint,                devicemem.footprint
 probe_footprint
@@ -26,11 +26,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DeviceMemory": "devicemem.devices",
-    "devices": "devicemem.devices",
-    "device_memory": "devicemem.devices",
-    "register_backend": "devicemem.devices",
-    "get_backend": "devicemem.devices",
+    "DeviceMemory": "devicemem.backends",
+    "devices": "devicemem.backends",
+    "device_memory": "devicemem.backends",
+    "register_backend": "devicemem.backends",
+    "get_backend": "devicemem.backends",
     "Footprint": "devicemem.footprint",
     "technical_footprint": "devicemem.footprint",
     "probe_footprint": "devicemem.footprint",

@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Callable, Sequence
 
-from devicemem.devices import DeviceMemory, devices, limit_source
+from devicemem.backends import DeviceMemory, devices, limit_source
 from devicemem.units import format_bytes
 
 

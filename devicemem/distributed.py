@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from devicemem.devices import _split, device_memory, devices, get_backend, parse_max_memory
+from devicemem.backends import _split, device_memory, devices, get_backend, parse_max_memory
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
 from devicemem.runner import HOST, BatchRecord, Predictive, _Sink, batch_seed

@@ -486,11 +486,11 @@ def probe_footprint(
     that allows one batch only, or when ``max_batch_size`` samples clearly fit (see
     :func:`_climb`), the footprint is one batch's peak per sample, through the origin. The batches' times give ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
-    ``backend`` replaces ``devicemem.devices.get_backend(device)`` (tests inject fakes).
+    ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes).
     """
     from pyro.infer import Predictive as PyroPredictive
 
-    from devicemem.devices import get_backend
+    from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
 
     sizes = _check_batch_sizes(batch_sizes)

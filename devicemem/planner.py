@@ -1,6 +1,6 @@
 """The planner: which device, how many samples per batch, vectorised or sequential, and why.
 
-It reads device memory from the registry (:mod:`devicemem.devices`) and a footprint from
+It reads device memory from the registry (:mod:`devicemem.backends`) and a footprint from
 :mod:`devicemem.footprint` (probed for any model, analytic for the technical model), and
 decides; the runner executes the :class:`Plan`. Every decision is logged to
 ``logging.getLogger("devicemem.planner")`` as a ``[MEMORY]`` line and kept in
@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from devicemem.devices.base import DeviceMemory
+from devicemem.backends.base import DeviceMemory
 from devicemem.footprint import (
     DISTRIBUTIONS,
     GUIDES,
@@ -68,7 +68,7 @@ class Plan:
 class Resources:
     """What the planner reads from the world; None means the real thing. Tests pass fakes.
 
-    ``devices(max_memory)`` lists every device (default :func:`devicemem.devices.devices`);
+    ``devices(max_memory)`` lists every device (default :func:`devicemem.backends.devices`);
     ``probe(model, guide, *args, device=, return_sites=, posterior_samples=, **kwargs)``
     measures a footprint (default :func:`devicemem.footprint.probe_footprint`); ``environ``
     is where ``DEVICEMEM_SAFETY_FACTOR`` is read (default ``os.environ``).
@@ -81,7 +81,7 @@ class Resources:
     def list_devices(self, max_memory: Any) -> list[DeviceMemory]:
         if self.devices is not None:
             return self.devices(max_memory)
-        from devicemem.devices import devices
+        from devicemem.backends import devices
 
         return devices(max_memory=max_memory)
 
@@ -153,7 +153,7 @@ def _describe(memory: DeviceMemory) -> str:
         return f"Available {what}: unknown (nothing readable)"
     extra = ""
     if memory.limit_bytes is not None:
-        from devicemem.devices import limit_source
+        from devicemem.backends import limit_source
 
         extra = f" (limit {format_bytes(memory.limit_bytes)} from {limit_source(memory)})"
     elif memory.total_bytes is not None:
@@ -171,7 +171,7 @@ def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
 
 
 def _is_oom(device: str, exc: BaseException) -> bool:
-    from devicemem.devices import get_backend
+    from devicemem.backends import get_backend
 
     return get_backend(device).is_oom(exc)
 

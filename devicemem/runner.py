@@ -29,7 +29,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from devicemem.devices import Backend, device_memory, get_backend
+from devicemem.backends import Backend, device_memory, get_backend
 from devicemem.placement import parameters_on, to_device
 from devicemem import planner
 from devicemem.planner import Plan

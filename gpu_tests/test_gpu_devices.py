@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from devicemem.devices import SystemProbe, device_memory
-from devicemem.devices.cuda import CudaBackend
+from devicemem.backends import SystemProbe, device_memory
+from devicemem.backends.cuda import CudaBackend
 from devicemem.units import format_bytes
 from gpu_tests.support import GIB, MIB, release_cuda
 
@@ -64,8 +64,8 @@ def test_nvml_and_torch_agree_on_every_visible_device(figures):
 CHILD = r"""
 import dataclasses, json, os
 import pynvml, torch
-from devicemem.devices import device_memory
-from devicemem.devices.cuda import nvml_handle, visible_entries
+from devicemem.backends import device_memory
+from devicemem.backends.cuda import nvml_handle, visible_entries
 
 entries = visible_entries(os.environ)
 rows = []

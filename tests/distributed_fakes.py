@@ -10,8 +10,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from devicemem.devices import DeviceMemory, register_backend
-from devicemem.devices.host import CpuBackend
+from devicemem.backends import DeviceMemory, register_backend
+from devicemem.backends.host import CpuBackend
 
 
 def indexed_model(n_values: int) -> None:

@@ -14,9 +14,9 @@ from pyro.poutine.runtime import _PYRO_STACK
 
 from bayesDREAM_ext.model import mu_ntc_prior, technical_model
 from bayesDREAM_ext.synthetic import synthetic_technical
-from devicemem.devices import DeviceMemory, get_backend, register_backend
-from devicemem.devices.base import Backend
-from devicemem.devices.host import CpuBackend
+from devicemem.backends import DeviceMemory, get_backend, register_backend
+from devicemem.backends.base import Backend
+from devicemem.backends.host import CpuBackend
 from devicemem.planner import Plan
 from devicemem.runner import batch_seed
 

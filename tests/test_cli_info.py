@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from devicemem.cli import main
-from devicemem.devices import DeviceMemory
+from devicemem.backends import DeviceMemory
 from devicemem.testing import run_child
 
 GiB = 1 << 30

@@ -23,7 +23,7 @@ from bayesDREAM_ext.training import (
     train,
     training_footprint,
 )
-from devicemem.devices import DeviceMemory, get_backend, register_backend
+from devicemem.backends import DeviceMemory, get_backend, register_backend
 from devicemem.footprint import technical_latent_size
 from devicemem.testing import run_child
 from tests.runner_fakes import FakeGpu

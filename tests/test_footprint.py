@@ -13,7 +13,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from bench.child import MARKER
-from devicemem.devices.base import Backend
+from devicemem.backends.base import Backend
 from devicemem.footprint import PROBE_MARGIN, Footprint, probe_footprint, technical_footprint
 from devicemem.testing import run_child
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from devicemem.devices.base import DeviceMemory
+from devicemem.backends.base import DeviceMemory
 from devicemem.footprint import Footprint
 from devicemem.planner import (
     CONSERVATIVE_BATCH,

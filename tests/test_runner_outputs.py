@@ -73,5 +73,4 @@ def test_report_has_a_row_per_batch_with_measured_peaks(problem):
         (0, 4, "cpu", 0), (4, 4, "cpu", 0), (8, 2, "cpu", 0)
     ]
     assert all(row.wall_s > 0 and row.peak_bytes >= row.base_bytes > 50e6 for row in runner.report)
-    assert runner.report[0].working_bytes > 0
     assert all(row.working_bytes == row.peak_bytes - row.base_bytes < 200e6 for row in runner.report)

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from devicemem.devices.host import CpuBackend
+from devicemem.backends.host import CpuBackend
 from devicemem.testing import cgroup_unavailable_reason, run_child
-from device_fakes import GiB, MiB, fake_psutil, meminfo, probe, status, write_tree
+from backend_fakes import GiB, MiB, fake_psutil, meminfo, probe, status, write_tree
 
 V1_NONE = 9223372036854771712
 HOST = {"proc/meminfo": meminfo(64 * GiB, 48 * GiB)}
@@ -325,7 +325,7 @@ def test_is_oom_recognises_host_allocation_failures() -> None:
 # --- real capped children ------------------------------------------------------------------
 
 _READ_USABLE = (
-    "import json; from devicemem.devices import device_memory; "
+    "import json; from devicemem.backends import device_memory; "
     "m = device_memory('cpu'); print(json.dumps({'usable': m.usable_bytes, 'sources': m.sources}))"
 )
 
@@ -345,7 +345,7 @@ def test_child_in_a_1gib_cgroup_reports_usable_within_the_limit_minus_its_use() 
 def test_child_under_rlimit_as_can_allocate_usable_but_not_more() -> None:
     cap = 2 * GiB
     snippet = (
-        "import torch; from devicemem.devices import device_memory, get_backend\n"
+        "import torch; from devicemem.backends import device_memory, get_backend\n"
         "usable = device_memory('cpu').usable_bytes\n"
         "try:\n"
         "    torch.empty(usable + (64 << 20), dtype=torch.uint8)\n"

@@ -14,15 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import sys
-import types
 from typing import Any, Mapping
 
-from devicemem.devices.base import Backend, DeviceMemory
-from devicemem.devices.cuda import CudaBackend
-from devicemem.devices.host import CpuBackend
-from devicemem.devices.mps import MpsBackend
-from devicemem.devices.probe import SystemProbe
+from devicemem.backends.base import Backend, DeviceMemory
+from devicemem.backends.cuda import CudaBackend
+from devicemem.backends.host import CpuBackend
+from devicemem.backends.mps import MpsBackend
+from devicemem.backends.probe import SystemProbe
 from devicemem.units import parse_bytes
 
 __all__ = [
@@ -38,7 +36,7 @@ __all__ = [
     "register_backend",
 ]
 
-logger = logging.getLogger("devicemem.devices")
+logger = logging.getLogger("devicemem.backends")
 
 MAX_MEMORY_ENV = "DEVICEMEM_MAX_MEMORY"
 _DEVICE = re.compile(r"([a-z][a-z0-9_]*)(?::(\d+))?")
@@ -55,7 +53,7 @@ def register_backend(name: str, backend: Backend) -> None:
     """Add (or replace) the backend for devices named ``name`` or ``name:<index>``."""
     if not isinstance(backend, Backend):
         raise TypeError(
-            f"register_backend: backend must be a devicemem.devices.Backend; got {type(backend).__name__}"
+            f"register_backend: backend must be a devicemem.backends.Backend; got {type(backend).__name__}"
         )
     if not isinstance(name, str) or _DEVICE.fullmatch(name) is None or ":" in name:
         raise ValueError(f"register_backend: name must be a lower-case kind like 'xpu'; got {name!r}")
@@ -216,20 +214,3 @@ def device_memory(
     problem = "is not a known kind" if backend is None else "is not visible to this process"
     kinds = ", ".join(_BACKENDS)
     raise ValueError(f"device {name!r} {problem}; this process sees: {seen} (known kinds: {kinds})")
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``devicemem.devices(...)`` work whichever way the name was bound.
-
-    Importing any ``devicemem.devices.*`` module binds this package to the name ``devices``
-    on ``devicemem``, hiding the lazily exported function of the same name; so the package
-    itself answers calls with :func:`devices`.
-    """
-
-    def __call__(
-        self, max_memory: MaxMemory = None, probe: SystemProbe | None = None
-    ) -> list[DeviceMemory]:
-        return devices(max_memory=max_memory, probe=probe)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from devicemem.devices.cuda import CudaBackend
-from device_fakes import (
+from devicemem.backends.cuda import CudaBackend
+from backend_fakes import (
     FakeCuda, FakeGpu, FakeNvml, FakeOutOfMemoryError, GiB, NVMLError_LibraryNotFound, fake_torch, probe,
 )
 

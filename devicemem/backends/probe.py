@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-logger = logging.getLogger("devicemem.devices")
+logger = logging.getLogger("devicemem.backends")
 
 
 def _no_torch() -> None:

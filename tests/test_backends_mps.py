@@ -6,8 +6,8 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-from devicemem.devices.mps import MpsBackend
-from device_fakes import GiB, fake_torch, probe
+from devicemem.backends.mps import MpsBackend
+from backend_fakes import GiB, fake_torch, probe
 
 
 def fake_mps(allocated: int) -> SimpleNamespace:

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 
 import devicemem
-import devicemem.devices as registry
-from devicemem.devices import (
+import devicemem.backends as registry
+from devicemem.backends import (
     Backend, DeviceMemory, device_memory, devices, get_backend, limit_source, parse_max_memory, register_backend,
 )
-from devicemem.devices.cuda import CudaBackend
-from device_fakes import FakeCuda, FakeGpu, FakeNvml, GiB, fake_torch, meminfo, probe, write_tree
+from devicemem.backends.cuda import CudaBackend
+from backend_fakes import FakeCuda, FakeGpu, FakeNvml, GiB, fake_torch, meminfo, probe, write_tree
 
 GPUS = [FakeGpu("GPU-a", "NVIDIA A100", 80 * GiB, 70 * GiB), FakeGpu("GPU-b", "NVIDIA H100", 96 * GiB, 90 * GiB)]
 MPS = SimpleNamespace(recommended_max_memory=lambda: 16 * GiB, driver_allocated_memory=lambda: 0,
@@ -34,8 +34,7 @@ def test_devices_lists_cpu_then_cuda_in_order_then_mps(tmp_path: Path) -> None:
     assert all(isinstance(m, DeviceMemory) for m in found)
 
 
-def test_package_level_devices_works_after_the_subpackage_was_imported(tmp_path: Path) -> None:
-    # this module imported devicemem.devices first, which binds the *package* to the name
+def test_package_level_names_work_after_the_backends_package_was_imported(tmp_path: Path) -> None:
     p = machine(tmp_path, gpus=1)
     assert [m.device for m in devicemem.devices(probe=p)] == ["cpu", "cuda:0"]
     assert devicemem.device_memory("cuda:0", probe=p).name == "NVIDIA A100"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from devicemem.devices.base import Backend, DeviceMemory
-from devicemem.devices.host import PeakSampler
-from devicemem.devices.probe import SystemProbe
+from devicemem.backends.base import Backend, DeviceMemory
+from devicemem.backends.host import PeakSampler
+from devicemem.backends.probe import SystemProbe
 
 if TYPE_CHECKING:
     import torch

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Mapping
 
-from devicemem.devices.base import Backend, DeviceMemory
-from devicemem.devices.probe import SystemProbe
+from devicemem.backends.base import Backend, DeviceMemory
+from devicemem.backends.probe import SystemProbe
 
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger("devicemem.devices")
+logger = logging.getLogger("devicemem.backends")
 
 _Reading = tuple[str, int, int]  # name, total bytes, free bytes
 

@@ -1,4 +1,4 @@
-"""Fakes for devicemem.devices tests: /proc and /sys trees, psutil, NVML and torch.cuda."""
+"""Fakes for devicemem.backends tests: /proc and /sys trees, psutil, NVML and torch.cuda."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-from devicemem.devices.probe import SystemProbe
+from devicemem.backends.probe import SystemProbe
 
 GiB = 1 << 30
 MiB = 1 << 20

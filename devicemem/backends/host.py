@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from devicemem.devices.base import Backend, DeviceMemory
-from devicemem.devices.probe import SystemProbe, kib_field
+from devicemem.backends.base import Backend, DeviceMemory
+from devicemem.backends.probe import SystemProbe, kib_field
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,7 @@ try:
 except ImportError:  # no rlimits on this platform
     _RLIMITS = ()
 
-logger = logging.getLogger("devicemem.devices")
+logger = logging.getLogger("devicemem.backends")
 
 # cgroup v1 writes "no limit" as the largest page-aligned int64 (9223372036854771712); anything
 # this large is no limit.

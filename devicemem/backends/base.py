@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from devicemem.devices.probe import SystemProbe
+    from devicemem.backends.probe import SystemProbe
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class DeviceMemory:
     each number came from: the free-memory reading first (when ``free_bytes`` is known), then
     every limit, the one ``limit_bytes`` reports first, e.g. ``("psutil.virtual_memory",
     "cgroup-v1:/slurm/uid_1/job_2 (memory.limit_in_bytes)", "rlimit:RLIMIT_AS")``;
-    ``devicemem.devices.limit_source`` picks out the limit's.
+    ``devicemem.backends.limit_source`` picks out the limit's.
     """
 
     device: str
