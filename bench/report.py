@@ -316,15 +316,18 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: Path) -> Path | None:
-    """PNG of every W2 workload: time and peak RSS per configuration, the cap drawn in."""
+    """PNG of every W2 workload: time and peak RSS per configuration, the cap drawn in.
+
+    None when there is no W2 row to draw (e.g. ``--only W6`` on the GPU machine, which has no
+    matplotlib)."""
+    w2 = [w for w in results["workloads"] if w["group"] == "W2" and w.get("rows")]
+    if not w2:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w2 = [w for w in results["workloads"] if w["group"] == "W2" and w.get("rows")]
-    if not w2:
-        return None
     height = sum(0.45 * len(w["rows"]) + 1.2 for w in w2) + 0.6
     fig, axes = plt.subplots(len(w2), 2, figsize=(13, height), squeeze=False,
                              gridspec_kw={"height_ratios": [len(w["rows"]) for w in w2]})
