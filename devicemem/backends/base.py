@@ -41,6 +41,18 @@ class Backend(ABC):
 
     kind: str
 
+    def __init__(self, probe: SystemProbe | None = None) -> None:
+        self._probe = probe
+
+    @property
+    def probe(self) -> SystemProbe:
+        """The probe given at construction, else this process's real one."""
+        if self._probe is not None:
+            return self._probe
+        from devicemem.backends.probe import SystemProbe
+
+        return SystemProbe.default()
+
     @abstractmethod
     def discover(self, probe: SystemProbe) -> list[DeviceMemory]:
         """Every device of this kind visible to this process, with its memory readings."""

@@ -126,13 +126,6 @@ class CudaBackend(Backend):
 
     kind = "cuda"
 
-    def __init__(self, probe: SystemProbe | None = None) -> None:
-        self._probe = probe
-
-    @property
-    def probe(self) -> SystemProbe:
-        return self._probe if self._probe is not None else SystemProbe.default()
-
     def discover(self, probe: SystemProbe) -> list[DeviceMemory]:
         cuda = getattr(probe.torch, "cuda", None)
         if cuda is None or not cuda.is_available():

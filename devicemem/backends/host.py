@@ -321,12 +321,8 @@ class CpuBackend(Backend):
     kind = "cpu"
 
     def __init__(self, probe: SystemProbe | None = None) -> None:
-        self._probe = probe
+        super().__init__(probe)
         self._sampler: PeakSampler | None = None
-
-    @property
-    def probe(self) -> SystemProbe:
-        return self._probe if self._probe is not None else SystemProbe.default()
 
     def discover(self, probe: SystemProbe) -> list[DeviceMemory]:
         total, free, free_source = _free_memory(probe)
