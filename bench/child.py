@@ -68,6 +68,9 @@ def run_predictive(spec: dict) -> dict:
     from bench.baselines import run_baseline
 
     model, guide, args, kwargs, data = _technical_setup(spec)
+    if spec["baseline"] == "devicemem-auto":  # imported before the clock starts, as pyro is for the others
+        import devicemem.distributed  # noqa: F401
+        import devicemem.runner  # noqa: F401
     device = spec.get("device", "cpu")
     if spec["baseline"] != "devicemem-auto" and device != "cpu":
         from devicemem.placement import to_device

@@ -3,7 +3,8 @@
 Every point runs in a fresh child (``python -m bench.w3_accuracy '<spec>'``): it sets up
 (imports, data, an initialised AutoNormal / AutoIAFNormal / AutoDelta guide), collects garbage,
 restarts the kernel's high-water mark (/proc/self/clear_refs, through devicemem's CPU backend),
-runs one ``pyro.infer.Predictive(..., parallel=True)`` of B samples and reads VmHWM. The
+runs one vectorised batch of B samples as devicemem's runner does (one
+:meth:`devicemem.sampling.Sampler.draw`) and reads VmHWM. The
 measured peak is VmHWM minus the RSS just before the call (the data and guide are already
 resident); ``wait4``'s peak RSS of the whole child is reported next to it as a cross-check.
 
@@ -133,14 +134,13 @@ def _hill(spec: dict) -> tuple[Any, Any, dict, dict]:
 
 
 def measure(spec: dict) -> dict[str, Any]:
-    """In the child: the peak of one vectorised Predictive of ``spec["B"]`` samples above the
-    RSS just before it, or (``spec["probe"]``) the probed footprint."""
+    """In the child: the peak of one vectorised batch of ``spec["B"]`` samples above the RSS
+    just before it, or (``spec["probe"]``) the probed footprint."""
     import pyro
-    import torch
-    from pyro.infer import Predictive
 
     from devicemem.backends import get_backend
     from devicemem.footprint import probe_footprint
+    from devicemem.sampling import Sampler, select_sites
 
     pyro.set_rng_seed(0)
     model, guide, kwargs, shapes = (_hill if spec["model"] == "hill" else _technical)(spec)
@@ -148,12 +148,13 @@ def measure(spec: dict) -> dict[str, Any]:
         began = time.perf_counter()
         footprint = probe_footprint(model, guide, device="cpu", **kwargs)
         return {"footprint": footprint.__dict__, "seconds": time.perf_counter() - began, **shapes}
+    sampler = Sampler(model, guide, (), kwargs)
+    returned = select_sites(sampler.sites, (), True, None)
     backend = get_backend("cpu")
     gc.collect()
     backend.reset_peak("cpu")
     before = backend.current_bytes("cpu")
-    with torch.no_grad():
-        samples = Predictive(model, guide=guide, num_samples=spec["B"], parallel=True)(**kwargs)
+    samples = sampler.draw(spec["B"], (), kwargs, returned)
     peak = backend.peak_bytes("cpu")
     del samples
     return {"baseline_bytes": before, "delta_bytes": peak - before, **shapes}

@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyro
@@ -45,9 +45,7 @@ from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
 from devicemem.runner import HOST, BatchRecord, Predictive, _Sink, batch_seed
 from devicemem.units import format_bytes
-
-if TYPE_CHECKING:
-    from devicemem.runner import _Site
+from devicemem.sampling import Site
 
 logger = logging.getLogger("devicemem.distributed")
 
@@ -417,7 +415,7 @@ class _Moments:
 class _Collector:
     """Receives shard outputs in any order and stores each one exactly once, in sample order."""
 
-    def __init__(self, owner: Predictive, sites: dict[str, _Site]) -> None:
+    def __init__(self, owner: Predictive, sites: dict[str, Site]) -> None:
         self.owner = owner
         stored = {name: site for name, site in sites.items() if name not in owner.reduce}
         self.sink = _Sink(stored, {}, owner.num_samples, owner.out, pin=False)
@@ -476,7 +474,7 @@ def run(owner: Predictive, options: RayOptions, args: tuple, kwargs: dict) -> di
     ``owner.plan`` to None (each shard's plan is in its record)."""
     ray = import_ray()
     names = _requested(owner.device)
-    sites = owner._returned_sites(args, kwargs)
+    _, sites = owner._returned_sites(args, kwargs)
     owner._check_host(sites)
     _connect(ray)
     slots = _slots(names, ray.cluster_resources(), options.cpus_per_shard)

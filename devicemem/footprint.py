@@ -3,10 +3,11 @@
 Two estimators, one record (:class:`Footprint`):
 
 - :func:`technical_footprint`, analytic, for bayesDREAM's technical model family, from shapes
-  alone. Its coefficients count the tensors that are alive at the peak of one vectorised
-  ``pyro.infer.Predictive`` call, measured by peak RSS in fresh child processes
+  alone. Its coefficients count the tensors that are alive at the peak of one vectorised draw
+  (:meth:`devicemem.sampling.Sampler.draw`, what the runner executes per batch), measured by
+  peak RSS in fresh child processes
   (bench/w3_accuracy.py checks them on a grid).
-- :func:`probe_footprint`, for any Pyro model and guide: runs a few vectorised batches on the
+- :func:`probe_footprint`, for any Pyro model and guide: runs a few vectorised draws on the
   target device, measures each one's peak through the device's backend, fits a line through
   the two largest and adds :data:`PROBE_MARGIN`. Results are cached per (model, guide,
   argument shapes, device).
@@ -15,7 +16,6 @@ Two estimators, one record (:class:`Footprint`):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 import inspect
@@ -36,11 +36,13 @@ MiB = 1 << 20
 # size are still counted in RSS after they die.
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
-# Each Predictive call runs the model (and guide) twice unvectorised before the vectorised run
-# (pyro.infer.predictive._predictive): about two samples' worth of work per call. With the observation site
-# the per-sample cost is otherwise flat in the batch size, so beyond 40 samples (overhead
-# under 5%) a bigger batch buys no speed, only memory.
-OBS_SATURATION_BATCH = 40
+# With the observation site a vectorised batch stops paying once its likelihood tensors hold
+# this many elements: a draw's own overhead (tracing a few dozen sites, ~10-30 ms) is then under
+# 5% of its work. Measured at N x T = 2000 x 2000 on the CPU: 0.52 s per sample at B=1, 0.66-0.70
+# s at B=2-25 (beyond glibc's mmap threshold every temporary is page-faulted in afresh).
+OBS_SATURATION_ELEMENTS = 1 << 22
+# A probed batch whose time per sample is within this factor of the best probed one is as fast.
+TIME_TOLERANCE = 1.05
 
 PROBE_MARGIN = 0.10
 PROBE_TARGET_BYTES = 256 * MiB
@@ -156,29 +158,28 @@ def technical_latent_size(n_features: int, n_groups: int, n_categories: int = 1,
     return _technical_sites(n_features, n_groups, n_categories, distribution).latent
 
 
-# Per-sample floats at the peak of a params-only vectorised call, as (per effect element, per
-# per-feature element) for each of the call's candidate peaks; the larger one wins. Measured by
-# peak RSS with [B, T] tensors >= 32 MiB (T=16000-32000, B=500-1000).
-# AutoNormal, negbinom: 2 * (C-1)*T + 7*T while the guide draws (the effect draw is its own
-# value; each per-feature site holds its draw, its transformed value and rsample temporaries),
-# and 3 * (C-1)*T + 6*T at the end of the model, which adds alpha_y_mul and the [B, C, T]
-# effects with the baseline row (C=2: 9.0 T; C=3: 12.0 T; C=5: 18.5 T). Other distributions,
-# measured at C=2: normal and studentt 8.0 T (mu_ntc needs no transform), binomial 7.3 T
-# (one per-feature site, a Beta), multinomial 25 T at K=3 (masking, centring and the simplex).
+# Per-sample floats at the peak of a params-only vectorised draw (devicemem.sampling), as (per
+# effect element, per per-feature element); the largest candidate wins. Measured by peak RSS in
+# fresh children (bench/w3_accuracy.py) with [B, T] tensors >= 32 MiB (T=20000-24000,
+# B=500-1200), where the peak is linear in B through the origin.
+# AutoNormal draws each site in place (its value only); the peak is at the end of the model,
+# which adds alpha_y_mul and the [B, C, T] effects with the baseline row: 3 per effect element
+# and 2 per per-feature element (negbinom C=2: 7.0 T, C=4: 13.0 T; studentt C=3: 10.0 T;
+# binomial, one per-feature site, a Beta: 3 per element, 9.0 T at C=3). multinomial at K=3:
+# 7.7 per element (masking, centring and the simplex).
 _NORMAL_GUIDE_PEAKS = {
-    "negbinom": ((2.0, 3.5), (3.0, 3.0)),
-    "normal": ((2.0, 3.0), (3.0, 2.5)),
-    "studentt": ((2.0, 3.0), (3.0, 2.5)),
-    "binomial": ((2.0, 5.25), (3.0, 4.25)),
+    "negbinom": ((3.0, 2.0),),
+    "normal": ((3.0, 2.0),),
+    "studentt": ((3.0, 2.0),),
+    "binomial": ((3.0, 3.0),),
     "multinomial": ((4.2, 4.2),),
 }
-# AutoDelta's draws are expanded views: only the model's derived tensors remain (negbinom: 4 per
-# effect element at C=2, ~0 per feature).
-_DELTA_GUIDE_PEAKS = ((4.0, 0.0),)
-# While a [B, T] tensor is under glibc's mmap threshold the guide's dead temporaries stay
-# resident: measured +4.0-7.3 T floats per sample (negbinom, T=2000-8000, C=2 and 4), i.e. about
-# 3 per per-feature element, assumed alike for the other distributions.
-_HEAP_PER_FEATURE = {"normal": 3.0, "delta": 0.0}
+# AutoDelta's draws are expanded views: only the model's derived tensors remain (negbinom C=2:
+# 3.0-3.25 per effect element, ~0 per feature).
+_DELTA_GUIDE_PEAKS = ((3.25, 0.0),)
+# While a [B, T] tensor is under glibc's mmap threshold some dead temporaries stay in the heap:
+# measured +0.15 per per-feature element (negbinom, T=4000 and 31467, C=2); 0.5 keeps a margin.
+_HEAP_PER_FEATURE = {"normal": 0.5, "delta": 0.0}
 # AutoIAFNormal: per sample the guide holds the base draw [B, D], the hidden layer [B, 3D+1] and
 # the network output [B, 2D]; beside them, its masked weight products (2D x H floats for the
 # larger layer) stay resident. Measured (peak RSS, T=250-1000, D=3T+1, B=1000-8000): 5.3-8.0 D
@@ -188,17 +189,14 @@ _IAF_PER_LATENT = 7.0
 _IAF_WEIGHT_PRODUCTS = 1.25
 _IAF_HIDDEN = 3  # pyro's default hidden size is 3 * latent_dim + 1
 
-# With the observation site: [B, N, T]-sized tensors alive at the peak per sample, and
-# [N, T]-sized ones kept by Pyro's unvectorised trace during the vectorised call; while an
-# [N, T] tensor is under glibc's mmap threshold, one more sample's worth stays in the heap from
-# the unvectorised runs. Measured at N x T = 1000 x 2000 (B=8, 24), negbinom also 2000 x 5000:
-# negbinom 4.95-5.05 per sample (mu_final, logits, exp(-logits), the gamma and Poisson draws),
-# trace 3 (y_obs, logits, the gamma rate); normal 4.0 and 4; studentt 6.4 and 13 (its chi2
-# draws); binomial 2.9 and 1. multinomial's likelihood is a factor on the observed counts; its
-# figures are read from the code, not measured (its vectorised factor grew as B**2 when this
-# was written).
-_OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 6.5, "binomial": 3.0, "multinomial": 4.0}
-_OBS_TRACE = {"negbinom": 3.0, "normal": 4.0, "studentt": 13.0, "binomial": 1.0, "multinomial": 2.0}
+# With the observation site: [B, N, T]-sized tensors alive at the peak per sample, and fixed
+# [N, T]-sized working memory. Measured (two batch sizes each, N x T = 1500 x 3000 and
+# 2500 x 4000; multinomial 1500 x 1000 x K=3): negbinom 4.75-5.0 per sample (mu_final, logits,
+# exp(-logits), the gamma and Poisson draws) and at most 1 fixed; normal 4.0, studentt 7.0 (its
+# chi2 draws), binomial 3.0, multinomial 5.0 per [N, T, K] element and 1 fixed. At 1000 x 1000
+# ([N, T] under glibc's mmap threshold) negbinom measured 4.4-5.0 per sample: no heap excess.
+_OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 7.0, "binomial": 3.0, "multinomial": 5.0}
+_OBS_FIXED = {"negbinom": 1.0, "normal": 0.0, "studentt": 0.0, "binomial": 0.0, "multinomial": 1.0}
 
 
 def _guide_parameter_floats(guide: str, latent: int) -> int:
@@ -225,8 +223,8 @@ def technical_footprint(
 
     Per sample: the [B, C-1, T] / [B, T] sites with the guide's draws and temporaries, plus,
     ``with_obs``, the [B, N, T] likelihood temporaries. Fixed: the inputs (counts [N, T], the
-    per-cell and per-feature vectors, the guide parameters) and Pyro's unvectorised trace,
-    plus glibc's resident heap temporaries when an [N, T] tensor is under its mmap threshold.
+    per-cell and per-feature vectors, the guide parameters), the likelihood's fixed working
+    memory, plus glibc's resident heap temporaries when a [T] tensor is under its mmap threshold.
     No data needed: usable before training starts.
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
@@ -247,14 +245,12 @@ def technical_footprint(
         per_sample = max(a * sites.effects + b * sites.features for a, b in peaks)
         heap = _HEAP_PER_FEATURE[guide] * sites.features * item
         heap_limit = math.ceil(GLIBC_MMAP_THRESHOLD_MAX / (sites.feature_site * item))
-        working = 2 * per_sample  # the two unvectorised runs (one of them kept during the call)
+        working = 0.0
     saturation = None
     if with_obs:
         per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
-        working += _OBS_TRACE[distribution] * cells_by_features
-        if cells_by_features * item < GLIBC_MMAP_THRESHOLD_MAX:
-            working += _OBS_PER_SAMPLE[distribution] * cells_by_features  # kept in the heap
-        saturation = OBS_SATURATION_BATCH
+        working += _OBS_FIXED[distribution] * cells_by_features
+        saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS / cells_by_features))
 
     matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
     data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups
@@ -336,10 +332,10 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _glibc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries."""
-    name = ctypes.util.find_library("c")
+    """glibc's ``malloc_trim``, or None on other C libraries. Looked up among the symbols the
+    process already has loaded (``ctypes.util.find_library`` would start ``ldconfig``)."""
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
 
@@ -456,6 +452,22 @@ def _climb(
     return climb
 
 
+def _saturation(measures: list[_Measure]) -> int | None:
+    """The batch size beyond which vectorising buys no speed, from the probe's timings: the
+    smallest probed batch as fast per sample as the best (see :data:`TIME_TOLERANCE`), unless
+    that is the largest, then where the per-draw overhead (the time line's intercept) falls
+    under 5% of a batch's time."""
+    per_sample = [m.seconds / m.batch_size for m in measures]
+    best = min(per_sample)
+    fastest = next(m.batch_size for m, t in zip(measures, per_sample) if t <= TIME_TOLERANCE * best)
+    if fastest < measures[-1].batch_size:
+        return fastest
+    overhead, slope = _line([m.batch_size for m in measures[-2:]], [m.seconds for m in measures[-2:]])
+    if slope <= 0:
+        return None
+    return max(fastest, int(math.ceil(20 * max(overhead, 0.0) / slope)))
+
+
 def probe_footprint(
     model: Callable[..., Any],
     guide: Callable[..., Any] | None,
@@ -488,10 +500,9 @@ def probe_footprint(
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes).
     """
-    from pyro.infer import Predictive as PyroPredictive
-
     from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
+    from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)
     if max_batch_size is not None:
@@ -529,6 +540,9 @@ def probe_footprint(
             f"posterior samples); got {ladder}"
         )
 
+    sampler = Sampler(model, guide, moved_args, moved_kwargs)
+    returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
+
     def run(batch: int) -> _Measure:
         gc.collect()
         backend.empty_cache(device)
@@ -537,20 +551,19 @@ def probe_footprint(
         backend.reset_peak(device)
         start = backend.current_bytes(device) or 0
         began = time.perf_counter()
-        with torch.no_grad():
-            predictive = PyroPredictive(
-                model, guide=guide, num_samples=batch, return_sites=tuple(return_sites or ()), parallel=True,
-                posterior_samples=None if posterior is None else {k: v[:batch] for k, v in posterior.items()},
-            )
-            out = predictive(*moved_args, **moved_kwargs)
+        out = sampler.draw(
+            batch, moved_args, moved_kwargs, returned,
+            None if posterior is None else {k: v[:batch] for k, v in posterior.items()},
+        )
         seconds = time.perf_counter() - began
         peak = backend.peak_bytes(device) or start
         output = sum(v.numel() * v.element_size() for v in out.values() if isinstance(v, torch.Tensor))
-        del out, predictive
+        del out
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
-    gc.collect()
-    gc.freeze()  # from here each collection only scans what the probe creates (ms, not 0.1-0.3 s)
+    # From here each collection only scans what the probe creates (ms, not the 0.1-0.3 s of a
+    # full one); older garbage is frozen too, so none of it is freed inside a measured batch.
+    gc.freeze()
     try:
         with parameters_on(where, guide):
             climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
@@ -566,11 +579,7 @@ def probe_footprint(
         low = measures[-2]
         intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
         slope, working = max(slope, 0.0), max(intercept, 0.0)
-        # Beyond the batch whose per-call overhead is 5% of its time a bigger batch is no faster.
-        # The overhead is taken as the whole first batch's time (warm-up included): an upper
-        # bound, so that timing noise does not cap batches that would still gain.
-        _, t1 = _line([low.batch_size, high.batch_size], [low.seconds, high.seconds])
-        saturation = int(math.ceil(20 * measures[0].seconds / t1)) if t1 > 0 else None
+        saturation = _saturation(measures)
         at = f"B={low.batch_size},{high.batch_size}"
     footprint = Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),

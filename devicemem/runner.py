@@ -1,10 +1,11 @@
-"""The runner: executes a Plan as batched ``pyro.infer.Predictive`` calls that survive OOM.
+"""The runner: executes a Plan as batched, vectorised Predictive draws that survive OOM.
 
 ``Predictive`` is a drop-in for ``pyro.infer.Predictive(..., parallel=True)``: same keys,
 shapes and dtypes, on the CPU. It asks the planner for a device and batch size, moves the
 guide's parameters and the tensor arguments there (restoring them afterwards), samples batch
 by batch into preallocated host tensors (or numpy memmaps, or streaming mean/var reducers),
-and when a batch runs out of memory, halves the batch size, and as the last resort moves to
+each batch one :meth:`devicemem.sampling.Sampler.draw` (Pyro's vectorised Predictive without
+its per-call shape-guessing runs), and when a batch runs out of memory, halves the batch size, and as the last resort moves to
 the CPU. Draws are reproducible per (seed, plan): each batch is seeded from the seed and the
 index of its first sample, so a different plan gives different, equally valid draws.
 """
@@ -22,10 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import numpy as np
-import pyro.poutine as poutine
 import torch
-from pyro.infer import Predictive as PyroPredictive
-from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -33,6 +31,7 @@ from devicemem.backends import Backend, device_memory, get_backend
 from devicemem.placement import parameters_on, to_device
 from devicemem import planner
 from devicemem.planner import Plan
+from devicemem.sampling import Sampler, Site, select_sites
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.runner")
@@ -92,48 +91,6 @@ def _seeded(seed: int | None, start: int, device: torch.device) -> Iterator[None
         yield
 
 
-@dataclass(frozen=True)
-class _Site:
-    """One returned site: its per-sample shape as Pyro returns it, and its dtype."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _model_sites(model: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, _Site]:
-    """Every site ``pyro.infer.Predictive`` can return for ``model``, shaped as it returns
-    them: plate dims padded to the model's plate nesting, like Pyro's ``_predictive``. Runs
-    the model once, leaving the global RNG as it was."""
-    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad(), poutine.block():
-        trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
-    dims = [
-        frame.dim
-        for node in trace.nodes.values()
-        if node["type"] == "sample"
-        for frame in node["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    nesting = -min(dims) if dims else 0
-    sites = {}
-    for name in trace.stochastic_nodes + trace.observation_nodes:
-        node = trace.nodes[name]
-        pad = (1,) * (nesting - len(node["fn"].batch_shape))
-        sites[name] = _Site(pad + tuple(node["value"].shape), node["value"].dtype)
-    value = trace.nodes["_RETURN"]["value"]
-    if torch.is_tensor(value):
-        sites["_RETURN"] = _Site(tuple(value.shape), value.dtype)
-    return sites
-
-
 class _Welford:
     """Streaming mean and unbiased variance over samples, float64 accumulators on the host."""
 
@@ -161,7 +118,7 @@ class _Sink:
 
     def __init__(
         self,
-        sites: dict[str, _Site],
+        sites: dict[str, Site],
         reduce: Mapping[str, tuple[str, ...]],
         num_samples: int,
         out: Path | None,
@@ -190,21 +147,27 @@ class _Sink:
         self.memmaps.append(array)
         return torch.from_numpy(array)
 
+    def slices(self, start: int, count: int) -> dict[str, Tensor]:
+        """The stored sites' rows ``start:start + count``, to be drawn into directly."""
+        return {name: tensor[start : start + count] for name, tensor in self.tensors.items()}
+
     def write(self, start: int, samples: Mapping[str, Tensor], non_blocking: bool) -> None:
         missing = set(self.sites) - set(samples)
         if missing:
-            raise RuntimeError(f"pyro.infer.Predictive did not return sites {sorted(missing)}")
+            raise RuntimeError(f"the model did not produce sites {sorted(missing)}")
         for name, site in self.sites.items():
             value = samples[name]
             if tuple(value.shape[1:]) != site.shape or value.dtype != site.dtype:
                 raise RuntimeError(
-                    f"site {name!r}: Pyro returned {tuple(value.shape)} {value.dtype}, expected "
+                    f"site {name!r}: a batch gave {tuple(value.shape)} {value.dtype}, expected "
                     f"[batch, {', '.join(map(str, site.shape))}] {site.dtype}"
                 )
             if name in self.reducers:
                 self.reducers[name].update(value)
             else:
-                self.tensors[name][start : start + value.shape[0]].copy_(value, non_blocking=non_blocking)
+                rows = self.tensors[name][start : start + value.shape[0]]
+                if not _same_memory(rows, value):  # drawn straight into the rows
+                    rows.copy_(value, non_blocking=non_blocking)
         for array in self.memmaps:
             array.flush()
 
@@ -214,6 +177,10 @@ class _Sink:
             for statistic in statistics:
                 result[f"{name}:{statistic}"] = self.reducers[name].result(statistic)
         return result
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 def _check_reduce(reduce: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -345,30 +312,26 @@ class Predictive:
         self.report: list[BatchRecord] = []
         self._given_plan = plan
 
-    def _returned_sites(self, args: tuple, kwargs: dict) -> dict[str, _Site]:
-        """The sites this call returns, as Pyro would choose them; ValueError for unknown
-        ``return_sites`` or ``reduce`` sites. Runs the model once, unbatched."""
-        sites = _model_sites(self.model, args, kwargs)
-        latent = {name: site for name, site in sites.items() if name != "_RETURN"}
-        if self.return_sites:
-            unknown = [s for s in self.return_sites if s not in sites]
-            if unknown:
-                raise ValueError(
-                    f"return_sites: the model has no site(s) {unknown}; it has {list(latent)}"
-                    + ("" if "_RETURN" in sites else " (its return value is not a tensor)")
-                )
-            chosen = {name: site for name, site in sites.items() if name in self.return_sites}
-        elif self.guide is None and self.posterior_samples:
-            chosen = {name: site for name, site in latent.items() if name not in self.posterior_samples}
-        else:
-            chosen = latent
+    def _returned_sites(self, args: tuple, kwargs: dict) -> tuple[Sampler, dict[str, Site]]:
+        """(this call's sampler, the sites it returns, as Pyro would choose them); ValueError
+        for unknown ``return_sites`` or ``reduce`` sites. Runs the model once, unbatched."""
+        sampler = Sampler(self.model, self.guide, args, kwargs)
+        sites = sampler.sites
+        latent = [name for name in sites if name != "_RETURN"]
+        unknown = [s for s in self.return_sites if s not in sites]
+        if unknown:
+            raise ValueError(
+                f"return_sites: the model has no site(s) {unknown}; it has {latent}"
+                + ("" if "_RETURN" in sites else " (its return value is not a tensor)")
+            )
+        chosen = select_sites(sites, self.return_sites, self.guide is not None, self.posterior_samples)
         unknown = [s for s in self.reduce if s not in chosen]
         if unknown:
             raise ValueError(f"reduce: site(s) {unknown} are not among the returned sites {list(chosen)}")
         clashes = [f"{s}:{stat}" for s, stats in self.reduce.items() for stat in stats if f"{s}:{stat}" in sites]
         if clashes:
             raise ValueError(f"reduce: result name(s) {clashes} clash with model sites of the same name")
-        return chosen
+        return sampler, chosen
 
     def _plan(self, device: str, num_samples: int, args: tuple, kwargs: dict, output_bytes: int) -> Plan:
         return planner.plan_predictive(
@@ -378,14 +341,14 @@ class Predictive:
             output_bytes=output_bytes, **kwargs,
         )
 
-    def _host_result_bytes(self, sites: dict[str, _Site]) -> int:
+    def _host_result_bytes(self, sites: dict[str, Site]) -> int:
         """Host RAM the results take: reducers, plus the stored sites unless they go to ``out``."""
         need = sum(s.numel * _WELFORD_BYTES for n, s in sites.items() if n in self.reduce)
         if self.out is None:
             need += sum(s.nbytes * self.num_samples for n, s in sites.items() if n not in self.reduce)
         return need
 
-    def _check_host(self, sites: dict[str, _Site], working: int = 0) -> None:
+    def _check_host(self, sites: dict[str, Site], working: int = 0) -> None:
         """Fail before sampling when the results (and ``working`` bytes of batches on the host)
         cannot fit."""
         stored = {n: s.nbytes * self.num_samples for n, s in sites.items() if n not in self.reduce}
@@ -408,7 +371,7 @@ class Predictive:
             from devicemem.distributed import run
 
             return run(self, self.sharding, args, kwargs)
-        sites = self._returned_sites(args, kwargs)
+        sampler, sites = self._returned_sites(args, kwargs)
         result_bytes = self._host_result_bytes(sites)
         plan = self._given_plan or self._plan(self.device, self.num_samples, args, kwargs, result_bytes)
         self.plan = plan
@@ -421,7 +384,7 @@ class Predictive:
         pin = self.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
         sink = _Sink(sites, self.reduce, self.num_samples, self.out, pin)
         self.report = []
-        _Run(self, plan, sink, args, kwargs, result_bytes).execute()
+        _Run(self, plan, sink, sampler, args, kwargs, result_bytes).execute()
         working = [row.working_bytes for row in self.report if row.working_bytes is not None]
         logger.info(
             "[MEMORY] Drew %d samples in %d batch(es) on %s; largest batch needed %s (predicted %s)",
@@ -435,9 +398,11 @@ class _Run:
     """The state of one call: where the next batch starts, its size, its device."""
 
     def __init__(
-        self, owner: Predictive, plan: Plan, sink: _Sink, args: tuple, kwargs: dict, result_bytes: int
+        self, owner: Predictive, plan: Plan, sink: _Sink, sampler: Sampler, args: tuple, kwargs: dict,
+        result_bytes: int,
     ) -> None:
         self.owner = owner
+        self.sampler = sampler
         self.result_bytes = result_bytes
         self.sink = sink
         self.args = args
@@ -448,7 +413,6 @@ class _Run:
         self.vectorized = plan.vectorized
         self.start = 0
         self.retries = 0
-        self.predictives: dict[tuple[int, bool], PyroPredictive] = {}
 
     def execute(self) -> None:
         total = self.owner.num_samples
@@ -480,19 +444,6 @@ class _Run:
         self.device, self.batch_size, self.budget = HOST, plan.batch_size, plan.budget_bytes
         self.vectorized = plan.vectorized
 
-    def _predictive(self, size: int) -> PyroPredictive:
-        key = (size, self.vectorized)
-        if key not in self.predictives:
-            owner = self.owner
-            posterior = None
-            if owner.posterior_samples is not None:
-                posterior = {name: value[:size] for name, value in owner.posterior_samples.items()}
-            self.predictives[key] = PyroPredictive(
-                owner.model, posterior_samples=posterior, guide=owner.guide, num_samples=size,
-                return_sites=owner.return_sites or (), parallel=self.vectorized,
-            )
-        return self.predictives[key]
-
     def _batches(self, backend: Backend, bar: tqdm) -> None:
         owner = self.owner
         where = backend.torch_device(self.device)
@@ -500,18 +451,13 @@ class _Run:
         bar.set_description(f"Predictive [{self.device}]")
         while self.start < owner.num_samples:
             size = min(self.batch_size, owner.num_samples - self.start)
-            predictive = self._predictive(size)
-            if owner.posterior_samples is not None:
-                predictive.posterior_samples = to_device(
-                    {n: v[self.start : self.start + size] for n, v in owner.posterior_samples.items()}, where
-                )
             base = backend.current_bytes(self.device)
             backend.reset_peak(self.device)
             began = time.perf_counter()
             failed = False
             try:
                 with _seeded(owner.seed, self.start, where):
-                    samples = predictive(*args, **kwargs)
+                    self._draw(size, where, args, kwargs)
             except Exception as exc:
                 if size == 1 or not backend.is_oom(exc):
                     raise
@@ -519,8 +465,6 @@ class _Run:
             if failed:
                 self._retry_smaller(backend, size)
                 continue
-            self.sink.write(self.start, samples, non_blocking=where.type == "cuda")
-            del samples
             if where.type == "cuda":
                 torch.cuda.synchronize(where)
             record = BatchRecord(
@@ -535,6 +479,21 @@ class _Run:
                 mem=format_bytes(backend.current_bytes(self.device)),
                 peak=f"{format_bytes(record.working_bytes)}/{format_bytes(self.budget)}",
             )
+
+    def _draw(self, size: int, where: torch.device, args: tuple, kwargs: dict) -> None:
+        """Samples ``start:start + size`` into the sink: one vectorised draw, or (sequential
+        plans) one sample at a time, each written before the next is drawn. On the host the
+        guide's closed-form draws go straight into the sink's tensors."""
+        posterior = self.owner.posterior_samples
+        chunks = [(self.start, size)] if self.vectorized else [(i, 1) for i in range(self.start, self.start + size)]
+        for first, count in chunks:
+            batch = None
+            if posterior is not None:
+                batch = to_device({n: v[first : first + count] for n, v in posterior.items()}, where)
+            out = self.sink.slices(first, count) if where.type == HOST else None
+            samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out)
+            self.sink.write(first, samples, non_blocking=where.type == "cuda")
+            del samples, batch
 
     def _retry_smaller(self, backend: Backend, size: int) -> None:
         """After an OOM (outside the ``except`` block, so its frames are gone): free, halve."""

@@ -19,6 +19,7 @@ from devicemem.backends.base import Backend
 from devicemem.backends.host import CpuBackend
 from devicemem.planner import Plan
 from devicemem.runner import batch_seed
+from devicemem.sampling import PLATE_NAME, Sampler, select_sites
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000 bytes."
 
@@ -71,9 +72,9 @@ def cell_problem(n_cells: int = 30, n_features: int = 8, steps: int = 30, seed: 
 
 
 def vectorized_size() -> int | None:
-    """Size of the sample plate pyro.infer.Predictive(parallel=True) wraps the model in."""
+    """Size of the sample plate a vectorised draw wraps the model in."""
     for frame in _PYRO_STACK:
-        if getattr(frame, "name", None) == "_num_predictive_samples":
+        if getattr(frame, "name", None) == PLATE_NAME:
             return frame.size
     return None
 
@@ -171,14 +172,13 @@ def fake_gpu(watch: Faulty | None = None) -> Iterator[FakeGpu]:
             register_backend(kind, backend)
 
 
-def expected_from_report(model, guide, report, seed, args, **predictive_kwargs) -> dict[str, torch.Tensor]:
-    """What seeded pyro.infer.Predictive(parallel=True) calls give batch by batch for the
-    batches in ``report``: the exact result a correct run must return."""
+def expected_from_report(model, guide, report, seed, args, return_sites=()) -> dict[str, torch.Tensor]:
+    """What a correct run must return for the batches in ``report``: one Sampler draw per batch
+    (the runner's unit of work) seeded from (seed, its first sample), concatenated in order."""
+    sampler = Sampler(model, guide, args, {})
+    returned = select_sites(sampler.sites, return_sites, True, None)
     parts: list[dict[str, torch.Tensor]] = []
     for row in report:
         torch.manual_seed(batch_seed(seed, row.start))
-        predictive = pyro.infer.Predictive(
-            model, guide=guide, num_samples=row.size, parallel=True, **predictive_kwargs
-        )
-        parts.append(predictive(*args))
+        parts.append(sampler.draw(row.size, args, {}, returned))
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}

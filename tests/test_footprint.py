@@ -14,7 +14,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from bench.child import MARKER
 from devicemem.backends.base import Backend
-from devicemem.footprint import PROBE_MARGIN, Footprint, probe_footprint, technical_footprint
+from devicemem.footprint import PROBE_MARGIN, Footprint, _Measure, _saturation, probe_footprint, technical_footprint
 from devicemem.testing import run_child
 
 MB = 10**6
@@ -79,13 +79,37 @@ def test_technical_footprint_matches_a_measured_peak(with_obs, n_cells, n_featur
 def test_technical_footprint_counts_inputs_and_results():
     fp = technical_footprint(1000, 200, 3)
     counts = 1000 * 200 * 4
-    assert fp.input_bytes > counts and fp.fixed_bytes > fp.input_bytes
+    assert fp.input_bytes > counts and fp.fixed_bytes == fp.input_bytes  # params-only: no fixed working memory
     # log2_alpha_y, alpha_y_mul, delta_y_add [2, 200]; o_y, mu_ntc [200]; beta_o
     assert fp.output_per_sample_bytes == (3 * 2 * 200 + 2 * 200 + 1) * 4
     obs = technical_footprint(1000, 200, 3, with_obs=True)
     assert obs.output_per_sample_bytes == fp.output_per_sample_bytes + counts
     assert obs.saturation_batch is not None and fp.saturation_batch is None
+    assert obs.fixed_bytes - obs.input_bytes == counts  # the likelihood's one [N, T] of working memory
     assert technical_footprint(1000, 200, 3, dtype=torch.float64).per_sample_bytes == 2 * fp.per_sample_bytes
+
+
+def test_saturation_with_the_observation_site_shrinks_as_cells_times_features_grow():
+    batches = [technical_footprint(n, n, 2, with_obs=True).saturation_batch for n in (250, 1000, 2000, 20000)]
+    assert batches == sorted(batches, reverse=True) and batches[0] > 1 and batches[-1] == 1
+
+
+def _measures(*points):
+    return [_Measure(batch, 0, seconds, 0) for batch, seconds in points]
+
+
+def test_probe_saturation_is_the_smallest_batch_as_fast_per_sample_as_the_best():
+    # per-sample work dominates and big batches are slower per sample (page faults): B=1 wins
+    assert _saturation(_measures((1, 0.54), (4, 2.8), (8, 5.5))) == 1
+    # flat per-sample time beyond B=4: B=4
+    assert _saturation(_measures((1, 1.0), (4, 2.0), (8, 4.05))) == 4
+
+
+def test_probe_saturation_extrapolates_while_bigger_batches_still_pay():
+    # 10 ms per draw, 0.1 ms per sample: 5% overhead at 2000 samples
+    assert 1990 <= _saturation(_measures((1, 0.0101), (4, 0.0104), (16, 0.0116))) <= 2010
+    # no time growth with the batch at all: no cap
+    assert _saturation(_measures((4, 0.01), (8, 0.009))) is None
 
 
 def test_iaf_parameters_grow_with_the_square_of_the_latent_size():

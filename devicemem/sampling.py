@@ -1,0 +1,262 @@
+"""Vectorised posterior draws with ``pyro.infer.Predictive(parallel=True)``'s semantics, traced once.
+
+Every call of ``pyro.infer.Predictive`` first runs the guide and the model unvectorised, twice
+each, to guess the plate nesting and the sites' shapes (``pyro.infer.predictive._predictive``).
+With an observation site each of those runs costs a whole sample, and a batched run pays them
+once per batch. A :class:`Sampler` learns the shapes once (:func:`model_sites`) and then each
+:meth:`Sampler.draw` is what Pyro's vectorised part does: the guide under an outer plate of
+``num`` samples, then the model conditioned on the guide's draws under the same plate, both
+with ``torch.no_grad`` and log-densities masked off.
+
+For :class:`~pyro.infer.autoguide.AutoNormal` and :class:`~pyro.infer.autoguide.AutoDelta` the
+posterior is known in closed form (one Normal per site in unconstrained space; a point), so the
+guide's run is replaced by drawing ``loc + scale * eps`` in place, which skips the
+distributions' broadcasting temporaries and argument checks. The draws follow the same
+distribution as Pyro's, but consume the random stream in a different order than Pyro.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Mapping, Sequence
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from torch.distributions.transforms import (
+    AffineTransform,
+    ComposeTransform,
+    ExpTransform,
+    IndependentTransform,
+    Transform,
+    identity_transform,
+)
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+from torch.distributions import biject_to
+
+PLATE_NAME = "_num_predictive_samples"  # Pyro's name, so models can recognise a vectorised run
+
+
+@dataclass(frozen=True)
+class Site:
+    """One returnable site: its per-sample shape as Pyro returns it, and its dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _unvectorised_trace(fn: Callable[..., Any], args: tuple, kwargs: dict) -> poutine.Trace:
+    """One run of ``fn`` as Pyro traces it to learn shapes; the global RNG is left as it was."""
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad(), poutine.block():
+        return prune_subsample_sites(poutine.trace(poutine.mask(fn, mask=False)).get_trace(*args, **kwargs))
+
+
+def _nesting(trace: poutine.Trace) -> int:
+    dims = [
+        frame.dim
+        for node in trace.nodes.values()
+        if node["type"] == "sample"
+        for frame in node["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+def model_sites(model: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, dict[str, Site]]:
+    """(max plate nesting, every site ``pyro.infer.Predictive`` can return for ``model``), each
+    shaped as Pyro returns it per sample: plate dims padded to the nesting. Runs the model once."""
+    trace = _unvectorised_trace(model, args, kwargs)
+    nesting = _nesting(trace)
+    sites = {}
+    for name in trace.stochastic_nodes + trace.observation_nodes:
+        node = trace.nodes[name]
+        pad = (1,) * (nesting - len(node["fn"].batch_shape))
+        sites[name] = Site(pad + tuple(node["value"].shape), node["value"].dtype)
+    value = trace.nodes["_RETURN"]["value"]
+    if torch.is_tensor(value):
+        sites["_RETURN"] = Site(tuple(value.shape), value.dtype)
+    return nesting, sites
+
+
+def select_sites(
+    sites: Mapping[str, Site],
+    return_sites: Sequence[str],
+    has_guide: bool,
+    posterior_samples: Mapping[str, Tensor] | None,
+) -> dict[str, Site]:
+    """The sites ``pyro.infer.Predictive`` returns: ``return_sites`` when given (unknown names
+    are left out), else every site with a guide, else those not in ``posterior_samples``."""
+    if return_sites:
+        return {name: site for name, site in sites.items() if name in return_sites}
+    latent = {name: site for name, site in sites.items() if name != "_RETURN"}
+    if has_guide or not posterior_samples:
+        return latent
+    return {name: site for name, site in latent.items() if name not in posterior_samples}
+
+
+def closed_form(guide: Any) -> bool:
+    """Whether :class:`Sampler` draws ``guide``'s posterior directly: an AutoNormal or
+    AutoDelta (exactly those classes) that has seen the model and has no subsampled plate."""
+    if type(guide) not in (AutoNormal, AutoDelta) or guide.prototype_trace is None:
+        return False
+    return all(
+        frame.full_size in (None, frame.size)
+        for _, site in guide.prototype_trace.iter_stochastic_nodes()
+        for frame in site["cond_indep_stack"]
+    )
+
+
+def _in_place(transform: Transform, value: Tensor) -> Tensor:
+    """``transform(value)``, overwriting ``value`` for the parts that allow it (exp and an
+    elementwise affine map, what ``biject_to`` gives positive and bounded-below supports); the
+    same float operations in the same order as the transform's own ``_call``."""
+    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
+    for part in parts:
+        if isinstance(part, ExpTransform):
+            value = value.exp_()
+        elif isinstance(part, AffineTransform) and _same_shape(value, part.loc, part.scale):
+            value = value.mul_(part.scale).add_(part.loc)
+        elif not isinstance(part, IndependentTransform) or part.base_transform is not identity_transform:
+            value = part(value)
+    return value
+
+
+def _same_shape(value: Tensor, *operands: Any) -> bool:
+    """Whether the operands broadcast to ``value``'s shape without growing it (numbers do).
+    (``torch.broadcast_shapes`` would import sympy: a second in a fresh process.)"""
+    for x in operands:
+        if torch.is_tensor(x):
+            if x.dim() > value.dim():
+                return False
+            if any(n not in (1, m) for n, m in zip(reversed(x.shape), reversed(value.shape))):
+                return False
+    return True
+
+
+def _draw_normal(
+    loc: Tensor, scale: Tensor, support: constraints.Constraint, num: int, out: Tensor | None = None
+) -> Tensor:
+    """``num`` draws of ``biject_to(support)(Normal(loc, scale))``, in place where possible;
+    into ``out`` (``num`` x ``loc``'s elements, contiguous) when given."""
+    shape = (num,) + tuple(loc.shape)
+    if out is None:
+        value = torch.empty(shape, dtype=loc.dtype, device=loc.device)
+    else:
+        value = out.view(shape)
+    value.normal_().mul_(scale).add_(loc)
+    result = _in_place(biject_to(support), value)
+    return result if out is None or result is value else value.copy_(result)
+
+
+def _fits(buffer: Tensor, loc: Tensor, support: constraints.Constraint, num: int) -> bool:
+    """Whether ``num`` draws around ``loc`` can be made in ``buffer``: same dtype, device and
+    element count, contiguous, and a transform to ``support`` that keeps the shape (the simplex's
+    does not: its unconstrained space has one dimension fewer)."""
+    return (
+        buffer.is_contiguous() and buffer.dtype == loc.dtype and buffer.device == loc.device
+        and buffer.numel() == num * loc.numel()
+        and tuple(biject_to(support).forward_shape(loc.shape)) == tuple(loc.shape)
+    )
+
+
+class Sampler:
+    """Vectorised draws of a Predictive. Construction runs the model once unvectorised to learn
+    ``nesting`` and ``sites`` (:func:`model_sites`), and a guide outside :func:`closed_form`
+    once to learn its sites' shapes; ``draw`` then returns ``{site: [num, *shape]}`` for the
+    requested sites, on the device of the arguments it is given.
+
+    Latent values come from ``posterior`` (a batch of posterior samples given to ``draw``), else
+    from the guide: drawn in closed form or by tracing the guide under the sample plate.
+    """
+
+    def __init__(
+        self, model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, kwargs: Mapping[str, Any]
+    ) -> None:
+        self.model = model
+        self.guide = guide
+        self.nesting, self.sites = model_sites(model, args, dict(kwargs))
+        self.closed_form = guide is not None and closed_form(guide)
+        self.guide_nesting = 0
+        self.guide_shapes: dict[str, tuple[int, ...]] = {}
+        if guide is not None and not self.closed_form:
+            trace = _unvectorised_trace(guide, args, dict(kwargs))
+            self.guide_nesting = _nesting(trace)
+            self.guide_shapes = {name: tuple(trace.nodes[name]["value"].shape) for name in trace.stochastic_nodes}
+
+    def _guide_draws(self, num: int, args: tuple, kwargs: dict, out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        guide = self.guide
+        if self.closed_form:
+            draws = {}
+            for name, site in guide.prototype_trace.iter_stochastic_nodes():
+                if isinstance(guide, AutoDelta):
+                    point = getattr_path(guide, name)
+                    draws[name] = point.expand((num,) + tuple(point.shape))
+                else:
+                    loc, scale = guide._get_loc_and_scale(name)
+                    buffer = out.get(name)
+                    if buffer is not None and not _fits(buffer, loc, site["fn"].support, num):
+                        buffer = None
+                    draws[name] = _draw_normal(loc, scale, site["fn"].support, num, buffer)
+            return draws
+        plate = pyro.plate(PLATE_NAME, num, dim=-self.guide_nesting - 1)
+        trace = poutine.trace(plate(poutine.mask(guide, mask=False))).get_trace(*args, **kwargs)
+        return {name: _reshape(trace.nodes[name]["value"], (num,) + shape) for name, shape in self.guide_shapes.items()}
+
+    def _condition(self, name: str, value: Tensor, num: int) -> Tensor:
+        """A latent's ``num`` values shaped as the model's site under the sample plate (event
+        dims stay rightmost); a value of another size gets Pyro's padding of its own shape."""
+        site = self.sites.get(name)
+        if site is not None and value.numel() == num * site.numel:
+            return value.reshape((num,) + site.shape)
+        return value.reshape((num,) + (1,) * (self.nesting - (value.dim() - 1)) + tuple(value.shape[1:]))
+
+    def draw(
+        self,
+        num: int,
+        args: tuple,
+        kwargs: dict,
+        returned: Collection[str],
+        posterior: Mapping[str, Tensor] | None = None,
+        out: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """``num`` vectorised samples of each site in ``returned``; ``posterior`` holds ``num``
+        posterior samples per latent site (instead of drawing them from the guide). ``out``
+        offers buffers [num, *shape] that closed-form draws are written into directly (the
+        returned values then share their memory); the others are left alone."""
+        with torch.no_grad():
+            latent = dict(posterior) if posterior is not None else {}
+            if self.guide is not None:
+                latent.update(self._guide_draws(num, args, kwargs, out or {}))
+            condition = {name: self._condition(name, value, num) for name, value in latent.items()}
+            plate = pyro.plate(PLATE_NAME, num, dim=-self.nesting - 1)
+            masked = poutine.mask(self.model, mask=False)
+            trace = poutine.trace(poutine.condition(plate(masked), condition)).get_trace(*args, **kwargs)
+            return {name: _reshape(trace.nodes[name]["value"], (num,) + self.sites[name].shape) for name in returned}
+
+
+def getattr_path(obj: Any, name: str) -> Any:
+    """``obj.a.b`` for ``name`` "a.b" (how autoguides store a site's parameters)."""
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _reshape(value: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``value`` as ``shape``, broadcast when it has fewer elements (a site that does not vary
+    with the sample plate), as ``pyro.infer.Predictive`` returns it."""
+    if value.numel() < int(np.prod(shape, dtype=np.int64)):
+        return value.expand(shape)
+    return value.reshape(shape)
