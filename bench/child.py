@@ -9,6 +9,7 @@ normals into a preallocated buffer).
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -69,8 +70,8 @@ def run_predictive(spec: dict) -> dict:
 
     model, guide, args, kwargs, data = _technical_setup(spec)
     if spec["baseline"] == "devicemem-auto":  # imported before the clock starts, as pyro is for the others
-        import devicemem.distributed  # noqa: F401
-        import devicemem.runner  # noqa: F401
+        importlib.import_module("devicemem.runner")
+        importlib.import_module("devicemem.distributed")
     device = spec.get("device", "cpu")
     if spec["baseline"] != "devicemem-auto" and device != "cpu":
         from devicemem.placement import to_device

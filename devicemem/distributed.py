@@ -180,6 +180,7 @@ class _Job:
     max_memory: Any
     cpus_per_shard: float
     worker_setup: Callable[[Shard], None] | None
+    validate: bool
 
 
 # --- choosing the backend and the slots --------------------------------------------------------
@@ -358,7 +359,7 @@ def _run_shard(
         return_sites=job.return_sites or None, device=shard.slot.device, minibatch_size=job.minibatch_size,
         safety_factor=job.safety_factor, max_memory=max_memory,
         seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
-        reduce={name: _MOMENTS for name in job.reduce} or None,
+        reduce={name: _MOMENTS for name in job.reduce} or None, validate=job.validate,
     )
     began = time.perf_counter()
     try:
@@ -527,7 +528,7 @@ def _submit(
         job = _Job(
             shard=shard, seed=owner.seed, return_sites=owner.return_sites, reduce=tuple(owner.reduce),
             minibatch_size=owner.minibatch_size, safety_factor=owner.safety_factor, max_memory=owner.max_memory,
-            cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup,
+            cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup, validate=owner.validate,
         )
         posterior = None
         if owner.posterior_samples is not None:

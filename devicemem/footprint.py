@@ -479,6 +479,7 @@ def probe_footprint(
     max_batch_size: int | None = None,
     max_probe_bytes: int | None = None,
     backend: Any = None,
+    sampler: Any = None,
     **kwargs: Any,
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
@@ -498,7 +499,9 @@ def probe_footprint(
     that allows one batch only, or when ``max_batch_size`` samples clearly fit (see
     :func:`_climb`), the footprint is one batch's peak per sample, through the origin. The batches' times give ``saturation_batch``.
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
-    ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes).
+    ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes);
+    ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
+    (the runner's: it has already learnt the shapes), else one is made.
     """
     from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
@@ -540,7 +543,7 @@ def probe_footprint(
             f"posterior samples); got {ladder}"
         )
 
-    sampler = Sampler(model, guide, moved_args, moved_kwargs)
+    sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
     returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
 
     def run(batch: int) -> _Measure:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -28,6 +28,9 @@ from devicemem.footprint import (
     technical_footprint,
 )
 from devicemem.units import format_bytes
+
+if TYPE_CHECKING:
+    from devicemem.sampling import Sampler
 
 logger = logging.getLogger("devicemem.planner")
 
@@ -363,6 +366,7 @@ def plan_predictive(
     posterior_samples: Mapping[str, torch.Tensor] | None = None,
     output_bytes: int | None = None,
     resources: Resources | None = None,
+    sampler: Sampler | None = None,
     **kwargs: Any,
 ) -> Plan:
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
@@ -373,6 +377,7 @@ def plan_predictive(
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
     stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
+    ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
@@ -386,7 +391,7 @@ def plan_predictive(
     def footprint_for(name: str, budget: int) -> Footprint:
         return probe(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
-            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), **kwargs,
+            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, **kwargs,
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,

@@ -249,6 +249,8 @@ class Predictive:
     - ``reduce``: ``{"site": ("mean", "var")}`` returns ``"site:mean"`` and ``"site:var"``
       (float64, unbiased variance, streamed with Welford) instead of ``site``.
     - ``progress``: a tqdm bar over samples with device memory in use and peak vs budget.
+    - ``validate``: keep Pyro's argument checks inside the draws. By default only the first,
+      unbatched run of the model checks them (they cost ~20% of a likelihood draw).
     - ``device="all"``, a list of devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
       device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
@@ -274,6 +276,7 @@ class Predictive:
         reduce: Mapping[str, Sequence[str] | str] | None = None,
         plan: Plan | None = None,
         backend: Any = None,
+        validate: bool = False,
     ) -> None:
         if guide is not None and posterior_samples is not None:
             raise ValueError("pass either guide or posterior_samples, not both")
@@ -309,13 +312,14 @@ class Predictive:
         self.out = _check_out(out)
         self.reduce = _check_reduce(reduce)
         self.plan = plan
+        self.validate = bool(validate)
         self.report: list[BatchRecord] = []
         self._given_plan = plan
 
     def _returned_sites(self, args: tuple, kwargs: dict) -> tuple[Sampler, dict[str, Site]]:
         """(this call's sampler, the sites it returns, as Pyro would choose them); ValueError
         for unknown ``return_sites`` or ``reduce`` sites. Runs the model once, unbatched."""
-        sampler = Sampler(self.model, self.guide, args, kwargs)
+        sampler = Sampler(self.model, self.guide, args, kwargs, validate=self.validate)
         sites = sampler.sites
         latent = [name for name in sites if name != "_RETURN"]
         unknown = [s for s in self.return_sites if s not in sites]
@@ -333,12 +337,14 @@ class Predictive:
             raise ValueError(f"reduce: result name(s) {clashes} clash with model sites of the same name")
         return sampler, chosen
 
-    def _plan(self, device: str, num_samples: int, args: tuple, kwargs: dict, output_bytes: int) -> Plan:
+    def _plan(
+        self, device: str, num_samples: int, args: tuple, kwargs: dict, output_bytes: int, sampler: Sampler
+    ) -> Plan:
         return planner.plan_predictive(
             self.model, self.guide, num_samples, *args, device=device, minibatch_size=self.minibatch_size,
             safety_factor=self.safety_factor, max_memory=self.max_memory,
             return_sites=list(self.return_sites) or None, posterior_samples=self.posterior_samples,
-            output_bytes=output_bytes, **kwargs,
+            output_bytes=output_bytes, sampler=sampler, **kwargs,
         )
 
     def _host_result_bytes(self, sites: dict[str, Site]) -> int:
@@ -373,7 +379,7 @@ class Predictive:
             return run(self, self.sharding, args, kwargs)
         sampler, sites = self._returned_sites(args, kwargs)
         result_bytes = self._host_result_bytes(sites)
-        plan = self._given_plan or self._plan(self.device, self.num_samples, args, kwargs, result_bytes)
+        plan = self._given_plan or self._plan(self.device, self.num_samples, args, kwargs, result_bytes, sampler)
         self.plan = plan
         if self._given_plan is not None:
             logger.info(
@@ -436,7 +442,7 @@ class _Run:
         backend.empty_cache(self.device)
         self.retries += 1
         remaining = self.owner.num_samples - self.start
-        plan = self.owner._plan(HOST, remaining, self.args, self.kwargs, self.result_bytes)
+        plan = self.owner._plan(HOST, remaining, self.args, self.kwargs, self.result_bytes, self.sampler)
         logger.warning(
             "[MEMORY] %s cannot hold one sample; moving the remaining %d samples (from %d) to %s "
             "in batches of %d", self.device, remaining, self.start, HOST, plan.batch_size,

@@ -180,13 +180,24 @@ class Sampler:
 
     Latent values come from ``posterior`` (a batch of posterior samples given to ``draw``), else
     from the guide: drawn in closed form or by tracing the guide under the sample plate.
+
+    The unvectorised run checks the distributions' arguments as Pyro is set to; draws run with
+    Pyro's validation off unless ``validate`` (the checks cost ~20% of a likelihood draw and
+    would only repeat, per sample, what the first run checked), as fit_technical's SVI does
+    after its first step.
     """
 
     def __init__(
-        self, model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, kwargs: Mapping[str, Any]
+        self,
+        model: Callable[..., Any],
+        guide: Callable[..., Any] | None,
+        args: tuple,
+        kwargs: Mapping[str, Any],
+        validate: bool = False,
     ) -> None:
         self.model = model
         self.guide = guide
+        self.validate = validate
         self.nesting, self.sites = model_sites(model, args, dict(kwargs))
         self.closed_form = guide is not None and closed_form(guide)
         self.guide_nesting = 0
@@ -236,7 +247,7 @@ class Sampler:
         posterior samples per latent site (instead of drawing them from the guide). ``out``
         offers buffers [num, *shape] that closed-form draws are written into directly (the
         returned values then share their memory); the others are left alone."""
-        with torch.no_grad():
+        with torch.no_grad(), pyro.validation_enabled(self.validate):
             latent = dict(posterior) if posterior is not None else {}
             if self.guide is not None:
                 latent.update(self._guide_draws(num, args, kwargs, out or {}))

@@ -134,3 +134,22 @@ def test_closed_form_draws_go_into_the_given_buffers_unchanged():
     for name in out:  # scale: exp then an affine map, in place; w: the identity
         assert direct[name].data_ptr() == out[name].data_ptr(), name
     assert all(torch.equal(direct[name], plain[name]) for name in plain)
+
+
+def _scaled(n: int):
+    sigma = pyro.sample("sigma", pyro.distributions.LogNormal(0.0, 1.0))
+    with pyro.plate("n", n):
+        return pyro.sample("y", pyro.distributions.Normal(0.0, sigma))
+
+
+def test_draws_skip_pyros_argument_checks_unless_validate():
+    from devicemem import Predictive
+    from tests.runner_fakes import make_plan
+
+    bad = {"sigma": torch.tensor([1.0, -1.0, 2.0])}  # a scale Pyro's checks reject
+    options = dict(posterior_samples=bad, plan=make_plan(3, 3), progress=False)
+    with pyro.validation_enabled(True):
+        drawn = Predictive(_scaled, **options)(4)
+        assert drawn["y"].shape == (3, 4)
+        with pytest.raises(ValueError, match="scale"):
+            Predictive(_scaled, validate=True, **options)(4)
