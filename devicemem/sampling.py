@@ -161,14 +161,13 @@ def _draw_normal(
     return result if out is None or result is value else value.copy_(result)
 
 
-def _fits(buffer: Tensor, loc: Tensor, support: constraints.Constraint, num: int) -> bool:
+def _fits(buffer: Tensor, loc: Tensor, value_shape: torch.Size, num: int) -> bool:
     """Whether ``num`` draws around ``loc`` can be made in ``buffer``: same dtype, device and
-    element count, contiguous, and a transform to ``support`` that keeps the shape (the simplex's
-    does not: its unconstrained space has one dimension fewer)."""
+    element count, contiguous, and a site whose value has the unconstrained shape (a simplex's
+    has one more element per row than its unconstrained space)."""
     return (
         buffer.is_contiguous() and buffer.dtype == loc.dtype and buffer.device == loc.device
-        and buffer.numel() == num * loc.numel()
-        and tuple(biject_to(support).forward_shape(loc.shape)) == tuple(loc.shape)
+        and buffer.numel() == num * loc.numel() and tuple(value_shape) == tuple(loc.shape)
     )
 
 
@@ -218,7 +217,7 @@ class Sampler:
                 else:
                     loc, scale = guide._get_loc_and_scale(name)
                     buffer = out.get(name)
-                    if buffer is not None and not _fits(buffer, loc, site["fn"].support, num):
+                    if buffer is not None and not _fits(buffer, loc, site["value"].shape, num):
                         buffer = None
                     draws[name] = _draw_normal(loc, scale, site["fn"].support, num, buffer)
             return draws

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
@@ -153,3 +155,26 @@ def test_draws_skip_pyros_argument_checks_unless_validate():
         assert drawn["y"].shape == (3, 4)
         with pytest.raises(ValueError, match="scale"):
             Predictive(_scaled, validate=True, **options)(4)
+
+
+def test_a_run_does_not_import_sympy():
+    # torch.broadcast_shapes (and Transform.forward_shape) import torch.fx's symbolic shapes and
+    # sympy: about a second of a fresh process, more than the whole params-only run it is in.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tests.runner_fakes import cell_model, cell_problem, make_plan\n"
+        "from devicemem import Predictive\n"
+        "args, guide = cell_problem(steps=0)\n"
+        "guide(*args)\n"
+        "assert 'sympy' not in sys.modules\n"
+        "Predictive(cell_model, guide=guide, num_samples=8, plan=make_plan(8, 8), progress=False)(*args)\n"
+        "Predictive(cell_model, guide=guide, num_samples=8, device='cpu', progress=False)(*args)\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip().splitlines()[-1] == "False"
