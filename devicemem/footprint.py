@@ -36,11 +36,13 @@ MiB = 1 << 20
 # size are still counted in RSS after they die.
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
-# With the observation site a vectorised batch stops paying once its likelihood tensors hold
-# this many elements: a draw's own overhead (tracing a few dozen sites, ~10-30 ms) is then under
-# 5% of its work. Measured at N x T = 2000 x 2000 on the CPU: 0.52 s per sample at B=1, 0.66-0.70
-# s at B=2-25 (beyond glibc's mmap threshold every temporary is page-faulted in afresh).
-OBS_SATURATION_ELEMENTS = 1 << 22
+# With the observation site, on the host, a vectorised batch stops paying once its likelihood
+# tensors hold this many elements: a draw's own overhead (tracing a few dozen sites, ~10-30 ms)
+# is then under 5% of its work. Measured at N x T = 2000 x 2000 (4M elements) on the CPU: 0.52 s
+# per sample at B=1, 0.66-0.70 s at B=2-25 (once a tensor passes glibc's mmap threshold every
+# temporary is page-faulted in afresh). On an accelerator a sample costs far less than the
+# draw's overhead, so there vectorising pays until memory binds: no cap.
+OBS_SATURATION_ELEMENTS = 1 << 21
 # A probed batch whose time per sample is within this factor of the best probed one is as fast.
 TIME_TOLERANCE = 1.05
 
@@ -174,9 +176,9 @@ _NORMAL_GUIDE_PEAKS = {
     "binomial": ((3.0, 3.0),),
     "multinomial": ((4.2, 4.2),),
 }
-# AutoDelta's draws are expanded views: only the model's derived tensors remain (negbinom C=2:
-# 3.0-3.25 per effect element, ~0 per feature).
-_DELTA_GUIDE_PEAKS = ((3.25, 0.0),)
+# AutoDelta's draws are expanded views: only the model's derived tensors remain (negbinom C=2,
+# T=24000: 4.0 per effect element in six children, ~0 per feature).
+_DELTA_GUIDE_PEAKS = ((4.0, 0.0),)
 # While a [B, T] tensor is under glibc's mmap threshold some dead temporaries stay in the heap:
 # measured +0.15 per per-feature element (negbinom, T=4000 and 31467, C=2); 0.5 keeps a margin.
 _HEAP_PER_FEATURE = {"normal": 0.5, "delta": 0.0}
@@ -218,6 +220,7 @@ def technical_footprint(
     guide: str = "normal",
     with_obs: bool = False,
     dtype: torch.dtype = torch.float32,
+    on_host: bool = True,
 ) -> Footprint:
     """Analytic footprint of a vectorised Predictive of bayesDREAM's technical model.
 
@@ -225,6 +228,8 @@ def technical_footprint(
     ``with_obs``, the [B, N, T] likelihood temporaries. Fixed: the inputs (counts [N, T], the
     per-cell and per-feature vectors, the guide parameters), the likelihood's fixed working
     memory, plus glibc's resident heap temporaries when a [T] tensor is under its mmap threshold.
+    ``on_host``: the batches run on the CPU, where a batch with the observation site stops being
+    faster per sample early (``saturation_batch``; see :data:`OBS_SATURATION_ELEMENTS`).
     No data needed: usable before training starts.
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
@@ -250,7 +255,8 @@ def technical_footprint(
     if with_obs:
         per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
         working += _OBS_FIXED[distribution] * cells_by_features
-        saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS / cells_by_features))
+        if on_host:
+            saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS / cells_by_features))
 
     matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
     data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups

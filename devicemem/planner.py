@@ -295,7 +295,7 @@ def _size(
         if footprint.saturation_batch is not None and footprint.saturation_batch < cap:
             cap = footprint.saturation_batch
             reasons.add(
-                f"Capping batches at {cap} samples: beyond that a bigger batch is no faster per "
+                f"Capping batches at {cap} sample{'s' if cap > 1 else ''}: beyond that a bigger batch is no faster per "
                 f"sample, it only costs memory"
             )
         size, n_batches = _batches(num_samples, cap)
@@ -425,8 +425,13 @@ def plan_technical(
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(guide, GUIDES, "guide")
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
-    footprint = technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype)
-    return _decide(lambda device, budget: footprint, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
+
+    def footprint_for(name: str, budget: int) -> Footprint:
+        on_host = name.split(":")[0] == HOST
+        return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
+                                   on_host=on_host)
+
+    return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
                    HOST, resources or Resources())
 
 

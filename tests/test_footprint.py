@@ -92,6 +92,7 @@ def test_technical_footprint_counts_inputs_and_results():
 def test_saturation_with_the_observation_site_shrinks_as_cells_times_features_grow():
     batches = [technical_footprint(n, n, 2, with_obs=True).saturation_batch for n in (250, 1000, 2000, 20000)]
     assert batches == sorted(batches, reverse=True) and batches[0] > 1 and batches[-1] == 1
+    assert technical_footprint(250, 250, 2, with_obs=True, on_host=False).saturation_batch is None
 
 
 def _measures(*points):
