@@ -132,8 +132,8 @@ class _Sink:
             if name in reduce:
                 continue
             shape = (num_samples,) + site.shape
-            if out is None:
-                self.tensors[name] = torch.empty(shape, dtype=site.dtype, pin_memory=pin)
+            if out is None:  # zeroed: the pages are the run's from the start, not a batch's working memory
+                self.tensors[name] = torch.zeros(shape, dtype=site.dtype, pin_memory=pin)
             else:
                 self.tensors[name] = self._memmap(out, name, shape, site.dtype)
         self.reducers = {name: _Welford(sites[name].shape) for name in reduce}
