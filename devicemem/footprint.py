@@ -56,10 +56,10 @@ GUIDES = ("normal", "iaf", "delta")
 
 @dataclass(frozen=True)
 class Footprint:
-    """Peak memory of one Predictive call as ``fixed_bytes + per_sample_bytes * batch_size``.
+    """Peak memory of one vectorised batch as ``fixed_bytes + per_sample_bytes * batch_size``.
 
     ``fixed_bytes`` covers what exists whatever the batch (data and guide parameters on the
-    device, Pyro's unvectorised shape-guessing trace); ``per_sample_bytes`` what one more
+    device, a likelihood's fixed working memory); ``per_sample_bytes`` what one more
     vectorised sample adds. ``source`` says how it was obtained ("analytic", "probe", ...).
 
     ``input_bytes`` is the part of ``fixed_bytes`` that is the inputs themselves (model

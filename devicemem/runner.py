@@ -5,8 +5,8 @@ shapes and dtypes, on the CPU. It asks the planner for a device and batch size, 
 guide's parameters and the tensor arguments there (restoring them afterwards), samples batch
 by batch into preallocated host tensors (or numpy memmaps, or streaming mean/var reducers),
 each batch one :meth:`devicemem.sampling.Sampler.draw` (Pyro's vectorised Predictive without
-its per-call shape-guessing runs), and when a batch runs out of memory, halves the batch size, and as the last resort moves to
-the CPU. Draws are reproducible per (seed, plan): each batch is seeded from the seed and the
+its per-call shape-guessing runs), and when a batch runs out of memory, halves the batch
+size, and as the last resort moves to the CPU. Draws are reproducible per (seed, plan): each batch is seeded from the seed and the
 index of its first sample, so a different plan gives different, equally valid draws.
 """
 
