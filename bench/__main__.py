@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch/OpenMP threads in every child (default: torch's, one per "
                         "core); 1 keeps timings sane while other jobs load the machine")
+    parser.add_argument("--issue-size", action="store_true",
+                        help="W2 at the issue's S (W2a 1000, W2b 200) instead of 100 and 12: about "
+                        "40 minutes for W2a alone on 2 cores")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results",
                         help="directory for the JSON, Markdown and PNG (default bench/results)")
     args = parser.parse_args(argv)
@@ -132,13 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps: expected a positive integer; got {args.reps}")
     cuda = _cuda_device()
-    workloads = _selected(build_workloads(args.quick, cuda is not None), args.only)
+    workloads = _selected(build_workloads(args.quick, cuda is not None, args.issue_size), args.only)
     if args.reps is not None:
         workloads = [replace(w, reps=args.reps) for w in workloads]
     started = time.perf_counter()
     now = dt.datetime.now()
     results: dict[str, Any] = {
         "date": now.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "only": args.only,
+        "issue_size": args.issue_size,
         "threads": args.threads,
         "machine": machine_info(cuda), "workloads": [],
     }

@@ -138,7 +138,8 @@ def _w2_summary(workload: dict) -> list[dict]:
         "passed": auto_ok and (best is None or (ratio is not None and ratio >= W2_VS_BEST_SWEEP)),
     })
     target_samples = workload["params"].get("issue_S")
-    if best and auto_ok and target_samples and auto["info"].get("batches_s") is not None:
+    if (best and auto_ok and target_samples and target_samples != workload["params"]["S"]
+            and auto["info"].get("batches_s") is not None):
         overhead = auto["median_wall_s"] - auto["info"]["batches_s"]
         scale = target_samples / workload["params"]["S"]
         projected = _ratio(best["median_wall_s"] * scale,

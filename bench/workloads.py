@@ -87,8 +87,9 @@ def _w1(quick: bool) -> list[Workload]:
     return out
 
 
-def _w2(quick: bool) -> list[Workload]:
-    """Posterior predictive with the observation site under a real cap: sampling-bound."""
+def _w2(quick: bool, issue_size: bool = False) -> list[Workload]:
+    """Posterior predictive with the observation site under a real cap: sampling-bound.
+    ``issue_size``: the issue's S (W2a 1000, W2b 200) instead of the budget's, one run."""
     common = dict(C=2, observe=True, return_sites=["y_obs"], reduce_sites=["y_obs"])
     if quick:
         sizes = [
@@ -110,6 +111,10 @@ def _w2(quick: bool) -> list[Workload]:
              ("S=12 instead of 200, 1 repetition: one sample costs about 5 s here.",)),
         ]
         sweep = (10, 25, 50, 100)
+        if issue_size:
+            sizes = [(name, {**size, "S": size["issue_S"]},
+                      (f"S={size['issue_S']}, the issue's size, 1 repetition (--issue-size).",))
+                     for name, size, _ in sizes]
     out = []
     for name, size, notes in sizes:
         size = {**common, **size}
@@ -117,7 +122,7 @@ def _w2(quick: bool) -> list[Workload]:
             name=name, group="W2", kind="predictive", reps=1,
             title=(f"posterior predictive with y_obs, N={size['N']}, T={size['T']}, "
                    f"S={size['S']}, cap {size['cap'] / GIB:.1f} GiB"),
-            configs=baseline_configs(size, timeout_s=900, sweep=sweep),
+            configs=baseline_configs(size, timeout_s=3600 if issue_size else 900, sweep=sweep),
             params={**size, "cap_bytes": size["cap"]}, notes=notes + (
                 "Every configuration streams each batch into per-entry mean/variance of y_obs "
                 "(float64; devicemem through reduce=), so [S, N, T] is never held.",
@@ -199,9 +204,10 @@ def _w6(quick: bool, cuda: bool) -> list[Workload]:
     ]
 
 
-def build_workloads(quick: bool, cuda: bool) -> list[Workload]:
-    """All workloads in run order (W1, W2, W3, W4, W5, W6, W7)."""
-    w1, w2 = _w1(quick), _w2(quick)
+def build_workloads(quick: bool, cuda: bool, issue_size: bool = False) -> list[Workload]:
+    """All workloads in run order (W1, W2, W3, W4, W5, W6, W7); ``issue_size``: W2 at the
+    issue's S (hours of CPU time on 2 cores; ignored with ``quick``)."""
+    w1, w2 = _w1(quick), _w2(quick, issue_size)
     w3 = Workload(name="W3", group="W3", kind="external",
                   title="estimator accuracy: predicted / measured peak (bench.w3_accuracy)",
                   params={"quick": quick, "module": "bench.w3_accuracy"})
