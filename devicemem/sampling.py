@@ -18,6 +18,7 @@ distribution as Pyro's, but consume the random stream in a different order than 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
@@ -212,7 +213,7 @@ class Sampler:
             draws = {}
             for name, site in guide.prototype_trace.iter_stochastic_nodes():
                 if isinstance(guide, AutoDelta):
-                    point = getattr_path(guide, name)
+                    point = attrgetter(name)(guide)  # how AutoDelta itself reads its point
                     draws[name] = point.expand((num,) + tuple(point.shape))
                 else:
                     loc, scale = guide._get_loc_and_scale(name)
@@ -255,13 +256,6 @@ class Sampler:
             masked = poutine.mask(self.model, mask=False)
             trace = poutine.trace(poutine.condition(plate(masked), condition)).get_trace(*args, **kwargs)
             return {name: _reshape(trace.nodes[name]["value"], (num,) + self.sites[name].shape) for name in returned}
-
-
-def getattr_path(obj: Any, name: str) -> Any:
-    """``obj.a.b`` for ``name`` "a.b" (how autoguides store a site's parameters)."""
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _reshape(value: Tensor, shape: tuple[int, ...]) -> Tensor:
