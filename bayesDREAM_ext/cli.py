@@ -3,8 +3,11 @@
     bayesdream-ext demo [--cells 2000 --features 1000 --groups 2 --niters 300 ...]
     bayesdream-ext fit-technical --counts FILE --meta FILE --group-col COL
         [--sum-factor-col COL] [--distribution D] [--device auto] [--nsamples S] --out FILE
+        [--guide-state FILE]
 
 Plan and memory lines go to stdout through the ``devicemem`` logger; progress bars to stderr.
+Every option (and that --out can be written) is checked before any file is read or any
+training starts.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from bayesDREAM_ext.data import DISTRIBUTIONS
+from bayesDREAM_ext.data import DISTRIBUTIONS, check_fraction, check_positive, check_positive_int, check_seed
+from devicemem.backends import device_memory, parse_max_memory
 
 COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
 
@@ -70,8 +74,41 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--denominator", default=None, help="denominator file for binomial (same format and shape as counts)")
     fit.add_argument("--cells-axis", type=int, default=0, choices=(0, 1), help="axis of the counts that holds cells (1 for genes x cells)")
     fit.add_argument("--out", required=True, help="where to save the fit (TechnicalFit.load reads it)")
+    fit.add_argument("--guide-state", default=None, help="a trained guide's recovery file: draw the samples without training")
     _common(fit)
     return parser
+
+
+def _check_out(path: str) -> None:
+    """ValueError unless ``path`` can be written, found by opening it for appending (and
+    removing it again when it did not exist), so that a bad --out fails before training."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--out: {path!r} is a directory; expected a file path")
+    existed = target.exists()
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write {path!r} ({exc.strerror})") from exc
+    if not existed:
+        target.unlink()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the option for any bad value, before any file is read or training."""
+    check_positive_int(args.nsamples, "--nsamples")
+    check_positive_int(args.niters, "--niters", allow_none=True)
+    check_positive_int(args.threads, "--threads", allow_none=True)
+    check_positive(args.lr, "--lr")
+    check_fraction(args.safety_factor, "--safety-factor", allow_none=True)
+    check_seed(args.seed, "--seed")
+    if args.device == "auto":
+        parse_max_memory(args.max_memory, {})
+    else:
+        device_memory(args.device, max_memory=args.max_memory)
+    if args.command == "fit-technical":
+        _check_out(args.out)
 
 
 def read_matrix(path: str | Path) -> Any:
@@ -167,14 +204,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from bayesDREAM_ext.fit import fit_technical
+    from bayesDREAM_ext.fit import GuideState, fit_technical
 
+    guide_state = None if args.guide_state is None else GuideState.load(args.guide_state)
     counts = read_matrix(args.counts)
     groups, sum_factors = read_meta(args.meta, counts, args.cells_axis, args.group_col, args.sum_factor_col)
     denominator = None if args.denominator is None else read_matrix(args.denominator)
     fit = fit_technical(
         counts, groups, sum_factors, distribution=args.distribution, denominator=denominator, cells_axis=args.cells_axis,
-        **_fit_kwargs(args),
+        guide_state=guide_state, **_fit_kwargs(args),
     )
     fit.save(args.out)
     kept = int(fit.feature_mask.sum())
@@ -185,11 +223,12 @@ def run_fit(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        check_args(args)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         with _log_to_stdout(args.quiet):
             return run_demo(args) if args.command == "demo" else run_fit(args)
     except ValueError as exc:

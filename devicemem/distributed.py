@@ -181,6 +181,7 @@ class _Job:
     cpus_per_shard: float
     worker_setup: Callable[[Shard], None] | None
     validate: bool
+    allow_nonfinite: bool
 
 
 # --- choosing the backend and the slots --------------------------------------------------------
@@ -193,6 +194,21 @@ def import_ray() -> ModuleType:
     except ImportError as exc:
         raise ImportError(f"backend='ray' and multi-device runs need Ray: {INSTALL_HINT} (Ray >= 2.9)") from exc
     return ray
+
+
+def local_device(device: Any, backend: Any) -> Any:
+    """``device`` as :class:`devicemem.Predictive` passes it on: a ``torch.device`` as its name
+    and, when no backend is asked for, a list of one device as that device, which then runs in
+    this process (a one-shard Ray cluster would only add its start-up). Lists of several
+    devices, ``"all"`` and ``backend="ray"`` shard over Ray. ValueError for a name it cannot read."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    elif isinstance(device, (list, tuple)):
+        device = [str(d) if isinstance(d, torch.device) else d for d in device]
+    names = _requested(device)
+    if backend is None and isinstance(device, list) and len(names) == 1 and names[0] != "all":
+        return names[0]
+    return device
 
 
 def check_backend(backend: Any, device: Any, plan: Plan | None = None) -> RayOptions | None:
@@ -359,6 +375,7 @@ def _run_shard(
         minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
         seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
         reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
+        allow_nonfinite=job.allow_nonfinite,
     )
     report: list[BatchRecord] = []
     plan = None
@@ -502,6 +519,7 @@ def _submit(
             shard=shard, seed=request.seed, return_sites=request.return_sites, reduce=tuple(request.reduce),
             minibatch_size=request.minibatch_size, safety_factor=request.safety_factor, max_memory=request.max_memory,
             cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup, validate=request.validate,
+            allow_nonfinite=request.allow_nonfinite,
         )
         posterior = None
         if request.posterior_samples is not None:

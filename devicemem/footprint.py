@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from devicemem.checks import check_int
+
 MiB = 1 << 20
 
 # glibc serves allocations above its mmap threshold with mmap and returns them to the OS on
@@ -121,18 +123,12 @@ class _Sites:
     latent: int  # the guide's latent dimension (unconstrained)
 
 
-def _check_count(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what}: expected an integer >= {minimum}; got {value!r}")
-    return value
-
-
 def check_shapes(n_cells: int, n_features: int, n_groups: int, n_categories: int = 1) -> None:
     """ValueError naming the argument for N/T/C/K < 1 or more groups than cells."""
-    _check_count(n_cells, "n_cells")
-    _check_count(n_features, "n_features")
-    _check_count(n_groups, "n_groups")
-    _check_count(n_categories, "n_categories")
+    check_int(n_cells, "n_cells")
+    check_int(n_features, "n_features")
+    check_int(n_groups, "n_groups")
+    check_int(n_categories, "n_categories")
     if n_groups > n_cells:
         raise ValueError(f"n_groups: cannot exceed n_cells ({n_cells}); got {n_groups}")
 
@@ -361,7 +357,7 @@ def _check_batch_sizes(batch_sizes: Sequence[int] | None) -> tuple[int, ...] | N
         return None
     if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
         raise ValueError(f"batch_sizes: expected None or at least two distinct positive integers; got {batch_sizes!r}")
-    sizes = tuple(sorted({_check_count(b, "batch_sizes") for b in batch_sizes}))
+    sizes = tuple(sorted({check_int(b, "batch_sizes") for b in batch_sizes}))
     if len(sizes) < 2:
         raise ValueError(f"batch_sizes: expected at least two distinct positive integers; got {batch_sizes!r}")
     return sizes
@@ -509,15 +505,29 @@ def probe_footprint(
     ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
     (the runner's: it has already learnt the shapes), else one is made.
     """
+    from devicemem.sampling import PYRO_LOCK
+
+    with PYRO_LOCK:
+        return _probe(model, guide, args, device, return_sites, batch_sizes, posterior_samples, max_batch_size,
+                      max_probe_bytes, backend, sampler, kwargs)
+
+
+def _probe(
+    model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, device: str,
+    return_sites: Sequence[str] | None, batch_sizes: Sequence[int] | None,
+    posterior_samples: Mapping[str, torch.Tensor] | None, max_batch_size: int | None, max_probe_bytes: int | None,
+    backend: Any, sampler: Any, kwargs: dict[str, Any],
+) -> Footprint:
+    """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces."""
     from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
     from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)
     if max_batch_size is not None:
-        _check_count(max_batch_size, "max_batch_size", minimum=2)
+        check_int(max_batch_size, "max_batch_size", minimum=2)
     if max_probe_bytes is not None:
-        _check_count(max_probe_bytes, "max_probe_bytes")
+        check_int(max_probe_bytes, "max_probe_bytes")
     if guide is None and posterior_samples is None:
         raise ValueError("probe_footprint: pass a guide or posterior_samples")
     backend = get_backend(device) if backend is None else backend

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from devicemem import planner
 from devicemem.backends import Backend, get_backend
+from devicemem.checks import check_finite
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, BatchRecord, Sink, batch_seed, check_host, host_result_bytes
+from devicemem.results import HOST, BatchRecord, Sink, batch_seed, check_host, host_result_bytes, remedies
 from devicemem.sampling import Sampler, Site, select_sites
 from devicemem.units import format_bytes
 
@@ -52,6 +53,7 @@ class Request:
     reduce: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     plan: Plan | None = None
     validate: bool = False
+    allow_nonfinite: bool = False
 
 
 def choose_sites(request: Request, args: tuple, kwargs: dict) -> tuple[Sampler, dict[str, Site]]:
@@ -198,7 +200,11 @@ class _Run:
                 with _seeded(request.seed, self.start, where):
                     self._draw(size, where, args, kwargs)
             except Exception as exc:
-                if size == 1 or not backend.is_oom(exc):
+                if not backend.is_oom(exc):
+                    raise
+                if size == 1 and backend.kind == HOST:
+                    raise MemoryError(self._one_sample_advice()) from exc
+                if size == 1:
                     raise
                 failed = True
             if failed:
@@ -231,8 +237,19 @@ class _Run:
                 batch = to_device({n: v[first : first + count] for n, v in posterior.items()}, where)
             out = self.sink.slices(first, count) if where.type == HOST else None
             samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out)
+            if not self.request.allow_nonfinite:
+                check_finite(samples, first)
             self.sink.write(first, samples, non_blocking=where.type == "cuda")
             del samples, batch
+
+    def _one_sample_advice(self) -> str:
+        request = self.request
+        return (
+            f"[MEMORY] out of host memory drawing one sample (sample {self.start} of {request.num_samples}), "
+            f"after {len(self.report)} batch(es) had finished; the budget was {format_bytes(self.budget)}. Other "
+            "processes may have taken the memory the plan counted on: free some, or "
+            + remedies(request.out, request.reduce, ("a model with smaller intermediate tensors",))
+        )
 
     def _retry_smaller(self, backend: Backend, size: int) -> None:
         """After an OOM (outside the ``except`` block, so its frames are gone): free, halve."""

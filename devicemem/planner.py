@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from devicemem.backends.base import DeviceMemory
+from devicemem.checks import check_int
 from devicemem.footprint import (
     DISTRIBUTIONS,
     GUIDES,
@@ -52,7 +54,9 @@ class Plan:
     """A decision for one Predictive run; ``reasons`` are the sentences behind each choice.
 
     ``predicted_peak_bytes`` is the working memory of one batch on ``device``;
-    ``output_bytes`` the host memory the full result [num_samples, ...] takes.
+    ``output_bytes`` the host memory the full result [num_samples, ...] takes. A plan no run
+    could follow (``batch_size=0``, ``n_batches`` that do not cover ``num_samples``...) is a
+    ValueError naming the field; integer fields may be numpy integers and become ints.
     """
 
     device: str
@@ -65,6 +69,34 @@ class Plan:
     safety_factor: float
     output_bytes: int | None
     reasons: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"Plan.device: expected a device name like 'cpu' or 'cuda:0'; got {self.device!r}")
+        for name in ("num_samples", "batch_size", "n_batches"):
+            object.__setattr__(self, name, check_int(getattr(self, name), f"Plan.{name}"))
+        needed = math.ceil(self.num_samples / self.batch_size)
+        if self.n_batches != needed:
+            raise ValueError(
+                f"Plan.n_batches: {self.num_samples} samples in batches of {self.batch_size} make {needed} "
+                f"batch(es); got {self.n_batches}"
+            )
+        if not isinstance(self.vectorized, bool):
+            raise ValueError(f"Plan.vectorized: expected True or False; got {self.vectorized!r}")
+        for name, minimum in (("predicted_peak_bytes", 0), ("output_bytes", 0), ("budget_bytes", None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+                minimum is not None and value < minimum
+            ):
+                bound = "a non-negative" if minimum is not None else "a"
+                raise ValueError(f"Plan.{name}: expected None or {bound} number of bytes; got {value!r}")
+            object.__setattr__(self, name, int(value))
+        _check_factor(self.safety_factor, "Plan.safety_factor")
+        if isinstance(self.reasons, str) or not all(isinstance(line, str) for line in self.reasons):
+            raise ValueError(f"Plan.reasons: expected a sequence of sentences; got {self.reasons!r:.60}")
+        object.__setattr__(self, "reasons", tuple(self.reasons))
 
 
 @dataclass(frozen=True)
@@ -96,16 +128,8 @@ class Resources:
 # --- argument checks ---------------------------------------------------------------------
 
 
-def _check_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what}: expected an int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{what}: expected an integer >= 1; got {value}")
-    return value
-
-
 def _check_minibatch(minibatch_size: Any) -> int | None:
-    return None if minibatch_size is None else _check_int(minibatch_size, "minibatch_size")
+    return None if minibatch_size is None else check_int(minibatch_size, "minibatch_size")
 
 
 def _check_factor(value: Any, what: str) -> float:
@@ -318,10 +342,16 @@ def _size(
             logging.WARNING,
         )
         return plan(1, num_samples, False)
+    if usable < 0:
+        raise ValueError(
+            f"[MEMORY] the results alone need {format_bytes(output_bytes)} of host memory but only "
+            f"{format_bytes(usable + (output_bytes or 0))} is usable; nothing was run. Raise max_memory, draw "
+            "fewer samples or return_sites, or write the results to disk (out=DIR, reduce=)"
+        )
     results = f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
     raise ValueError(
         f"[MEMORY] one sample needs {format_bytes(one)} on {device} ({footprint.source}) but only "
-        f"{format_bytes(max(usable, 0))} is usable{results}; nothing was run. Use a device with more "
+        f"{format_bytes(usable)} is usable{results}; nothing was run. Use a device with more "
         "memory, fewer cells or features, fewer return_sites, or write the results to disk"
     )
 
@@ -344,7 +374,7 @@ def _inputs_device(*objects: Any) -> str:
 
 
 def _check_common(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
-    _check_int(num_samples, "num_samples")
+    check_int(num_samples, "num_samples")
     _check_minibatch(minibatch_size)
     if safety_factor is not None:
         _check_factor(safety_factor, "safety_factor")
@@ -423,6 +453,10 @@ def plan_technical(
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
+    if n_categories != 1 and distribution != "multinomial":
+        raise ValueError(
+            f"n_categories: only the multinomial distribution has categories; got {n_categories} with {distribution!r}"
+        )
     check_choice(guide, GUIDES, "guide")
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
 

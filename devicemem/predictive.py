@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from devicemem import distributed, local
+from devicemem.checks import check_int, check_path, check_site_names
 from devicemem.planner import Plan
 from devicemem.results import STATISTICS, BatchRecord
+from devicemem.sampling import PYRO_LOCK
 
 
 def _check_reduce(reduce: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -56,9 +58,9 @@ def _check_posterior(posterior_samples: Mapping[str, Tensor], num_samples: int |
 
 
 def _check_out(out: str | Path | None) -> Path | None:
-    if out is None:
+    path = check_path(out, "out")
+    if path is None:
         return None
-    path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -88,9 +90,18 @@ class Predictive:
     - ``progress``: a tqdm bar over samples with device memory in use and peak vs budget.
     - ``validate``: keep Pyro's argument checks inside the draws. By default only the first,
       unbatched run of the model checks them (they cost ~20% of a likelihood draw).
-    - ``device="all"``, a list of devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
+    - ``allow_nonfinite``: return NaN or infinite draws. By default each batch's returned sites
+      are checked (one float64 sum per site) and a NaN or infinity is a ValueError naming the
+      site and the first bad sample, where Pyro, validating, would raise too.
+    - ``device``: a name ("auto", "cpu", "cuda:1"...) or a ``torch.device``. ``"all"``, a list of
+      several devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
       device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
+      A list of one device runs here, as that device would.
+
+    Threads: Pyro's handler stack and the RNG are global to the process, so calls from several
+    threads are serialised by one process-wide lock (``devicemem.sampling.PYRO_LOCK``, also
+    held by the planner's probe): each returns what it would alone, one after the other.
 
     After a call, ``.plan`` is the plan used and ``.report`` one :class:`BatchRecord` per batch
     (sharded: ``.plan`` is None and ``.report`` one ``ShardRecord`` per shard, with its plan).
@@ -114,19 +125,16 @@ class Predictive:
         plan: Plan | None = None,
         backend: Any = None,
         validate: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         if guide is not None and posterior_samples is not None:
             raise ValueError("pass either guide or posterior_samples, not both")
         if posterior_samples is not None:
             num_samples = _check_posterior(posterior_samples, num_samples)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples: expected a positive integer; got {num_samples!r}")
-        if return_sites is not None and (
-            isinstance(return_sites, str) or not all(isinstance(s, str) for s in return_sites)
-        ):
-            raise ValueError(f"return_sites: expected a list, tuple or set of site names; got {return_sites!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed: expected None or a non-negative integer; got {seed!r}")
+        num_samples = check_int(num_samples, "num_samples")
+        sites = check_site_names(return_sites)
+        seed = None if seed is None else check_int(seed, "seed", minimum=0)
+        device = distributed.local_device(device, backend)
         if plan is not None:
             if device != "auto" or minibatch_size is not None or safety_factor is not None:
                 raise ValueError("plan replaces the planner: pass either plan or device/minibatch_size/safety_factor")
@@ -135,9 +143,9 @@ class Predictive:
         self.sharding = distributed.check_backend(backend, device, plan)
         self.request = local.Request(
             model, guide, dict(posterior_samples) if posterior_samples is not None else None, num_samples,
-            return_sites=tuple(return_sites) if return_sites else (), device=device, minibatch_size=minibatch_size,
+            return_sites=sites, device=device, minibatch_size=minibatch_size,
             safety_factor=safety_factor, max_memory=max_memory, seed=seed, progress=progress, out=_check_out(out),
-            reduce=_check_reduce(reduce), plan=plan, validate=bool(validate),
+            reduce=_check_reduce(reduce), plan=plan, validate=bool(validate), allow_nonfinite=bool(allow_nonfinite),
         )
         self.model = model
         self.guide = guide
@@ -146,10 +154,11 @@ class Predictive:
         self.report: list[Any] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        self.report = []
-        if self.sharding is not None:
-            self.plan = None
-            return distributed.run(self.request, self.sharding, args, kwargs, self.report)
-        report: list[BatchRecord] = self.report
-        samples, self.plan = local.run(self.request, args, kwargs, report)
-        return samples
+        with PYRO_LOCK:
+            self.report = []
+            if self.sharding is not None:
+                self.plan = None
+                return distributed.run(self.request, self.sharding, args, kwargs, self.report)
+            report: list[BatchRecord] = self.report
+            samples, self.plan = local.run(self.request, args, kwargs, report)
+            return samples

@@ -191,6 +191,14 @@ def host_result_bytes(
     return need
 
 
+def remedies(out: Path | None, reduce: Mapping[str, tuple[str, ...]], more: tuple[str, ...] = ()) -> str:
+    """What a user can do about results that do not fit, leaving out what is already in use:
+    ``out=DIR`` unless given, ``reduce=`` unless some site is reduced already, then ``more``."""
+    options = [] if out is not None else ["pass out=DIR to write the results to numpy memmaps"]
+    options += [] if reduce else ["reduce={site: ('mean', 'var')}"]
+    return ", ".join(options + ["fewer return_sites or fewer samples", *more])
+
+
 def check_host(
     sites: Mapping[str, Site], reduce: Mapping[str, tuple[str, ...]], num_samples: int, out: Path | None,
     max_memory: object, working: int = 0,
@@ -207,7 +215,5 @@ def check_host(
     batches = f" plus {format_bytes(working)} for the batches" if working else ""
     raise ValueError(
         f"[MEMORY] the results need {format_bytes(need)} of host memory ({', '.join(parts)}){batches}, "
-        f"but only {format_bytes(usable)} is usable; "
-        + ("pass out=DIR to write them to numpy memmaps, reduce={site: ('mean', 'var')}, fewer "
-           "return_sites or fewer samples" if out is None else "reduce the batch size or the reducers")
+        f"but only {format_bytes(usable)} is usable; {remedies(out, reduce, ('fewer reduced sites',) if reduce else ())}"
     )

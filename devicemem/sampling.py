@@ -17,6 +17,7 @@ distribution as Pyro's, but consume the random stream in a different order than 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -40,6 +41,10 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 PLATE_NAME = "_num_predictive_samples"  # Pyro's name, so models can recognise a vectorised run
+# Held around each Predictive call and each planner probe: Pyro's handler stack (and the RNG a
+# seeded batch forks) are global to the process, so two threads tracing at once corrupt each
+# other's draws. Re-entrant, as a call's planner probes inside it.
+PYRO_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)

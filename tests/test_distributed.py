@@ -148,7 +148,7 @@ def test_two_fake_gpus_each_plan_their_own_shard(local_ray):
 @needs_ray
 def test_a_device_without_its_ray_resource_fails_before_sampling(local_ray, problem):
     args, guide = problem
-    runner = Predictive(technical_model, guide=guide, num_samples=4, device=["cuda:7"], progress=False)
+    runner = Predictive(technical_model, guide=guide, num_samples=4, device=["cuda:7"], backend="ray", progress=False)
     with pytest.raises(ValueError, match=r"devicemem:cuda:7.*ray start --resources"):
         runner(*args)
 

@@ -21,7 +21,7 @@ def problem():
 @pytest.mark.parametrize("num_samples", [None, 0, -3, 2.5, True])
 def test_num_samples_must_be_a_positive_integer(problem, num_samples):
     _, guide = problem
-    with pytest.raises(ValueError, match="num_samples: expected a positive integer"):
+    with pytest.raises(ValueError, match="num_samples: expected an integer >= 1"):
         Predictive(technical_model, guide=guide, num_samples=num_samples)
 
 

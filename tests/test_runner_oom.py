@@ -88,12 +88,13 @@ def test_falls_back_to_the_host_when_the_gpu_cannot_hold_one_sample(problem, cap
     _assert_exact(technical_model, guide, runner, result, 3, args, 10)
 
 
-def test_host_oom_at_one_sample_is_raised(problem):
+def test_host_oom_at_one_sample_ends_in_a_memory_error_with_advice(problem):
     args, guide = problem
     faulty = Faulty(technical_model, lambda: RuntimeError(CPU_OOM), too_big=lambda size: True)
     runner = Predictive(faulty, guide=guide, num_samples=4, plan=make_plan(4, 2), progress=False)
-    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+    with pytest.raises(MemoryError, match=r"out of host memory drawing one sample \(sample 0 of 4\).*out=DIR") as oom:
         runner(*args)
+    assert "DefaultCPUAllocator" in str(oom.value.__cause__)
     assert faulty.failed == [2, 1]
 
 
