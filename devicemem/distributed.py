@@ -359,6 +359,7 @@ def _run_shard(
         minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
         seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
         reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
+        threads=max(1, int(job.cpus_per_shard)),
     )
     report: list[BatchRecord] = []
     plan = None

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from devicemem import distributed, local
+from devicemem import distributed, local, planner
 from devicemem.planner import Plan
 from devicemem.results import STATISTICS, BatchRecord
 
@@ -88,6 +88,10 @@ class Predictive:
     - ``progress``: a tqdm bar over samples with device memory in use and peak vs budget.
     - ``validate``: keep Pyro's argument checks inside the draws. By default only the first,
       unbatched run of the model checks them (they cost ~20% of a likelihood draw).
+    - ``threads``: on the host, large sites drawn from common distributions (negative
+      binomial, Poisson, Gamma, Normal...) are drawn block-parallel on this many threads
+      (:mod:`devicemem.blockdraw`), with the same values for any number; default
+      ``DEVICEMEM_THREADS``, else the cores this process may use (``devicemem info``).
     - ``device="all"``, a list of devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
       device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
@@ -114,6 +118,7 @@ class Predictive:
         plan: Plan | None = None,
         backend: Any = None,
         validate: bool = False,
+        threads: int | None = None,
     ) -> None:
         if guide is not None and posterior_samples is not None:
             raise ValueError("pass either guide or posterior_samples, not both")
@@ -127,6 +132,8 @@ class Predictive:
             raise ValueError(f"return_sites: expected a list, tuple or set of site names; got {return_sites!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed: expected None or a non-negative integer; got {seed!r}")
+        if threads is not None:
+            planner.resolve_threads(threads, lambda: None)
         if plan is not None:
             if device != "auto" or minibatch_size is not None or safety_factor is not None:
                 raise ValueError("plan replaces the planner: pass either plan or device/minibatch_size/safety_factor")
@@ -137,7 +144,7 @@ class Predictive:
             model, guide, dict(posterior_samples) if posterior_samples is not None else None, num_samples,
             return_sites=tuple(return_sites) if return_sites else (), device=device, minibatch_size=minibatch_size,
             safety_factor=safety_factor, max_memory=max_memory, seed=seed, progress=progress, out=_check_out(out),
-            reduce=_check_reduce(reduce), plan=plan, validate=bool(validate),
+            reduce=_check_reduce(reduce), plan=plan, validate=bool(validate), threads=threads,
         )
         self.model = model
         self.guide = guide
