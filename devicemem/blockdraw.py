@@ -53,12 +53,14 @@ Params = dict[str, Tensor]
 class _Kernel:
     """How to draw one covered distribution: ``reference`` is the class whose ``sample`` and
     ``rsample`` the site's distribution must use unchanged; ``params`` its broadcastable
-    parameters; ``draw`` a block from block-shaped parameter views and a generator."""
+    parameters; ``draw`` a block from block-shaped parameter views and a generator;
+    ``applies`` whether an instance draws as ``draw`` does (settings that change its sampler)."""
 
     reference: type[Distribution]
     event_dim: int
     params: Callable[[Any], Params]
     draw: Callable[[Params, torch.Generator], Tensor]
+    applies: Callable[[Any], bool] = lambda d: True
 
 
 def _binary(d: Any, name: str) -> Params:
@@ -93,6 +95,14 @@ def _student_t(p: Params, g: torch.Generator) -> Tensor:
     return x.mul_(chi2.div_(p["df"]).rsqrt_()).mul_(p["scale"]).add_(p["loc"])
 
 
+def _binomial_params(d: Any) -> Params:
+    return {"total_count": d.total_count, **_binary(d, "logits")}
+
+
+def _binomial(p: Params, g: torch.Generator) -> Tensor:
+    return torch.binomial(p["total_count"], _probs(p, "logits"), generator=g)
+
+
 def _beta(p: Params, g: torch.Generator) -> Tensor:
     pair = torch.stack([p["concentration1"], p["concentration0"]], -1)
     return torch._sample_dirichlet(pair, generator=g).select(-1, 0)
@@ -116,10 +126,9 @@ KERNELS: tuple[_Kernel, ...] = (
     _Kernel(torch.distributions.LogNormal, 0, lambda d: {"loc": d.loc, "scale": d.scale},
             lambda p, g: torch.normal(p["loc"], p["scale"], generator=g).exp_()),
     _Kernel(torch.distributions.StudentT, 0, lambda d: {"df": d.df, "loc": d.loc, "scale": d.scale}, _student_t),
-    _Kernel(
-        torch.distributions.Binomial, 0, lambda d: {"total_count": d.total_count, **_binary(d, "logits")},
-        lambda p, g: torch.binomial(p["total_count"], _probs(p, "logits"), generator=g),
-    ),
+    _Kernel(torch.distributions.Binomial, 0, _binomial_params, _binomial),
+    # Pyro's Binomial is torch's unless its clamped-Poisson approximation is switched on
+    _Kernel(dist.Binomial, 0, _binomial_params, _binomial, lambda d: d.approx_sample_thresh == math.inf),
     _Kernel(torch.distributions.Beta, 0,
             lambda d: {"concentration1": d.concentration1, "concentration0": d.concentration0}, _beta),
     _Kernel(torch.distributions.Dirichlet, 1, lambda d: {"concentration": d.concentration},
@@ -141,7 +150,7 @@ def covered(fn: Any) -> tuple[_Kernel, Any] | None:
     while any(_samples_as(fn, wrapper) for wrapper in _WRAPPERS):
         fn = fn.base_dist
     for kernel in KERNELS:
-        if _samples_as(fn, kernel.reference):
+        if _samples_as(fn, kernel.reference) and kernel.applies(fn):
             return kernel, fn
     return None
 
