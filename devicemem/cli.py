@@ -81,7 +81,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         args.cells, args.features, args.groups, args.samples, n_categories=args.categories,
         distribution=args.distribution, guide=args.guide, with_obs=args.with_obs, device=args.device,
         minibatch_size=args.minibatch_size, safety_factor=args.safety_factor, max_memory=args.max_memory,
-        output_bytes=0 if args.results_on_disk else None,
+        output_bytes=0 if args.results_on_disk else None, threads=args.threads,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(plan), indent=2))
@@ -123,6 +123,10 @@ def _add_plan_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--results-on-disk", action="store_true",
         help="the results go to memmaps (Predictive(out=DIR)): do not count them against host memory",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="K",
+        help="threads drawing the likelihood on the host (default: DEVICEMEM_THREADS, else the usable cores)",
     )
     parser.add_argument("--json", action="store_true", help="the Plan as JSON")
     parser.set_defaults(func=_run_plan)
