@@ -376,6 +376,7 @@ def _run_shard(
         seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
         reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
         allow_nonfinite=job.allow_nonfinite,
+        threads=max(1, int(job.cpus_per_shard)),
     )
     report: list[BatchRecord] = []
     plan = None

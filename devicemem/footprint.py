@@ -43,7 +43,9 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # is then under 5% of its work. Measured at N x T = 2000 x 2000 (4M elements) on the CPU: 0.52 s
 # per sample at B=1, 0.66-0.70 s at B=2-25 (once a tensor passes glibc's mmap threshold every
 # temporary is page-faulted in afresh). On an accelerator a sample costs far less than the
-# draw's overhead, so there vectorising pays until memory binds: no cap.
+# draw's overhead, so there vectorising pays until memory binds: no cap. With the observation
+# site drawn block-parallel on k threads (devicemem.blockdraw) a sample's work takes ~1/k of the
+# time while the overhead does not shrink, so the cap scales with k.
 OBS_SATURATION_ELEMENTS = 1 << 21
 # A probed batch whose time per sample is within this factor of the best probed one is as fast.
 TIME_TOLERANCE = 1.05
@@ -217,6 +219,7 @@ def technical_footprint(
     with_obs: bool = False,
     dtype: torch.dtype = torch.float32,
     on_host: bool = True,
+    threads: int = 1,
 ) -> Footprint:
     """Analytic footprint of a vectorised Predictive of bayesDREAM's technical model.
 
@@ -225,12 +228,14 @@ def technical_footprint(
     per-cell and per-feature vectors, the guide parameters), the likelihood's fixed working
     memory, plus glibc's resident heap temporaries when a [T] tensor is under its mmap threshold.
     ``on_host``: the batches run on the CPU, where a batch with the observation site stops being
-    faster per sample early (``saturation_batch``; see :data:`OBS_SATURATION_ELEMENTS`).
+    faster per sample early (``saturation_batch``; see :data:`OBS_SATURATION_ELEMENTS`), the
+    later the more ``threads`` draw it.
     No data needed: usable before training starts.
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(guide, GUIDES, "guide")
+    _check_count(threads, "threads")
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype: expected a torch.dtype such as torch.float32; got {dtype!r}")
     item = torch.empty((), dtype=dtype).element_size()
@@ -252,7 +257,7 @@ def technical_footprint(
         per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
         working += _OBS_FIXED[distribution] * cells_by_features
         if on_host:
-            saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS / cells_by_features))
+            saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS * threads / cells_by_features))
 
     matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
     data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups
@@ -261,7 +266,8 @@ def technical_footprint(
     return Footprint(
         fixed_bytes=int(inputs + working * item),
         per_sample_bytes=int(math.ceil(per_sample * item)),
-        source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}",
+        source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}"
+        + (f", {threads} draw threads" if saturation is not None and threads > 1 else ""),
         input_bytes=int(inputs),
         small_batch_bytes=int(heap),
         small_batch_limit=int(heap_limit),

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from devicemem import planner
-from devicemem.backends import Backend, get_backend
+from devicemem.backends import Backend, device_memory, get_backend
 from devicemem.checks import check_finite
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
@@ -54,12 +54,17 @@ class Request:
     plan: Plan | None = None
     validate: bool = False
     allow_nonfinite: bool = False
+    threads: int | None = None
 
 
 def choose_sites(request: Request, args: tuple, kwargs: dict) -> tuple[Sampler, dict[str, Site]]:
     """(this call's sampler, the sites it returns, as Pyro would choose them); ValueError
     for unknown ``return_sites`` or ``reduce`` sites. Runs the model once, unbatched."""
-    sampler = Sampler(request.model, request.guide, args, kwargs, validate=request.validate)
+    threads, origin = planner.resolve_threads(
+        request.threads, lambda: device_memory(HOST, max_memory=request.max_memory).cores
+    )
+    logger.debug("[MEMORY] drawing large host sites on %d thread(s) (%s)", threads, origin)
+    sampler = Sampler(request.model, request.guide, args, kwargs, validate=request.validate, threads=threads)
     sites = sampler.sites
     latent = [name for name in sites if name != "_RETURN"]
     unknown = [s for s in request.return_sites if s not in sites]

@@ -38,6 +38,7 @@ logger = logging.getLogger("devicemem.planner")
 
 HOST = "cpu"
 DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
+DEVICEMEM_THREADS = "DEVICEMEM_THREADS"
 # Measured accuracy (bench/w3_accuracy.py, 16 points in fresh children, three runs): predicted /
 # measured peak 0.94-1.17, so a real peak exceeds its prediction by at most ~7%; below 32 MiB
 # tensors glibc adds noise (up to 1.42 over). With 0.8 the worst measured batch peaks at
@@ -158,6 +159,24 @@ def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str
     if text:
         return _check_factor(text, DEVICEMEM_SAFETY_FACTOR), DEVICEMEM_SAFETY_FACTOR
     return DEFAULT_SAFETY_FACTOR, "default"
+
+
+def resolve_threads(
+    threads: int | None, cores: Callable[[], int | None], environ: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """(threads, where it came from) for the host's block-parallel draws: the argument, else
+    ``DEVICEMEM_THREADS``, else ``cores()`` (the registry's usable cores), else 1. ValueError
+    naming the argument or the variable for anything but an integer >= 1."""
+    if threads is not None:
+        return check_int(threads, "threads"), "argument"
+    environ = os.environ if environ is None else environ
+    text = environ.get(DEVICEMEM_THREADS, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{DEVICEMEM_THREADS}: expected an integer >= 1; got {text!r}")
+        return int(text), DEVICEMEM_THREADS
+    usable = cores()
+    return (usable, "usable cores") if usable else (1, "default")
 
 
 # --- the decision ------------------------------------------------------------------------
@@ -445,11 +464,15 @@ def plan_technical(
     max_memory: Any = None,
     output_bytes: int | None = None,
     resources: Resources | None = None,
+    threads: int | None = None,
 ) -> Plan:
     """Plan the technical model's Predictive from shapes alone (:func:`technical_footprint`).
 
     The inputs (counts, guide parameters) are taken to live on the host, so they count against
     a GPU's memory but not again against the host's. Same decisions as :func:`plan_predictive`.
+    ``threads``: how many threads draw the likelihood on the host (:func:`resolve_threads`;
+    default ``DEVICEMEM_THREADS``, else the host's usable cores): with more, a bigger vectorised
+    batch still pays.
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
@@ -459,14 +482,20 @@ def plan_technical(
         )
     check_choice(guide, GUIDES, "guide")
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
+    resources = resources or Resources()
+
+    def host_cores() -> int | None:
+        return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
+
+    draw_threads, _ = resolve_threads(threads, host_cores, resources.environ)
 
     def footprint_for(name: str, budget: int) -> Footprint:
         on_host = name.split(":")[0] == HOST
         return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
-                                   on_host=on_host)
+                                   on_host=on_host, threads=draw_threads)
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   HOST, resources or Resources())
+                   HOST, resources)
 
 
 def estimate_predictive_memory_and_set_minibatch(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from devicemem import distributed, local
+from devicemem import distributed, local, planner
 from devicemem.checks import check_int, check_path, check_site_names
 from devicemem.planner import Plan
 from devicemem.results import STATISTICS, BatchRecord
@@ -93,6 +93,10 @@ class Predictive:
     - ``allow_nonfinite``: return NaN or infinite draws. By default each batch's returned sites
       are checked (one float64 sum per site) and a NaN or infinity is a ValueError naming the
       site and the first bad sample, where Pyro, validating, would raise too.
+    - ``threads``: on the host, large sites drawn from common distributions (negative
+      binomial, Poisson, Gamma, Normal...) are drawn block-parallel on this many threads
+      (:mod:`devicemem.blockdraw`), with the same values for any number; default
+      ``DEVICEMEM_THREADS``, else the cores this process may use (``devicemem info``).
     - ``device``: a name ("auto", "cpu", "cuda:1"...) or a ``torch.device``. ``"all"``, a list of
       several devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
@@ -126,6 +130,7 @@ class Predictive:
         backend: Any = None,
         validate: bool = False,
         allow_nonfinite: bool = False,
+        threads: int | None = None,
     ) -> None:
         if guide is not None and posterior_samples is not None:
             raise ValueError("pass either guide or posterior_samples, not both")
@@ -135,6 +140,8 @@ class Predictive:
         sites = check_site_names(return_sites)
         seed = None if seed is None else check_int(seed, "seed", minimum=0)
         device = distributed.local_device(device, backend)
+        if threads is not None:
+            planner.resolve_threads(threads, lambda: None)
         if plan is not None:
             if device != "auto" or minibatch_size is not None or safety_factor is not None:
                 raise ValueError("plan replaces the planner: pass either plan or device/minibatch_size/safety_factor")
@@ -146,6 +153,7 @@ class Predictive:
             return_sites=sites, device=device, minibatch_size=minibatch_size,
             safety_factor=safety_factor, max_memory=max_memory, seed=seed, progress=progress, out=_check_out(out),
             reduce=_check_reduce(reduce), plan=plan, validate=bool(validate), allow_nonfinite=bool(allow_nonfinite),
+            threads=threads,
         )
         self.model = model
         self.guide = guide

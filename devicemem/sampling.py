@@ -18,6 +18,7 @@ distribution as Pyro's, but consume the random stream in a different order than 
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -39,6 +40,8 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from torch.distributions import biject_to
+
+from devicemem.blockdraw import BlockDraws
 
 PLATE_NAME = "_num_predictive_samples"  # Pyro's name, so models can recognise a vectorised run
 # Held around each Predictive call and each planner probe: Pyro's handler stack (and the RNG a
@@ -190,6 +193,10 @@ class Sampler:
     Pyro's validation off unless ``validate`` (the checks cost ~20% of a likelihood draw and
     would only repeat, per sample, what the first run checked), as fit_technical's SVI does
     after its first step.
+
+    ``threads``: draw the host's large sample sites block-parallel on that many threads
+    (:class:`devicemem.blockdraw.BlockDraws`: the same values for any number of threads);
+    None keeps each distribution's own single-threaded sample.
     """
 
     def __init__(
@@ -199,10 +206,12 @@ class Sampler:
         args: tuple,
         kwargs: Mapping[str, Any],
         validate: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.model = model
         self.guide = guide
         self.validate = validate
+        self.threads = threads
         self.nesting, self.sites = model_sites(model, args, dict(kwargs))
         self.closed_form = guide is not None and closed_form(guide)
         self.guide_nesting = 0
@@ -252,7 +261,8 @@ class Sampler:
         posterior samples per latent site (instead of drawing them from the guide). ``out``
         offers buffers [num, *shape] that closed-form draws are written into directly (the
         returned values then share their memory); the others are left alone."""
-        with torch.no_grad(), pyro.validation_enabled(self.validate):
+        draws = BlockDraws(self.threads) if self.threads is not None else nullcontext()
+        with torch.no_grad(), pyro.validation_enabled(self.validate), draws:
             latent = dict(posterior) if posterior is not None else {}
             if self.guide is not None:
                 latent.update(self._guide_draws(num, args, kwargs, out or {}))

@@ -40,8 +40,10 @@ def fake_psutil(total: int, available: int, rss: int = 0, vms: int = 0) -> Any:
 
 
 def probe(root: Path, *, environ: Mapping[str, str] | None = None, rlimits: Mapping[int, int] | None = None,
-          psutil: Any = None, nvml: Any = None, torch: Any = None) -> SystemProbe:
-    """A probe over the tree at ``root``; ``rlimits`` maps resource -> soft limit (else none)."""
+          psutil: Any = None, nvml: Any = None, torch: Any = None, affinity: set[int] | None = None,
+          cpu_count: int | None = None) -> SystemProbe:
+    """A probe over the tree at ``root``; ``rlimits`` maps resource -> soft limit (else none);
+    ``affinity`` the CPUs the process may run on (None: the platform cannot say)."""
     limits = dict(rlimits or {})
     return SystemProbe(
         root=root,
@@ -50,6 +52,8 @@ def probe(root: Path, *, environ: Mapping[str, str] | None = None, rlimits: Mapp
         nvml=nvml,
         torch_loader=lambda: torch,
         getrlimit=lambda which: (limits.get(which, -1), -1),
+        affinity=None if affinity is None else (lambda: set(affinity)),
+        cpu_count=lambda: cpu_count,
     )
 
 

@@ -305,3 +305,12 @@ def test_probe_needs_a_guide_or_posterior_samples():
     recorder, backend, _ = scripted()
     with pytest.raises(ValueError, match="guide or posterior_samples"):
         probe_footprint(recorder.model, None, backend=backend)
+
+
+def test_saturation_grows_with_the_threads_that_draw_the_observation_site():
+    one = technical_footprint(512, 512, 2, with_obs=True).saturation_batch
+    four = technical_footprint(512, 512, 2, with_obs=True, threads=4)
+    assert four.saturation_batch == 4 * one == 32 and "4 draw threads" in four.source
+    assert technical_footprint(2000, 2000, 2, threads=4).saturation_batch is None
+    with pytest.raises(ValueError, match="threads"):
+        technical_footprint(2000, 2000, 2, threads=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -13,10 +14,12 @@ from devicemem.planner import (
     CONSERVATIVE_BATCH,
     DEFAULT_SAFETY_FACTOR,
     DEVICEMEM_SAFETY_FACTOR,
+    DEVICEMEM_THREADS,
     Resources,
     estimate_predictive_memory_and_set_minibatch,
     plan_predictive,
     plan_technical,
+    resolve_threads,
 )
 
 GB = 10**9
@@ -318,3 +321,28 @@ def test_memory_lines_in_the_seeds_voice(caplog):
     assert lines[0] == "[MEMORY] Available CPU RAM: 20.00 GB usable (limit 24.00 GB from cgroup-v1:/job (memory.limit_in_bytes))"
     assert any(line.startswith("[MEMORY] Estimated peak for 1000 samples on cpu: ") for line in lines)
     assert lines[-1].startswith("[MEMORY] Will use one vectorised batch of 1000 on cpu")
+
+
+def test_resolve_threads_argument_then_environment_then_usable_cores():
+    cores = lambda: 6  # noqa: E731
+    assert resolve_threads(3, cores, {DEVICEMEM_THREADS: "2"}) == (3, "argument")
+    assert resolve_threads(None, cores, {DEVICEMEM_THREADS: " 2 "}) == (2, DEVICEMEM_THREADS)
+    assert resolve_threads(None, cores, {}) == (6, "usable cores")
+    assert resolve_threads(None, lambda: None, {}) == (1, "default")
+    with pytest.raises(ValueError, match="DEVICEMEM_THREADS: expected an integer >= 1; got '0'"):
+        resolve_threads(None, cores, {DEVICEMEM_THREADS: "0"})
+    with pytest.raises(ValueError, match="threads: expected an integer >= 1"):
+        resolve_threads(0, cores, {})
+
+
+def test_plan_technical_caps_host_batches_later_with_more_cores():
+    def host(cores):
+        return dataclasses.replace(memory("cpu", 100 * GB), cores=cores, cores_source="affinity")
+
+    sizes = {}
+    for cores in (1, 8):
+        res, _ = resources([host(cores)])
+        sizes[cores] = plan_technical(1000, 1000, 2, 200, with_obs=True, resources=res).batch_size
+    assert sizes[8] > sizes[1] * 4
+    res, _ = resources([host(8)], environ={DEVICEMEM_THREADS: "1"})
+    assert plan_technical(1000, 1000, 2, 200, with_obs=True, resources=res).batch_size == sizes[1]

@@ -102,3 +102,10 @@ def test_results_larger_than_host_memory_fail_before_sampling_without_out(proble
                                          r" is usable; pass out=DIR"):
         runner(*args)
     assert faulty.sizes == []
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True])
+def test_threads_must_be_a_positive_integer(problem, threads):
+    _, guide = problem
+    with pytest.raises(ValueError, match="threads: expected an int"):
+        Predictive(technical_model, guide=guide, num_samples=3, threads=threads)
