@@ -494,7 +494,7 @@ def probe_footprint(
     tensors in reference cycles, and garbage freed during the next batch would hide part of its
     peak), the backend's ``empty_cache`` and, on the host, glibc's ``malloc_trim``, between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
-    /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
+    /proc/self/clear_refs; CUDA: max_memory_reserved). ``batch_sizes=None`` climbs
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (four times
     that for the first batch, which also warms up and is the noisiest), then runs
     twice that batch: both batches' tensors are then big enough for the allocator to behave as
