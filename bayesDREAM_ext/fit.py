@@ -36,7 +36,7 @@ from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_m
 from bayesDREAM_ext.training import GUIDES, TrainingPlan, TrainResult, make_guide, plan_training, train
 from devicemem.backends import device_memory, parse_max_memory
 from devicemem.planner import Plan, plan_technical, resolve_safety_factor
-from devicemem.runner import Predictive
+from devicemem.predictive import Predictive
 
 logger = logging.getLogger("devicemem.bayesdream")
 

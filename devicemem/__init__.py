@@ -12,7 +12,7 @@ Footprint, technical_footprint,                devicemem.footprint
 probe_footprint
 Plan, plan_predictive, plan_technical,         devicemem.planner
 estimate_predictive_memory_and_set_minibatch
-Predictive                                     devicemem.runner
+Predictive                                     devicemem.predictive
 RayOptions, ShardError                         devicemem.distributed
 parse_bytes, format_bytes                      devicemem.units
 =============================================  ======================
@@ -38,7 +38,7 @@ _EXPORTS = {
     "plan_predictive": "devicemem.planner",
     "plan_technical": "devicemem.planner",
     "estimate_predictive_memory_and_set_minibatch": "devicemem.planner",
-    "Predictive": "devicemem.runner",
+    "Predictive": "devicemem.predictive",
     "RayOptions": "devicemem.distributed",
     "ShardError": "devicemem.distributed",
     "parse_bytes": "devicemem.units",

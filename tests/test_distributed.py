@@ -9,7 +9,8 @@ import torch
 
 from bayesDREAM_ext.model import technical_model
 from devicemem.distributed import RayOptions, ShardError, split
-from devicemem.runner import Predictive, batch_seed
+from devicemem.predictive import Predictive
+from devicemem.results import batch_seed
 from devicemem.units import parse_bytes
 from tests.distributed_fakes import KillOnce, RegisterFakeGpus, indexed_model
 from tests.runner_fakes import expected_from_report, make_plan, technical_problem

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
-from devicemem.runner import Predictive
+from devicemem.predictive import Predictive
 from tests.runner_fakes import CPU_OOM, Faulty, make_plan, technical_problem
 
 

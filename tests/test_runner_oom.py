@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
-from devicemem import placement, runner as runner_module
-from devicemem.runner import Predictive
+from devicemem import local, placement
+from devicemem.predictive import Predictive
 from tests.runner_fakes import CPU_OOM, Faulty, expected_from_report, fake_gpu, make_plan, technical_problem
 
 
@@ -115,7 +115,7 @@ def test_guide_parameters_restored_after_an_escaping_exception(problem, monkeypa
         moves.append(device)
         return tensor.clone()
 
-    monkeypatch.setattr(runner_module, "parameters_on", lambda device, g: placement.parameters_on(device, g, mover=mover))
+    monkeypatch.setattr(local, "parameters_on", lambda device, g: placement.parameters_on(device, g, mover=mover))
     seen = []
 
     def model(*model_args):
