@@ -297,7 +297,8 @@ def _train_on(
         for step in range(niters):
             if step == 0:
                 backend.reset_peak(plan.device)
-                loss = _first_step(svi, kwargs, backend, plan, baseline, check_first_step)
+                with torch_device:  # Pyro builds an AutoIAFNormal's flow in its first call, on the default device
+                    loss = _first_step(svi, kwargs, backend, plan, baseline, check_first_step)
                 plan = replace(plan, measured_peak_bytes=_peak_over(backend, plan.device, baseline))
                 logger.info(
                     "[MEMORY] First SVI step on %s: measured peak %s (predicted %s, budget %s)",

@@ -496,7 +496,7 @@ def probe_footprint(
     tensors in reference cycles, and garbage freed during the next batch would hide part of its
     peak), the backend's ``empty_cache`` and, on the host, glibc's ``malloc_trim``, between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
-    /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
+    /proc/self/clear_refs; CUDA: max_memory_reserved). ``batch_sizes=None`` climbs
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (four times
     that for the first batch, which also warms up and is the noisiest), then runs
     twice that batch: both batches' tensors are then big enough for the allocator to behave as
@@ -505,7 +505,8 @@ def probe_footprint(
     not repeated) or the number of posterior samples, except when two batches need it, nor
     (by extrapolation) peaks above ``max_probe_bytes`` (the planner passes its budget); when
     that allows one batch only, or when ``max_batch_size`` samples clearly fit (see
-    :func:`_climb`), the footprint is one batch's peak per sample, through the origin. The batches' times give ``saturation_batch``.
+    :func:`_climb`), the footprint is one batch's peak per sample, through the origin. On the host
+    the batches' times give ``saturation_batch``; elsewhere there is none (see the code).
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes);
     ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
@@ -565,9 +566,6 @@ def _probe(
             f"posterior samples); got {ladder}"
         )
 
-    sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
-    returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
-
     def run(batch: int) -> _Measure:
         gc.collect()
         backend.empty_cache(device)
@@ -590,7 +588,9 @@ def _probe(
     # full one); older garbage is frozen too, so none of it is freed inside a measured batch.
     gc.freeze()
     try:
-        with parameters_on(where, guide):
+        with parameters_on(where, guide):  # before the sampler's shape-learning run: an amortised guide runs there
+            sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
+            returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
             climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
             inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:
@@ -604,7 +604,9 @@ def _probe(
         low = measures[-2]
         intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
         slope, working = max(slope, 0.0), max(intercept, 0.0)
-        saturation = _saturation(measures)
+        # Off the host a draw's time is mostly kernel launches (its work runs asynchronously) and a
+        # sample costs far less than a draw's overhead: bigger batches pay until memory binds.
+        saturation = _saturation(measures) if where.type == "cpu" else None
         at = f"B={low.batch_size},{high.batch_size}"
     footprint = Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),

@@ -32,7 +32,7 @@ class BatchRecord:
     """One finished batch: samples ``start:start + size`` on ``device``.
 
     ``peak_bytes`` is the device's high-water mark during the batch as its backend measures it
-    (host: the process's peak RSS; CUDA: peak allocated) and ``base_bytes`` what the process
+    (host: the process's peak RSS; CUDA: peak reserved) and ``base_bytes`` what the process
     held there when the batch started, so ``working_bytes`` is what the batch itself needed,
     the figure the plan's predicted peak and budget speak of. ``retries`` counts the
     out-of-memory attempts at this start before the one that worked.
