@@ -168,3 +168,33 @@ def test_compact_dtype_is_the_smallest_exact_one():
     assert compact_dtype(torch.tensor([0.0, 40000.0])) == torch.int32
     assert compact_dtype(torch.tensor([0.5, 1.0])) == torch.float32
     assert compact_dtype(torch.tensor([-1.0, 1.0])) == torch.float32
+
+
+@pytest.mark.slow
+def test_a_fit_predicted_at_twice_the_cap_trains_in_chunks_inside_it(tmp_path):
+    """A real memory cgroup (RLIMIT_AS where none can be made) of 550 MiB around a fresh
+    child; the full-data step of 4000 x 4000 is predicted at 1.17 GB, more than twice that.
+    (The child's peak RSS also counts shared-library pages the cgroup does not charge, so
+    the cap's verdict is that it was not killed.)"""
+    import json
+    import sys
+    from pathlib import Path
+
+    from bayesDREAM_ext.synthetic import synthetic_technical
+    from bayesDREAM_ext.training import training_footprint
+    from devicemem.testing import run_child
+
+    n_cells, n_features, cap = 4000, 4000, 550 * 2**20
+    assert training_footprint(n_cells, n_features, 2) > 2 * cap
+    data = synthetic_technical(n_cells, n_features, 2, seed=0)
+    np.savez(tmp_path / "data.npz", counts=data.counts.astype(np.uint16), groups=data.groups, sum_factors=data.sum_factors, truth=data.log2_alpha_true)
+    del data
+    root = Path(__file__).resolve().parents[1]
+    child = run_child([sys.executable, str(root / "tests" / "ext_fit_child.py"), str(tmp_path / "data.npz"), "2"],
+                      cap_bytes=cap, env={"PYTHONPATH": str(root)}, timeout=600)
+    assert child.ok, (child.killed, child.stderr[-2000:])
+    found = json.loads(child.stdout.strip().splitlines()[-1])
+    assert found["chunk_cells"] < n_cells and found["chunks_per_step"] >= 2 and found["steps"] == 2
+    assert found["predicted"] <= found["budget"] and found["measured"] <= found["budget"]
+    assert found["shapes"]["log2_alpha_y"] == [20, 1, n_features] and found["shapes"]["mu_ntc"] == [20, 1, n_features]
+    assert found["r"] > 0.9
