@@ -237,7 +237,7 @@ def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None,
                 continue
             size = min(chunk_cells, cells)
         elif room is None or room >= 1:
-            size = cells if room is None else int(min(room, cells))
+            size = cells if room is None else math.ceil(cells / math.ceil(cells / min(room, cells)))  # equal chunks
             need = resident + fixed + size * per_cell
         else:
             continue
