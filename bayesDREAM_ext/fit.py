@@ -26,6 +26,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
+from bayesDREAM_ext.chunked import compact_dtype
 from bayesDREAM_ext.data import (
     TechnicalData,
     check_distribution,
@@ -371,6 +372,11 @@ def fit_technical(
     progress: bool = True,
     guide: str = "normal",
     guide_state: GuideState | None = None,
+    svi_chunk: int | None = None,
+    svi_minibatch: int | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: str | Path | None = None,
 ) -> TechnicalFit:
     """Fit bayesDREAM's technical model on NTC cells and draw ``nsamples`` posterior samples.
 
@@ -387,6 +393,13 @@ def fit_technical(
     the trained guide and names the recovery file it was saved to: pass its ``guide_state``
     (or :meth:`GuideState.load` of the file) to resume without retraining. Like bayesDREAM,
     it clears Pyro's global param store.
+
+    Memory: when a full-data SVI step does not fit the device, training takes the exact
+    gradient over chunks of cells (same trajectory, less memory; the counts stay on the host
+    when they do not fit a GPU); ``svi_chunk`` forces the cells per chunk. ``svi_minibatch``:
+    stochastic steps on that many random cells (likelihood scaled by N / B; off by default).
+    ``checkpoint=PATH``: save the training state every ``checkpoint_every`` steps;
+    ``resume=PATH`` continues from it bit-identically on the same device.
     """
     start = time.perf_counter()
     _check_options(
@@ -394,6 +407,11 @@ def fit_technical(
         minibatch_size, safety_factor, max_memory, guide,
     )
     check_seed(seed)
+    check_positive_int(svi_chunk, "svi_chunk", allow_none=True)
+    check_positive_int(svi_minibatch, "svi_minibatch", allow_none=True)
+    check_positive_int(checkpoint_every, "checkpoint_every")
+    if resume is not None and not Path(resume).is_file():
+        raise ValueError(f"resume: no such checkpoint file {str(resume)!r}")
     data = prepare_technical(counts, groups, sum_factors, distribution=distribution, denominator=denominator, cells_axis=cells_axis)
     inputs = build_model_inputs(data, epsilon=epsilon, beta_o_alpha=beta_o_alpha, beta_o_beta=beta_o_beta)
     safety, _ = resolve_safety_factor(safety_factor)
@@ -406,7 +424,8 @@ def fit_technical(
     if guide_state is None:
         svi_plan = plan_training(
             *shape, data.n_categories, distribution=distribution, device=str(device), guide=guide,
-            safety_factor=safety, max_memory=max_memory,
+            safety_factor=safety, max_memory=max_memory, chunk_cells=svi_chunk, minibatch=svi_minibatch,
+            count_dtype="float32" if str(device) == "cpu" else str(compact_dtype(data.counts)).removeprefix("torch."),
         )
     else:
         svi_plan = guide_state.svi_plan
@@ -419,6 +438,7 @@ def fit_technical(
         result = train(
             inputs, svi_plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
             progress=progress, fallback_to_host=str(device) == "auto", max_memory=max_memory,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
         )
         trained_guide, svi_plan = result.guide, result.plan
         losses, rates, svi_seconds = result.losses, result.learning_rates, result.seconds
