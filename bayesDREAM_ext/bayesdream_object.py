@@ -1,7 +1,8 @@
 """Reading a bayesDREAM object's technical-fit inputs and writing our fit back into it.
 
 bayesDREAM is not a dependency: the object is duck-typed (``meta``, ``modalities``,
-``cis_gene``). :func:`read_inputs` takes what bayesDREAM's own ``fit_technical`` takes (the NTC
+``cis_gene``), and pandas, which such an object always brings, is only imported to create a
+``counts_meta`` table that the object lacks. :func:`read_inputs` takes what bayesDREAM's own ``fit_technical`` takes (the NTC
 cells of ``meta``, their ``technical_group_code`` and sum factors, the counts as stored, the
 modality's distribution); :func:`write_back` stores the results under the names and shapes its
 ``fit_cis`` / ``fit_trans`` read:
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy import sparse
 from torch import Tensor
@@ -80,8 +80,12 @@ def _modality(model_obj: Any, name: str) -> Any:
     return model_obj.modalities[name]
 
 
+def _is_frame(values: Any) -> bool:
+    return hasattr(values, "columns") and hasattr(values, "index") and hasattr(values, "to_numpy")
+
+
 def _dense(values: Any) -> np.ndarray:
-    values = values.to_numpy() if isinstance(values, pd.DataFrame) else values
+    values = values.to_numpy() if _is_frame(values) else values
     return values.toarray() if sparse.issparse(values) else np.asarray(values)
 
 
@@ -94,7 +98,7 @@ def _source(model_obj: Any, name: str, modality: Any) -> tuple[np.ndarray, list[
     meta_cells = list(model_obj.meta["cell"])
     if name == getattr(model_obj, "primary_modality", None) and getattr(model_obj, "counts", None) is not None:
         counts = model_obj.counts
-        cells = list(counts.columns) if isinstance(counts, pd.DataFrame) else meta_cells[: counts.shape[1]]
+        cells = list(counts.columns) if _is_frame(counts) else meta_cells[: counts.shape[1]]
         return _dense(counts), cells, 1, True
     axis = 1 if np.ndim(modality.counts) == 3 else getattr(modality, "cells_axis", 1)
     cells = getattr(modality, "cell_names", None)
@@ -146,7 +150,7 @@ def read_inputs(model_obj: Any, sum_factor_col: str | None, modality: str | None
     denominator = getattr(mod, "denominator", None)
     cis_index = None
     if from_object and model_obj.cis_gene is not None and "cis" in model_obj.modalities:
-        genes = list(model_obj.counts.index) if isinstance(model_obj.counts, pd.DataFrame) else []
+        genes = list(model_obj.counts.index) if _is_frame(model_obj.counts) else []
         cis_index = genes.index(model_obj.cis_gene) if model_obj.cis_gene in genes else None
     return ObjectInputs(
         modality_name=name,
@@ -160,8 +164,8 @@ def read_inputs(model_obj: Any, sum_factor_col: str | None, modality: str | None
     )
 
 
-def feature_flags(inputs: ObjectInputs, n_groups: int) -> pd.DataFrame:
-    """bayesDREAM's per-feature flag columns (one row per feature of ``inputs.counts``)."""
+def feature_flags(inputs: ObjectInputs, n_groups: int) -> dict[str, np.ndarray]:
+    """bayesDREAM's per-feature flag columns (one value per feature of ``inputs.counts``)."""
     counts = np.moveaxis(inputs.counts, 1, 0)
     denominator = None if inputs.denominator is None else np.moveaxis(inputs.denominator, 1, 0)
     masks = exclusion_masks(counts, inputs.groups, denominator, inputs.distribution, n_groups)
@@ -170,22 +174,25 @@ def feature_flags(inputs: ObjectInputs, n_groups: int) -> pd.DataFrame:
         for column, reasons in FLAG_REASONS.items()
     }
     excluded = np.logical_or.reduce(list(masks.values()))
-    return pd.DataFrame({**flags, "ntc_excluded_from_fit": excluded, "technical_correction_applied": ~excluded})
+    return {**flags, "ntc_excluded_from_fit": excluded, "technical_correction_applied": ~excluded}
 
 
-def _set_flags(model_obj: Any, modality: Any, inputs: ObjectInputs, flags: pd.DataFrame) -> None:
+def _set_flags(model_obj: Any, modality: Any, inputs: ObjectInputs, flags: dict[str, np.ndarray]) -> None:
+    n_features = len(flags["ntc_excluded_from_fit"])
     if inputs.from_object_counts:
+        import pandas as pd
+
         counts = model_obj.counts
-        index = counts.index if isinstance(counts, pd.DataFrame) else pd.RangeIndex(len(flags))
+        index = counts.index if _is_frame(counts) else pd.RangeIndex(n_features)
         table = getattr(model_obj, "counts_meta", None)
         table = pd.DataFrame(index=index) if table is None else table.reindex(index)
         model_obj.counts_meta = table
     else:
         table = modality.feature_meta
-        if len(table) != len(flags):
-            raise ValueError(f"model_obj: modality feature_meta has {len(table)} rows but the counts have {len(flags)} features")
-    for column in flags.columns:
-        table[column] = flags[column].to_numpy()
+        if len(table) != n_features:
+            raise ValueError(f"model_obj: modality feature_meta has {len(table)} rows but the counts have {n_features} features")
+    for column, values in flags.items():
+        table[column] = values
 
 
 def _without(samples: dict[str, Tensor], index: int, n_features: int) -> dict[str, Tensor]:
