@@ -225,10 +225,11 @@ def _constant(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
     return np.where(valid, values, -np.inf).max(axis=0) <= np.where(valid, values, np.inf).min(axis=0)
 
 
-def _exclusions(
+def exclusion_masks(
     counts: np.ndarray, groups: np.ndarray, denominator: np.ndarray | None, distribution: str, n_groups: int
 ) -> dict[str, np.ndarray]:
-    """Boolean [T] masks of features that cannot be fitted, by reason (bayesDREAM's filters)."""
+    """Boolean [T] masks of features that cannot be fitted, by reason (bayesDREAM's filters);
+    ``counts`` (and ``denominator``) cells first, ``groups`` codes 0..n_groups-1."""
     if distribution == "multinomial":
         totals = counts.sum(axis=2, keepdims=True)
         ratios = counts / np.maximum(totals, 1)
@@ -306,7 +307,7 @@ def prepare_technical(
         raise ValueError(f"denominator: only the 'binomial' distribution uses one; got one with {distribution!r}")
 
     factors = _sum_factors(sum_factors, dense, distribution, n_cells)
-    reasons = _exclusions(dense, codes, denom, distribution, len(levels))
+    reasons = exclusion_masks(dense, codes, denom, distribution, len(levels))
     excluded_mask = np.zeros(dense.shape[1], dtype=bool)
     excluded = {}
     for reason, mask in reasons.items():

@@ -27,6 +27,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from bayesDREAM_ext.chunked import compact_dtype
+from bayesDREAM_ext.bayesdream_object import is_bayesdream_object, read_inputs, write_back
 from bayesDREAM_ext.data import (
     TechnicalData,
     check_distribution,
@@ -348,12 +349,35 @@ def _scatter(samples: dict[str, Tensor], data: TechnicalData) -> dict[str, Tenso
     return out
 
 
+# What the object path reads from a bayesDREAM object itself rather than from arguments.
+OBJECT_ARGUMENTS = ("counts", "groups", "sum_factors", "denominator", "cells_axis", "distribution", "sum_factor_col", "modality")
+
+
+def _fit_object(arguments: dict[str, Any]) -> TechnicalFit:
+    """``fit_technical`` on a bayesDREAM object: its NTC cells in, the results written back."""
+    for name in ("groups", "sum_factors", "denominator"):
+        if arguments[name] is not None:
+            raise ValueError(
+                f"{name}: a bayesDREAM object brings its own groups, sum factors and denominator (meta's "
+                "technical_group_code, the sum_factor_col column, the modality's denominator); pass options by keyword"
+            )
+    inputs = read_inputs(arguments["counts"], arguments["sum_factor_col"], arguments["modality"], arguments["distribution"])
+    options = {name: value for name, value in arguments.items() if name not in OBJECT_ARGUMENTS}
+    fit = fit_technical(
+        inputs.counts, inputs.groups, inputs.sum_factors, distribution=inputs.distribution,
+        denominator=inputs.denominator, cells_axis=1, **options,
+    )
+    write_back(arguments["counts"], inputs, fit)
+    pyro.clear_param_store()  # as bayesDREAM's fit_technical leaves it, for the fits that follow
+    return fit
+
+
 def fit_technical(
     counts: Any,
-    groups: Any,
+    groups: Any = None,
     sum_factors: Any = None,
     *,
-    distribution: str = "negbinom",
+    distribution: str | None = None,
     denominator: Any = None,
     cells_axis: int = 0,
     device: str = "auto",
@@ -377,10 +401,13 @@ def fit_technical(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: str | Path | None = None,
+    sum_factor_col: str | None = "sum_factor",
+    modality: str | None = None,
 ) -> TechnicalFit:
     """Fit bayesDREAM's technical model on NTC cells and draw ``nsamples`` posterior samples.
 
     ``counts`` [cells, features] (``cells_axis=1`` for features x cells; multinomial [N, T, K]);
+    ``distribution`` defaults to "negbinom";
     ``groups`` one label or code per cell, the first level (sorted, or a Categorical's
     order) being the baseline. ``sum_factors`` default to library size / mean (negbinom).
     ``device="auto"`` trains on the GPU when data, guide, optimizer state and one step fit its
@@ -400,7 +427,17 @@ def fit_technical(
     stochastic steps on that many random cells (likelihood scaled by N / B; off by default).
     ``checkpoint=PATH``: save the training state every ``checkpoint_every`` steps;
     ``resume=PATH`` continues from it bit-identically on the same device.
+
+    Given a bayesDREAM object instead of counts (``fit_technical(model_obj,
+    sum_factor_col="sum_factor", modality=None, ...)``), it fits that modality's NTC cells
+    (its ``distribution`` unless one is given) and writes the results where bayesDREAM's own
+    ``fit_technical`` does (:mod:`bayesDREAM_ext.bayesdream_object`), so that the object's
+    ``fit_cis`` / ``fit_trans`` run next; the TechnicalFit (all features) is returned too.
     """
+    arguments = dict(locals())
+    if is_bayesdream_object(counts):
+        return _fit_object(arguments)
+    distribution = "negbinom" if distribution is None else distribution
     start = time.perf_counter()
     _check_options(
         distribution, device, nsamples, niters, lr, tolerance, alpha_ewma, beta_o_alpha, beta_o_beta, epsilon,
