@@ -235,7 +235,7 @@ def technical_footprint(
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(guide, GUIDES, "guide")
-    _check_count(threads, "threads")
+    check_int(threads, "threads")
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype: expected a torch.dtype such as torch.float32; got {dtype!r}")
     item = torch.empty((), dtype=dtype).element_size()
