@@ -486,6 +486,7 @@ def probe_footprint(
     max_probe_bytes: int | None = None,
     backend: Any = None,
     sampler: Any = None,
+    reduce: Sequence[str] = (),
     **kwargs: Any,
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
@@ -508,10 +509,12 @@ def probe_footprint(
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes);
     ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
-    (the runner's: it has already learnt the shapes), else one is made.
+    (the runner's: it has already learnt the shapes), else one is made. Each site in ``reduce``
+    is reduced to its mean and variance on the device inside each batch, as the runner does.
     """
     from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
+    from devicemem.results import batch_moments
     from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)
@@ -525,7 +528,7 @@ def probe_footprint(
     model_key, model_ref = _identity(model)
     guide_key, guide_ref = _identity(guide)
     key = (
-        model_key, guide_key, str(device), tuple(return_sites or ()), sizes, max_batch_size,
+        model_key, guide_key, str(device), tuple(return_sites or ()), tuple(reduce), sizes, max_batch_size,
         _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
     )
     cached = _PROBE_CACHE.get(key)
@@ -563,9 +566,10 @@ def probe_footprint(
             None if posterior is None else {k: v[:batch] for k, v in posterior.items()},
         )
         seconds = time.perf_counter() - began
+        moments = [batch_moments(out[name]) for name in reduce]
         peak = backend.peak_bytes(device) or start
         output = sum(v.numel() * v.element_size() for v in out.values() if isinstance(v, torch.Tensor))
-        del out
+        del out, moments
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
     # From here each collection only scans what the probe creates (ms, not the 0.1-0.3 s of a

@@ -83,7 +83,7 @@ def _plan(
         request.model, request.guide, num_samples, *args, device=device, minibatch_size=request.minibatch_size,
         safety_factor=request.safety_factor, max_memory=request.max_memory,
         return_sites=list(request.return_sites) or None, posterior_samples=request.posterior_samples,
-        output_bytes=output_bytes, sampler=sampler, **kwargs,
+        output_bytes=output_bytes, sampler=sampler, reduce=tuple(request.reduce), **kwargs,
     )
 
 
@@ -102,8 +102,8 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
     on_host = get_backend(plan.device).kind == HOST
     check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
                (plan.predicted_peak_bytes or 0) if on_host else 0)
-    pin = request.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
-    sink = Sink(sites, request.reduce, request.num_samples, request.out, pin)
+    stage = get_backend(plan.device).torch_device(plan.device).type == "cuda"
+    sink = Sink(sites, request.reduce, request.num_samples, request.out, stage)
     _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report).execute()
     working = [row.working_bytes for row in report if row.working_bytes is not None]
     logger.info(
@@ -231,7 +231,7 @@ class _Run:
                 batch = to_device({n: v[first : first + count] for n, v in posterior.items()}, where)
             out = self.sink.slices(first, count) if where.type == HOST else None
             samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out)
-            self.sink.write(first, samples, non_blocking=where.type == "cuda")
+            self.sink.write(first, samples)
             del samples, batch
 
     def _retry_smaller(self, backend: Backend, size: int) -> None:
