@@ -26,7 +26,7 @@ from devicemem import planner
 from devicemem.backends import Backend, get_backend
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, BatchRecord, Sink, batch_seed, check_host, host_result_bytes
+from devicemem.results import HOST, STAGING_BYTES, BatchRecord, Sink, batch_seed, check_host, host_result_bytes
 from devicemem.sampling import Sampler, Site, select_sites
 from devicemem.units import format_bytes
 
@@ -100,9 +100,9 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
             plan.n_batches, "vectorised" if plan.vectorized else "sequential", plan.batch_size, plan.device,
         )
     on_host = get_backend(plan.device).kind == HOST
-    check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
-               (plan.predicted_peak_bytes or 0) if on_host else 0)
     stage = get_backend(plan.device).torch_device(plan.device).type == "cuda"
+    check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
+               (plan.predicted_peak_bytes or 0) if on_host else STAGING_BYTES if stage else 0)
     sink = Sink(sites, request.reduce, request.num_samples, request.out, stage)
     _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report).execute()
     working = [row.working_bytes for row in report if row.working_bytes is not None]
