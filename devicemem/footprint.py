@@ -579,6 +579,9 @@ def probe_footprint(
         with parameters_on(where, guide):  # before the sampler's shape-learning run: an amortised guide runs there
             sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
             returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
+            unknown = [name for name in reduce if name not in returned]
+            if unknown:
+                raise ValueError(f"reduce: site(s) {unknown} are not among the returned sites {list(returned)}")
             climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
             inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:

@@ -190,6 +190,10 @@ def test_the_probe_reduces_inside_the_measured_window():
                         posterior_samples={"z": torch.randn(8, 3)}, return_sites=["z"], reduce=["z"],
                         backend=Counting("cpu"))
     assert seen == [1, 2], "each batch's reduction is in its peak"
+    with pytest.raises(ValueError, match=r"reduce: site\(s\) \['y'\] are not among the returned sites"):
+        probe_footprint(recording_model, None, torch.zeros(3), device="cpu-unknown", batch_sizes=(2, 4),
+                        posterior_samples={"z": torch.randn(8, 3)}, return_sites=["z"], reduce=["y"],
+                        backend=Counting("cpu"))
 
 
 def _tensors_in(obj, seen=None):
