@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import time
 import warnings
@@ -347,8 +348,43 @@ def _guide(ray: ModuleType, ref: Any) -> Any:
     key = ref.hex()
     if key not in _GUIDES:
         _GUIDES.clear()
-        _GUIDES[key] = ray.get(ref)
+        _GUIDES[key] = ray.cloudpickle.loads(ray.get(ref))
     return _GUIDES[key]
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    return tensor.detach().to(HOST)
+
+
+def host_pickle(ray: ModuleType, obj: Any, mover: Callable[[Tensor], Tensor] = _to_host) -> bytes:
+    """``obj`` pickled as Ray pickles it, with every tensor on the host. A guide fitted on a GPU
+    holds device tensors beyond its parameters (its prototype trace, the values its init
+    function closes over) that a CPU shard, or a GPU worker seeing one device, cannot unpickle;
+    the shard's runner moves the parameters to its own device. ``mover`` makes a device
+    tensor's host copy (tests inject their own)."""
+    buffer = io.BytesIO()
+    _host_pickler(ray.cloudpickle.CloudPickler)(buffer, mover).dump(obj)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _host_pickler(base: type) -> type:
+    """``base`` (Ray's cloudpickler) writing every tensor off the host as its host copy."""
+
+    class HostPickler(base):  # type: ignore[misc, valid-type]
+        def __init__(self, file: Any, mover: Callable[[Tensor], Tensor]) -> None:
+            super().__init__(file)
+            self.mover = mover
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, Tensor) and obj.device.type != HOST:
+                host = self.mover(obj).requires_grad_(obj.requires_grad)
+                if isinstance(obj, torch.nn.Parameter):
+                    return torch.nn.Parameter, (host, obj.requires_grad)
+                return host.__reduce_ex__(self.proto)
+            return super().reducer_override(obj)
+
+    return HostPickler
 
 
 def _run_shard(
@@ -396,10 +432,12 @@ def _run_shard(
 
 
 @functools.lru_cache(maxsize=None)
-def _remote(ray: ModuleType, gpu: bool) -> Any:
-    # Ray gives a function declared with num_gpus a fresh worker per task (max_calls=1), so
-    # each task's CUDA_VISIBLE_DEVICES takes effect; CPU tasks reuse warm workers.
-    return ray.remote(num_gpus=1)(_run_shard) if gpu else ray.remote(_run_shard)
+def _remote(ray: ModuleType, gpu: bool, accelerator: bool) -> Any:
+    # A worker that ran on an accelerator keeps its CUDA context and torch's pinned host cache
+    # for its life: such a task gets a fresh worker (max_calls=1), which exits after it and so
+    # releases both (and each task's CUDA_VISIBLE_DEVICES takes effect); CPU tasks reuse warm
+    # workers (max_calls=0: no limit).
+    return ray.remote(num_gpus=1 if gpu else 0, max_calls=1 if accelerator else 0)(_run_shard)
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -411,7 +449,7 @@ class _Collector:
     def __init__(self, request: local.Request, sites: dict[str, Site]) -> None:
         self.request = request
         stored = {name: site for name, site in sites.items() if name not in request.reduce}
-        self.sink = Sink(stored, {}, request.num_samples, request.out, pin=False)
+        self.sink = Sink(stored, {}, request.num_samples, request.out, stage=False)
         self.moments = {name: Moments() for name in request.reduce}
         self.done: dict[int, ShardRecord] = {}
 
@@ -423,9 +461,9 @@ class _Collector:
             # Ray hands arrays back read-only (zero-copy); they are only read from here.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             stored = {name: torch.from_numpy(output.arrays[name]) for name in self.sink.sites}
-            self.sink.write(shard.start, stored, non_blocking=False)
+            self.sink.write(shard.start, stored)
         for name, moments in self.moments.items():
-            moments.merge(shard.size, output.arrays[f"{name}:mean"], output.arrays[f"{name}:var"])
+            moments.merge_shard(shard.size, output.arrays[f"{name}:mean"], output.arrays[f"{name}:var"])
         peaks = [row.peak_bytes for row in output.batches if row.peak_bytes is not None]
         record = ShardRecord(
             start=shard.start, size=shard.size, device=output.device, wall_s=output.wall_s,
@@ -510,7 +548,7 @@ def _submit(
 ) -> dict[Any, Shard]:
     """Put the shared objects once (on the host) and start one task per shard."""
     with parameters_on(HOST, request.guide):
-        guide_ref = ray.put(request.guide)
+        guide_ref = ray.put(host_pickle(ray, request.guide))
         params_ref = ray.put(pyro.get_param_store().get_state() if pyro.get_param_store().keys() else None)
     model_ref = ray.put(request.model)
     args_ref, kwargs_ref = ray.put(to_device(args, HOST)), ray.put(to_device(kwargs, HOST))
@@ -531,7 +569,7 @@ def _submit(
             task_options["resources"] = dict(slot.resources)
             if _split(slot.device, "device")[0] == "cuda":
                 task_options["runtime_env"] = _NOSET_CUDA
-        remote = _remote(ray, slot.num_gpus > 0).options(**task_options)
+        remote = _remote(ray, slot.num_gpus > 0, _split(slot.device, "device")[0] != HOST).options(**task_options)
         ref = remote.remote(job, model_ref, [guide_ref], params_ref, args_ref, kwargs_ref, posterior)
         pending[ref] = shard
     return pending

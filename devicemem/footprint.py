@@ -488,6 +488,7 @@ def probe_footprint(
     max_probe_bytes: int | None = None,
     backend: Any = None,
     sampler: Any = None,
+    reduce: Sequence[str] = (),
     **kwargs: Any,
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
@@ -510,7 +511,8 @@ def probe_footprint(
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes);
     ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
-    (the runner's: it has already learnt the shapes), else one is made.
+    (the runner's: it has already learnt the shapes), else one is made. Each site in ``reduce``
+    is reduced to its mean and variance on the device inside each batch, as the runner does.
     """
     from devicemem.sampling import PYRO_LOCK
 
@@ -528,6 +530,7 @@ def _probe(
     """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces."""
     from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
+    from devicemem.results import batch_moments
     from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)
@@ -541,7 +544,7 @@ def _probe(
     model_key, model_ref = _identity(model)
     guide_key, guide_ref = _identity(guide)
     key = (
-        model_key, guide_key, str(device), tuple(return_sites or ()), sizes, max_batch_size,
+        model_key, guide_key, str(device), tuple(return_sites or ()), tuple(reduce), sizes, max_batch_size,
         _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
     )
     cached = _PROBE_CACHE.get(key)
@@ -579,9 +582,10 @@ def _probe(
             None if posterior is None else {k: v[:batch] for k, v in posterior.items()},
         )
         seconds = time.perf_counter() - began
+        moments = [batch_moments(out[name]) for name in reduce]
         peak = backend.peak_bytes(device) or start
         output = sum(v.numel() * v.element_size() for v in out.values() if isinstance(v, torch.Tensor))
-        del out
+        del out, moments
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
     # From here each collection only scans what the probe creates (ms, not the 0.1-0.3 s of a
@@ -591,6 +595,9 @@ def _probe(
         with parameters_on(where, guide):  # before the sampler's shape-learning run: an amortised guide runs there
             sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
             returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
+            unknown = [name for name in reduce if name not in returned]
+            if unknown:
+                raise ValueError(f"reduce: site(s) {unknown} are not among the returned sites {list(returned)}")
             climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
             inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:

@@ -27,7 +27,7 @@ from devicemem.backends import Backend, device_memory, get_backend
 from devicemem.checks import check_finite
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, BatchRecord, Sink, batch_seed, check_host, host_result_bytes, remedies
+from devicemem.results import HOST, STAGING_BYTES, BatchRecord, Sink, batch_seed, check_host, host_result_bytes, remedies
 from devicemem.sampling import Sampler, Site, select_sites
 from devicemem.units import format_bytes
 
@@ -90,7 +90,7 @@ def _plan(
         request.model, request.guide, num_samples, *args, device=device, minibatch_size=request.minibatch_size,
         safety_factor=request.safety_factor, max_memory=request.max_memory,
         return_sites=list(request.return_sites) or None, posterior_samples=request.posterior_samples,
-        output_bytes=output_bytes, sampler=sampler, **kwargs,
+        output_bytes=output_bytes, sampler=sampler, reduce=tuple(request.reduce), **kwargs,
     )
 
 
@@ -107,10 +107,10 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
             plan.n_batches, "vectorised" if plan.vectorized else "sequential", plan.batch_size, plan.device,
         )
     on_host = get_backend(plan.device).kind == HOST
+    stage = get_backend(plan.device).torch_device(plan.device).type == "cuda"
     check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
-               (plan.predicted_peak_bytes or 0) if on_host else 0)
-    pin = request.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
-    sink = Sink(sites, request.reduce, request.num_samples, request.out, pin)
+               (plan.predicted_peak_bytes or 0) if on_host else STAGING_BYTES if stage else 0)
+    sink = Sink(sites, request.reduce, request.num_samples, request.out, stage)
     _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report).execute()
     working = [row.working_bytes for row in report if row.working_bytes is not None]
     logger.info(
@@ -244,7 +244,7 @@ class _Run:
             samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out)
             if not self.request.allow_nonfinite:
                 check_finite(samples, first)
-            self.sink.write(first, samples, non_blocking=where.type == "cuda")
+            self.sink.write(first, samples)
             del samples, batch
 
     def _one_sample_advice(self) -> str:

@@ -416,6 +416,7 @@ def plan_predictive(
     output_bytes: int | None = None,
     resources: Resources | None = None,
     sampler: Sampler | None = None,
+    reduce: Sequence[str] = (),
     **kwargs: Any,
 ) -> Plan:
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
@@ -426,7 +427,8 @@ def plan_predictive(
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
     stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
-    ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with.
+    ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with;
+    ``reduce``: the sites reduced to mean and variance on the device, which the probe counts.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
@@ -440,7 +442,8 @@ def plan_predictive(
     def footprint_for(name: str, budget: int) -> Footprint:
         return probe(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
-            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, **kwargs,
+            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, reduce=reduce,
+            **kwargs,
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,

@@ -86,7 +86,8 @@ class Predictive:
     - ``out``: a directory; results become numpy memmaps ``<site>.npy`` there (needed when
       they exceed host memory; without ``out`` that case fails before sampling).
     - ``reduce``: ``{"site": ("mean", "var")}`` returns ``"site:mean"`` and ``"site:var"``
-      (float64, unbiased variance, streamed with Welford) instead of ``site``.
+      instead of ``site`` (float64, unbiased variance; each batch is reduced on its device,
+      which the plan counts, and batches are merged on the host).
     - ``progress``: a tqdm bar over samples with device memory in use and peak vs budget.
     - ``validate``: keep Pyro's argument checks inside the draws. By default only the first,
       unbatched run of the model checks them (they cost ~20% of a likelihood draw).

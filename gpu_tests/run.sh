@@ -19,7 +19,7 @@
 # (OUTDIR/collect.log) and stops before anything needs CUDA. Exit 0 when all of that worked.
 #
 # Environment: PYTHON (default python3, else python), DEVICEMEM_WHEELS (default gpu_tests/wheels),
-# GPU_TESTS_BUDGET_S (default 470: the whole run's wall-clock limit in seconds), GPU_TESTS_BENCH
+# GPU_TESTS_BUDGET_S (default 540: the whole run's wall-clock limit in seconds), GPU_TESTS_BENCH
 # (the bench's --only; default: W6, or W6a when time is short).
 set -uo pipefail
 
@@ -32,7 +32,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 PYTHON=${PYTHON:-$(command -v python3 || echo python)}
 wheels=${DEVICEMEM_WHEELS:-$here/wheels}
-budget=${GPU_TESTS_BUDGET_S:-470}
+budget=${GPU_TESTS_BUDGET_S:-540}
 out=${1:-$here/out}
 case $out in /*) ;; *) out=$PWD/$out ;; esac  # the script works from the repository root
 # Estimated seconds for all of bench W6 --quick on one H200: generating the 21,761 x 31,467 data

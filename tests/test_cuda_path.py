@@ -1,6 +1,7 @@
-"""The CUDA path's device handling, proved on the CPU with the meta device standing in for an
-accelerator (tensors mixed with CPU ones raise, as CUDA ones do): the footprint probe, the
-IAF guide's first SVI step."""
+"""The CUDA path's device handling, proved on the CPU: the meta device (or a copying mover)
+stands in for an accelerator (tensors mixed with CPU ones raise, as CUDA ones do). The
+footprint probe, the IAF guide's first SVI step, the results sink and reducer, and a fitted
+guide shipped to Ray shards."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.nn import PyroModule, PyroParam
+from torch.overrides import TorchFunctionMode
 
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
@@ -20,7 +24,8 @@ from bayesDREAM_ext.training import plan_training, train
 from devicemem import placement
 from devicemem.backends.base import Backend
 from devicemem.footprint import probe_footprint
-from devicemem.sampling import PLATE_NAME
+from devicemem.results import Moments, Sink
+from devicemem.sampling import PLATE_NAME, Site
 from pyro.poutine.runtime import _PYRO_STACK
 
 MB = 10**6
@@ -128,3 +133,121 @@ def test_an_iaf_guide_is_built_on_the_training_device_not_the_default_one():
     with torch.device("meta"):
         result = train(inputs, plan, niters=1, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
     assert {param.device.type for param in result.guide.parameters()} == {"cpu"}
+
+
+# --- results: pageable, reduced per batch; a GPU-fitted guide shipped to shards -------------
+
+
+def test_results_of_a_gpu_run_are_pageable_host_memory():
+    # Batches from a GPU pass through a small pinned staging buffer; the results themselves are
+    # pageable (a pinned 33 GiB result would pin 64 GiB for the process's life).
+    sink = Sink({"x": Site((4,), torch.float32)}, {}, 10, None, stage=True)
+    sink.write(0, {"x": torch.ones(10, 4)})
+    (result,) = sink.result().values()
+    assert not result.is_pinned() and torch.equal(result, torch.ones(10, 4))
+    assert sink.staging is not None and sink.staging.buffer is None, "host batches need no staging"
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch", [5, 50])
+def test_a_batch_is_reduced_in_one_pass_and_sent_to_the_host_as_two_tensors(batch):
+    moments = Moments()
+    with _Recorder() as recorder:
+        moments.update(torch.randn(batch, 30))
+    assert recorder.calls.count("var_mean") == 1
+    assert recorder.calls.count("to") == 2, "mean and sum of squares, whatever the batch size"
+
+
+def test_batches_merge_to_the_exact_moments_of_all_samples():
+    samples = torch.randn(103, 7, dtype=torch.float64) * 3 + 100  # a large mean, a small spread
+    moments = Moments()
+    for first, last in [(0, 1), (1, 40), (40, 41), (41, 103)]:  # batch sizes 1, 39, 1, 62
+        moments.update(samples[first:last])
+    torch.testing.assert_close(moments.result("mean"), samples.mean(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(moments.result("var"), samples.var(0), rtol=1e-12, atol=0)
+
+
+def test_the_probe_reduces_inside_the_measured_window():
+    seen: list[int] = []
+
+    class Counting(ScriptedDevice):
+        def peak_bytes(self, device):
+            seen.append(recorder.calls.count("var_mean"))
+            return super().peak_bytes(device)
+
+    pyro.clear_param_store()
+    with _Recorder() as recorder:
+        probe_footprint(recording_model, None, torch.zeros(3), device="cpu-reduce", batch_sizes=(2, 4),
+                        posterior_samples={"z": torch.randn(8, 3)}, return_sites=["z"], reduce=["z"],
+                        backend=Counting("cpu"))
+    assert seen == [1, 2], "each batch's reduction is in its peak"
+    with pytest.raises(ValueError, match=r"reduce: site\(s\) \['y'\] are not among the returned sites"):
+        probe_footprint(recording_model, None, torch.zeros(3), device="cpu-unknown", batch_sizes=(2, 4),
+                        posterior_samples={"z": torch.randn(8, 3)}, return_sites=["z"], reduce=["y"],
+                        backend=Counting("cpu"))
+
+
+def _tensors_in(obj, seen=None):
+    """Every tensor reachable from ``obj`` through containers, attributes and closures."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    elif isinstance(obj, functools.partial):
+        children = [obj.args, obj.keywords]
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [tensor for child in children for tensor in _tensors_in(child, seen)]
+
+
+def test_a_gpu_fitted_guide_ships_to_shards_with_every_tensor_on_the_host():
+    import ray
+
+    from devicemem.distributed import host_pickle
+
+    pyro.clear_param_store()
+    x = torch.zeros(3)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"z": torch.ones(3)}))
+    guide(x)
+    # As if fitted on a GPU: the prototype trace and the init closure hold device tensors (meta
+    # stands in for CUDA; the injected mover makes host copies of them).
+    def to_meta(value):
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    for node in guide.prototype_trace.nodes.values():
+        node.update({key: to_meta(node[key]) for key in ("value",) if key in node})
+        node.update({key: tuple(map(to_meta, node[key])) for key in ("args",) if key in node})
+    guide.init_loc_fn.keywords["values"]["z"] = torch.ones(3, device="meta")
+    assert any(t.device.type == "meta" for t in _tensors_in(guide))
+    shipped = ray.cloudpickle.loads(host_pickle(ray, guide, mover=lambda t: torch.full(t.shape, 2.0, dtype=t.dtype)))
+    tensors = _tensors_in(shipped)
+    assert tensors and {t.device.type for t in tensors} == {"cpu"}
+    assert torch.equal(shipped.init_loc_fn.keywords["values"]["z"], torch.full((3,), 2.0))
+    assert torch.equal(shipped.locs.z, guide.locs.z), "host tensors travel as they are"
+
+
+def test_shards_on_an_accelerator_get_a_fresh_ray_worker_each():
+    import ray
+
+    from devicemem.distributed import _remote
+
+    assert _remote(ray, True, True)._default_options == {"num_gpus": 1, "max_calls": 1}
+    assert _remote(ray, False, True)._default_options == {"num_gpus": 0, "max_calls": 1}  # named cuda:<i>
+    assert _remote(ray, False, False)._default_options == {"num_gpus": 0, "max_calls": 0}  # warm CPU workers

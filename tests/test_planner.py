@@ -216,7 +216,8 @@ def test_probe_gets_the_model_arguments_and_keywords():
     _, probe = plan([memory("cpu", 10 * GB)], {"cpu": fp(0, 1)}, observe=False)
     device, args, kwargs = probe.calls[0]
     assert device == "cpu" and args[0].shape == (3,)
-    assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None}
+    assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None,
+                      "reduce": ()}
 
 
 # --- safety factor -------------------------------------------------------------------------

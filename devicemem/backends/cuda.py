@@ -170,16 +170,16 @@ def configured_fraction(environ: Mapping[str, str]) -> float | None:
 
 
 def _fraction(probe: SystemProbe, index: int, initialized: bool) -> tuple[float, str] | None:
-    """torch's per-process memory fraction on device ``index`` and where it was set; None at 1."""
-    cuda = probe.torch.cuda
-    getter = getattr(cuda, "get_per_process_memory_fraction", None)
+    """torch's per-process memory fraction on device ``index`` (the tighter of the environment's
+    and torch's own, which asking would initialise CUDA for) and where it was set; None at 1."""
+    found = []
+    configured = configured_fraction(probe.environ)
+    if configured is not None:
+        found.append((configured, "PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction"))
+    getter = getattr(probe.torch.cuda, "get_per_process_memory_fraction", None)
     if initialized and getter is not None:
-        value, source = float(getter(index)), "torch.cuda per-process memory fraction"
-    else:  # asking would initialise CUDA; before that only the environment can have set it
-        configured = configured_fraction(probe.environ)
-        if configured is None:
-            return None
-        value, source = configured, "PYTORCH_CUDA_ALLOC_CONF per_process_memory_fraction"
+        found.append((float(getter(index)), "torch.cuda per-process memory fraction"))
+    value, source = min(found, default=(1.0, ""))
     return (value, f"{source} {value:g}") if value < 1.0 else None
 
 
