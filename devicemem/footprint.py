@@ -543,7 +543,7 @@ def probe_footprint(
     else:
         ladder = [b for b in PROBE_LADDER if b < cap]
         ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
-    if len(ladder) < 2:
+    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
         raise ValueError(
             f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
             f"posterior samples); got {ladder}"

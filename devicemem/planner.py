@@ -45,6 +45,8 @@ DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
 DEFAULT_SAFETY_FACTOR = 0.8
 # The seed's batch size when no memory reading exists (it used sequential batches of 50).
 CONSERVATIVE_BATCH = 50
+# Pyro's sequential mode is recorded (and its progress shown) in at most this many chunks.
+SEQUENTIAL_CHUNKS = 100
 
 
 @dataclass(frozen=True)
@@ -396,6 +398,32 @@ def plan_predictive(
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
                    _inputs_device(args, kwargs), resources)
+
+
+def plan_sequential(
+    num_samples: int,
+    *args: Any,
+    device: str = "auto",
+    safety_factor: float | None = None,
+    output_bytes: int | None = None,
+    why: str = "parallel=False",
+    **kwargs: Any,
+) -> Plan:
+    """Plan Pyro's sequential mode: the model runs one sample at a time, without a sample
+    plate, on ``device`` ("auto": where the tensors of ``*args, **kwargs`` live, as in Pyro).
+    A sample's memory does not grow with ``num_samples``, so nothing is probed; the samples are
+    grouped into at most :data:`SEQUENTIAL_CHUNKS` chunks, each one batch record of
+    the run. ``why`` opens the logged reason."""
+    where = _check_common(num_samples, device, None, safety_factor, output_bytes)
+    factor, _ = resolve_safety_factor(safety_factor)
+    reasons = _Reasons()
+    place = _inputs_device(args, kwargs) if where == "auto" else where
+    size, n_batches = _batches(num_samples, math.ceil(num_samples / SEQUENTIAL_CHUNKS))
+    reasons.add(
+        f"{why}: drawing {num_samples} samples one at a time on {place}"
+        + (" (where the model's inputs are)" if where == "auto" else "")
+    )
+    return Plan(place, num_samples, size, n_batches, False, None, None, factor, output_bytes, tuple(reasons.lines))
 
 
 def plan_technical(
