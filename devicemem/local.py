@@ -270,8 +270,8 @@ class _Run:
             try:
                 with _seeded(request.seed, self.start, where):
                     self._draw(size, where, args, kwargs)
-            except Exception as exc:
-                if size == 1 or not backend.is_oom(exc):
+            except Exception as exc:  # a sequential sample is as small as a draw gets: no smaller batch helps
+                if size == 1 or self.sequential or not backend.is_oom(exc):
                     raise
                 failed = True
             if failed:

@@ -18,6 +18,7 @@ from scipy import stats
 import devicemem
 from devicemem import Predictive
 from devicemem.sampling import NotVectorised
+from tests.runner_fakes import fake_gpu
 
 N, T, G = 20, 4, 6
 
@@ -258,3 +259,22 @@ def test_routing_makes_pyro_infer_predictive_devicemems_and_restores_it():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['devise'\]"):
         devicemem.route(devise="cpu")
     assert pyro.infer.Predictive is original
+
+
+def test_sequential_mode_moves_to_the_host_when_the_device_runs_out_of_memory(caplog):
+    with fake_gpu() as gpu:
+        calls = []
+
+        def model():
+            calls.append(gpu.active)
+            if gpu.active and len(calls) > 6:
+                raise torch.OutOfMemoryError("fake")
+            return item_model()
+
+        with caplog.at_level(logging.WARNING, logger="devicemem"):
+            predictive = Predictive(model, num_samples=40, parallel=False, device="cuda:0", seed=0, progress=False)
+            samples = predictive()
+    assert samples["y"].shape == (40, G) and bool(torch.all(samples["y"] != 0))
+    devices = [row.device for row in predictive.report]
+    assert devices[0] == "cuda:0" and devices[-1] == "cpu" and sum(row.size for row in predictive.report) == 40
+    assert "cuda:0 cannot hold one sample; moving the remaining" in caplog.text
