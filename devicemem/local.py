@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -213,7 +214,8 @@ class _Run:
         self.kwargs = kwargs
         self.report = report
         self.device = plan.device
-        self.batch_size = plan.batch_size
+        self.target = plan.batch_size
+        self.batch_size = min(plan.ramp_from or plan.batch_size, plan.batch_size)
         self.budget = plan.budget_bytes
         self.vectorized = plan.vectorized and vectorised
         self.start = 0
@@ -253,7 +255,8 @@ class _Run:
             "[MEMORY] %s cannot hold one sample; moving the remaining %d samples (from %d) to %s "
             "in batches of %d", self.device, remaining, self.start, HOST, plan.batch_size,
         )
-        self.device, self.batch_size, self.budget = HOST, plan.batch_size, plan.budget_bytes
+        self.device, self.target, self.budget = HOST, plan.batch_size, plan.budget_bytes
+        self.batch_size = min(plan.ramp_from or plan.batch_size, plan.batch_size)
         self.vectorized = plan.vectorized
 
     def _batches(self, backend: Backend, bar: tqdm) -> None:
@@ -286,6 +289,7 @@ class _Run:
             self.report.append(record)
             self.start += size
             self.retries = 0
+            self._grow(record)
             bar.update(size)
             bar.set_postfix(
                 mem=format_bytes(backend.current_bytes(self.device)),
@@ -310,12 +314,26 @@ class _Run:
             self.sink.write(first, samples, non_blocking=where.type == "cuda")
             del samples, batch
 
+    def _grow(self, record: BatchRecord) -> None:
+        """Ramp-up (plans with ``ramp_from``): the next batch doubles towards the plan's size as
+        long as this batch's measured working memory, grown with the square of the batch (the
+        fastest growth the probe allows for), stays within the budget."""
+        if self.batch_size >= self.target or record.size < self.batch_size:
+            return
+        working = record.working_bytes
+        if not working or not self.budget:
+            self.batch_size = self.target
+            return
+        room = int(record.size * math.sqrt(self.budget / working))
+        self.batch_size = max(self.batch_size, min(self.target, 2 * record.size, room))
+
     def _retry_smaller(self, backend: Backend, size: int) -> None:
         """After an OOM (outside the ``except`` block, so its frames are gone): free, halve."""
         gc.collect()
         backend.empty_cache(self.device)
         self.retries += 1
         self.batch_size = size // 2
+        self.target = min(self.target, self.batch_size)
         logger.warning(
             "[MEMORY] out of memory on %s with a batch of %d samples (from sample %d); retrying with %d",
             self.device, size, self.start, self.batch_size,

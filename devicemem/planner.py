@@ -9,6 +9,7 @@ decides; the runner executes the :class:`Plan`. Every decision is logged to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -54,7 +55,9 @@ class Plan:
     """A decision for one Predictive run; ``reasons`` are the sentences behind each choice.
 
     ``predicted_peak_bytes`` is the working memory of one batch on ``device``;
-    ``output_bytes`` the host memory the full result [num_samples, ...] takes.
+    ``output_bytes`` the host memory the full result [num_samples, ...] takes. ``ramp_from``:
+    when memory grows faster than linearly, the run starts at this (the largest probed) batch
+    and doubles towards ``batch_size`` while measured peaks allow.
     """
 
     device: str
@@ -67,6 +70,7 @@ class Plan:
     safety_factor: float
     output_bytes: int | None
     reasons: tuple[str, ...]
+    ramp_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,7 @@ def _decide(
     output_bytes: int | None,
     inputs_on: str,
     resources: Resources,
+    probe_with_minibatch: bool = True,
 ) -> Plan:
     factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
     reasons = _Reasons()
@@ -218,6 +223,9 @@ def _decide(
             if not last:
                 continue
             return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
+        if minibatch_size is not None and not probe_with_minibatch:
+            return _given_batches(memory.device, num_samples, minibatch_size, factor, memory.usable_bytes,
+                                  output_bytes, reasons)
         try:
             footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
         except Exception as exc:
@@ -248,6 +256,18 @@ def _decide(
         return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
                      factor, output_bytes, reasons)
     raise AssertionError("the host is always the last candidate")
+
+
+def _given_batches(
+    device: str, num_samples: int, minibatch_size: int, factor: float, usable: int, output_bytes: int | None,
+    reasons: _Reasons,
+) -> Plan:
+    """The user's batch size on ``device``, not probed (a probe would cost more than it tells)."""
+    size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
+    budget = int(factor * usable) - ((output_bytes or 0) if device == HOST else 0)
+    reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} "
+                f"on {device} (not probed; an out-of-memory batch is halved)")
+    return Plan(device, num_samples, size, n_batches, True, None, budget, factor, output_bytes, tuple(reasons.lines))
 
 
 def _conservative(
@@ -309,6 +329,13 @@ def _size(
                 f"Will use {n_batches} vectorised batches of {size} on {device} "
                 f"(peak {format_bytes(peak)} each; at most {min(fit, num_samples)} fit)"
             )
+        measured = footprint.measured_batch
+        if footprint.quadratic_bytes > 0 and measured is not None and measured < size:
+            reasons.add(
+                f"Memory grows faster than linearly with the batch ({footprint.source}): starting at the largest "
+                f"probed batch, {measured}, and doubling towards {size} while measured peaks stay in the budget"
+            )
+            return dataclasses.replace(plan(size, n_batches, True), ramp_from=measured)
         return plan(size, n_batches, True)
 
     one = footprint.peak_bytes(1, resident)
@@ -378,7 +405,8 @@ def plan_predictive(
     plus one vectorised sample, else the CPU. The batch is the largest whose predicted peak fits
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
-    stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
+    stop being faster; a user ``minibatch_size`` is kept and nothing is probed (the device is
+    the first candidate with a memory reading).
     ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
@@ -397,7 +425,7 @@ def plan_predictive(
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources)
+                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False)
 
 
 def plan_sequential(
