@@ -129,7 +129,7 @@ def _vectorises(request: Request, selection: Selection, args: tuple, kwargs: dic
         with torch.random.fork_rng(devices=cuda):
             selection.sampler.draw(num, args, kwargs, selection.drawn, posterior or None)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # how shape errors surface in torch and Pyro
-        if any(get_backend(name).is_oom(exc) for name in (HOST, "cuda")):
+        if any(get_backend(kind).is_oom(exc) for kind in (HOST, "cuda", "mps")):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return False, f"parallel=None: the model does not vectorise ({type(exc).__name__}: {first})"
@@ -156,8 +156,10 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
     elif vectorised:
         plan = _plan(request, request.device, request.num_samples, args, kwargs, result_bytes, sampler)
     else:
-        plan = planner.plan_sequential(request.num_samples, *args, device=request.device,
-                                       safety_factor=request.safety_factor, output_bytes=result_bytes, why=why, **kwargs)
+        plan = planner.plan_sequential(
+            request.num_samples, *args, device=request.device, safety_factor=request.safety_factor,
+            output_bytes=result_bytes, why=why, **kwargs,
+        )
     if plan.predicted_peak_bytes and get_backend(plan.device).kind == HOST:
         check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
                    plan.predicted_peak_bytes)

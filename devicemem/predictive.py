@@ -43,7 +43,9 @@ def _check_posterior(posterior_samples: Mapping[str, Tensor], num_samples: int |
     """The run's number of samples as Pyro decides it: the posterior's leading size (with
     Pyro's warning when ``num_samples`` differs), else ``num_samples``."""
     if not isinstance(posterior_samples, Mapping):
-        raise ValueError(f"posterior_samples: expected a dict of tensors [num_samples, ...]; got {type(posterior_samples).__name__}")
+        raise ValueError(
+            f"posterior_samples: expected a dict of tensors [num_samples, ...]; got {type(posterior_samples).__name__}"
+        )
     leading = {}
     for name, value in posterior_samples.items():
         if not torch.is_tensor(value) or value.dim() == 0:
@@ -183,7 +185,7 @@ class Predictive(torch.nn.Module):
             validate=bool(validate), on_device=on_device,
         )
         self.plan = plan
-        self.report: list[Any] = []
+        self.report: list[BatchRecord | distributed.ShardRecord] = []
 
     def _request(self) -> local.Request:
         return local.Request(
@@ -198,8 +200,7 @@ class Predictive(torch.nn.Module):
         if self.sharding is not None:
             self.plan = None
             return distributed.run(self._request(), self.sharding, args, kwargs, self.report)
-        report: list[BatchRecord] = self.report
-        samples, self.plan = local.run(self._request(), args, kwargs, report)
+        samples, self.plan = local.run(self._request(), args, kwargs, self.report)
         return samples
 
     def call(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:

@@ -3,7 +3,6 @@ the same keys, shapes and dtypes as Pyro in every case; values agree in distribu
 two-sample Kolmogorov-Smirnov test against Pyro's own draws), not bit for bit."""
 
 import logging
-import warnings
 
 import pyro
 import pyro.distributions as dist
