@@ -95,10 +95,10 @@ class Predictive(torch.nn.Module):
       sample plate, as Pyro's default does, each sample written straight into the result; None
       (default) vectorises when a vectorised draw of two samples gives every site one value per
       sample of the unvectorised trace's shape, else runs sequentially and logs why.
-    - Observed sites (``obs=`` given) are returned with Pyro's values, shape and dtype, as a
-      stride-0 ``expand`` of one copy of the data: no ``num_samples`` copies in memory
-      (``.contiguous()`` makes them if needed; the view is read-only in spirit: writing to it
-      writes the data).
+    - Observed sites (``obs=`` data, the same in every sample) are returned with Pyro's values,
+      shape and dtype, as a stride-0 ``expand`` of one copy of the data, as Pyro's
+      ``parallel=True`` does: no ``num_samples`` copies in memory (in-place writes refuse such
+      a view; ``.clone()`` makes an own copy).
 
     devicemem's options, keyword-only:
 
