@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 import pyro
@@ -46,7 +46,6 @@ from devicemem import local
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
 from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, batch_seed, check_host
-from devicemem.sampling import Site
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.distributed")
@@ -174,7 +173,9 @@ class _Job:
 
     shard: Shard
     seed: int | None
-    return_sites: tuple[str, ...]
+    return_sites: Collection[str] | None
+    parallel: bool | None
+    on_device: Callable[[torch.device], None] | None
     reduce: tuple[str, ...]
     minibatch_size: int | None
     safety_factor: float | None
@@ -389,7 +390,7 @@ def _host_pickler(base: type) -> type:
 
 def _run_shard(
     job: _Job, model: Callable[..., Any], guide_box: list, params: dict | None, args: tuple, kwargs: dict,
-    posterior: dict[str, Tensor] | None,
+    posterior: dict[str, Tensor],
 ) -> _ShardOutput:
     """Run one shard with the single-device runner on the device this task was given.
     ``guide_box`` holds the guide's ObjectRef (boxed, so Ray leaves it unresolved)."""
@@ -407,7 +408,8 @@ def _run_shard(
     if params is not None:
         pyro.get_param_store().set_state(params)
     request = local.Request(
-        model, guide, posterior, shard.size, return_sites=job.return_sites, device=shard.slot.device,
+        model, guide, posterior, shard.size, return_sites=job.return_sites, parallel=job.parallel,
+        device=shard.slot.device, on_device=job.on_device, with_observed=False,
         minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
         seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
         reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
@@ -446,10 +448,12 @@ def _remote(ray: ModuleType, gpu: bool, accelerator: bool) -> Any:
 class _Collector:
     """Receives shard outputs in any order and stores each one exactly once, in sample order."""
 
-    def __init__(self, request: local.Request, sites: dict[str, Site]) -> None:
+    def __init__(self, request: local.Request, selection: local.Selection) -> None:
         self.request = request
-        stored = {name: site for name, site in sites.items() if name not in request.reduce}
-        self.sink = Sink(stored, {}, request.num_samples, request.out, stage=False)
+        self.order = selection.order
+        stored = {name: site for name, site in selection.drawn.items() if name not in request.reduce}
+        constants = {name: value for name, value in selection.constants.items() if name not in request.reduce}
+        self.sink = Sink(stored, {}, request.num_samples, request.out, stage=False, constants=constants)
         self.moments = {name: Moments() for name in request.reduce}
         self.done: dict[int, ShardRecord] = {}
 
@@ -478,7 +482,7 @@ class _Collector:
         missing = [str(shard) for shard in shards if shard.index not in self.done]
         if missing:
             raise RuntimeError(f"shards never stored: {', '.join(missing)}")
-        result = self.sink.result()
+        result = self.sink.result(self.order)
         for name, statistics in self.request.reduce.items():
             for statistic in statistics:
                 result[f"{name}:{statistic}"] = self.moments[name].result(statistic)
@@ -505,8 +509,8 @@ def run(
     :class:`ShardRecord` per shard in sample order (each holds the plan its shard made)."""
     ray = import_ray()
     names = _requested(request.device)
-    _, sites = local.choose_sites(request, args, kwargs)
-    check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory)
+    selection = local.choose_sites(request, args, kwargs)
+    check_host(selection.drawn, request.reduce, request.num_samples, request.out, request.max_memory)
     _connect(ray)
     slots = _slots(names, ray.cluster_resources(), options.cpus_per_shard)
     ranges = split(request.num_samples, options.num_shards or len(slots))
@@ -515,7 +519,7 @@ def run(
         "[MEMORY] %d samples in %d shards on %d device slot(s) (%s); each shard plans its own batches",
         request.num_samples, len(shards), len(slots), ", ".join(sorted({slot.device for slot in slots})),
     )
-    collector = _Collector(request, sites)
+    collector = _Collector(request, selection)
     pending = _submit(ray, request, options, shards, args, kwargs)
     records: list[ShardRecord] = []
     try:
@@ -555,14 +559,13 @@ def _submit(
     pending = {}
     for shard in shards:
         job = _Job(
-            shard=shard, seed=request.seed, return_sites=request.return_sites, reduce=tuple(request.reduce),
+            shard=shard, seed=request.seed, return_sites=request.return_sites, parallel=request.parallel,
+            on_device=request.on_device, reduce=tuple(request.reduce),
             minibatch_size=request.minibatch_size, safety_factor=request.safety_factor, max_memory=request.max_memory,
             cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup, validate=request.validate,
             allow_nonfinite=request.allow_nonfinite,
         )
-        posterior = None
-        if request.posterior_samples is not None:
-            posterior = to_device({n: v[shard.start : shard.stop] for n, v in request.posterior_samples.items()}, HOST)
+        posterior = to_device({n: v[shard.start : shard.stop] for n, v in request.posterior_samples.items()}, HOST)
         slot = shard.slot
         task_options: dict[str, Any] = {"num_cpus": slot.num_cpus, "max_retries": options.max_retries}
         if slot.named:

@@ -7,10 +7,11 @@ Two estimators, one record (:class:`Footprint`):
   (:meth:`devicemem.sampling.Sampler.draw`, what the runner executes per batch), measured by
   peak RSS in fresh child processes
   (bench/w3_accuracy.py checks them on a grid).
-- :func:`probe_footprint`, for any Pyro model and guide: runs a few vectorised draws on the
-  target device, measures each one's peak through the device's backend, fits a line through
-  the two largest and adds :data:`PROBE_MARGIN`. Results are cached per (model, guide,
-  argument shapes, device).
+- :func:`probe_footprint`, for any Pyro model and guide: runs at least three vectorised draws
+  on the target device (each foreseen to fit the budget, assuming up to quadratic growth),
+  measures each one's peak through the device's backend, fits a line through the two largest,
+  or a parabola through the last three when they grow faster than linearly, and adds
+  :data:`PROBE_MARGIN`. Results are cached per (model, guide, argument shapes, device).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ OBS_SATURATION_ELEMENTS = 1 << 21
 TIME_TOLERANCE = 1.05
 
 PROBE_MARGIN = 0.10
+# A third probed batch this far above the line through the two before it means super-linear growth.
+SUPERLINEAR_TOLERANCE = 0.10
 PROBE_TARGET_BYTES = 256 * MiB
 PROBE_LADDER = (1, 4, 16, 64, 256, 1024, 4096)
 
@@ -72,7 +75,9 @@ class Footprint:
     :meth:`per_sample_at`). ``output_per_sample_bytes`` is what one returned sample takes on
     the host;
     ``saturation_batch`` the batch size beyond which vectorising buys no more speed (None:
-    bigger is always faster).
+    bigger is always faster). A probe that saw memory grow faster than linearly with the batch
+    adds ``quadratic_bytes * batch_size**2`` (a [B, B, ...] intermediate under the sample
+    plate); ``measured_batch`` is the largest batch a probe actually ran.
     """
 
     fixed_bytes: int
@@ -83,6 +88,8 @@ class Footprint:
     small_batch_limit: int = 0
     output_per_sample_bytes: int | None = None
     saturation_batch: int | None = None
+    quadratic_bytes: float = 0.0
+    measured_batch: int | None = None
 
     def per_sample_at(self, batch_size: int) -> int:
         """Bytes per sample in a batch of ``batch_size``: ``small_batch_bytes`` more below
@@ -95,7 +102,7 @@ class Footprint:
         ``inputs_resident`` the inputs already live on the device and are not counted."""
         inputs = 0 if inputs_resident else self.input_bytes
         working = self.fixed_bytes - self.input_bytes + self.per_sample_at(batch_size) * batch_size
-        return inputs + working
+        return inputs + working + int(math.ceil(self.quadratic_bytes * batch_size * batch_size))
 
     def max_batch(self, budget_bytes: int, inputs_resident: bool = False) -> int:
         """The largest vectorised batch whose predicted peak fits ``budget_bytes`` (0: not even
@@ -104,6 +111,12 @@ class Footprint:
         room = budget_bytes - inputs - (self.fixed_bytes - self.input_bytes)
         if room < 0:
             return 0
+        if self.quadratic_bytes > 0:  # the positive root of q B^2 + s B = room, then checked whole
+            q, slope = self.quadratic_bytes, self.per_sample_bytes + self.small_batch_bytes
+            batch = int((-slope + math.sqrt(slope * slope + 4 * q * room)) / (2 * q))
+            while batch > 0 and self.peak_bytes(batch, inputs_resident) > budget_bytes:
+                batch -= 1
+            return batch
         if self.per_sample_bytes <= 0:
             return sys.maxsize if self.peak_bytes(1, inputs_resident) <= budget_bytes else 0
         large = room // self.per_sample_bytes
@@ -383,10 +396,44 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return ys[0] - slope * xs[0], slope
 
 
+def _superlinear(measures: list[_Measure]) -> bool:
+    """Whether the largest of the last three batches peaked above the line through the two
+    before it by more than :data:`SUPERLINEAR_TOLERANCE` (and a MiB of allocator noise)."""
+    if len(measures) < 3:
+        return False
+    first, second, last = measures[-3:]
+    intercept, slope = _line([first.batch_size, second.batch_size], [first.delta_bytes, second.delta_bytes])
+    return last.delta_bytes > (1 + SUPERLINEAR_TOLERANCE) * (intercept + slope * last.batch_size) + MiB
+
+
+def _quadratic(measures: list[_Measure]) -> tuple[float, float, float]:
+    """(intercept, slope, curvature) of the parabola through the last three batches."""
+    (x1, y1), (x2, y2), (x3, y3) = [(float(m.batch_size), float(m.delta_bytes)) for m in measures[-3:]]
+    curvature = ((y3 - y1) / (x3 - x1) - (y2 - y1) / (x2 - x1)) / (x3 - x2)
+    slope = (y2 - y1) / (x2 - x1) - curvature * (x1 + x2)
+    return y1 - slope * x1 - curvature * x1 * x1, slope, curvature
+
+
+def _predicted(measures: list[_Measure], batch: int) -> float:
+    """A batch's peak as the probe can foresee it: the parabola through the last three batches
+    once they show super-linear growth, the line through the last two once three show none;
+    with fewer, the last batch's peak grown with the square of the batch (no faster growth
+    is assumed anywhere)."""
+    last = measures[-1]
+    if len(measures) < 3:
+        return last.delta_bytes * (batch / last.batch_size) ** 2
+    if _superlinear(measures):
+        intercept, slope, curvature = _quadratic(measures)
+        return intercept + slope * batch + curvature * batch * batch
+    intercept, slope = _line([measures[-2].batch_size, last.batch_size], [measures[-2].delta_bytes, last.delta_bytes])
+    return intercept + slope * batch
+
+
 def _bound(measures: list[_Measure], cap: int) -> int | None:
-    """After two batches, ``cap`` samples at the last batch's peak per sample: through the
-    origin, an upper bound for any batch from the last one up to ``cap``."""
-    if cap == sys.maxsize or len(measures) < 2:
+    """After three batches that grow no faster than linearly, ``cap`` samples at the last
+    batch's peak per sample: through the origin, an upper bound for any batch from the last
+    one up to ``cap``."""
+    if cap == sys.maxsize or len(measures) < 3 or _superlinear(measures):
         return None
     return math.ceil(measures[-1].delta_bytes * cap / measures[-1].batch_size)
 
@@ -414,23 +461,17 @@ def _climb(
     is_oom: Callable[[BaseException], bool],
 ) -> _Climb:
     """The probe's batches, in order: every explicit size, else up the ladder until a peak
-    passes the target, then its double. A batch whose peak, extrapolated from those before it,
-    would pass ``limit`` is not run, and an out-of-memory error ends the climb (not the first).
-    When even the through-origin bound fits ``cap`` samples in a quarter of ``limit`` the climb
-    stops with that one batch: an exact line would not change the plan."""
+    passes the target (and at least three batches ran), then its double. A batch whose peak,
+    foreseen from those before it (:func:`_predicted`), would pass ``limit`` is not run, and an
+    out-of-memory error ends the climb (not the first). When three batches grow linearly and
+    even the through-origin bound fits ``cap`` samples in a quarter of ``limit`` the climb
+    stops with the last batch: an exact line would not change the plan."""
     climb = _Climb([])
     measures = climb.measures
 
     def attempt(batch: int) -> bool:
         if limit is not None and measures:
-            last = measures[-1]
-            if len(measures) >= 2:
-                intercept, slope = _line([measures[-2].batch_size, last.batch_size],
-                                         [measures[-2].delta_bytes, last.delta_bytes])
-                need = intercept + slope * batch
-            else:
-                need = last.delta_bytes * batch / last.batch_size
-            if need > limit:
+            if _predicted(measures, batch) > limit:
                 climb.max_limit = limit
                 return False
         try:
@@ -448,7 +489,8 @@ def _climb(
         return climb
     for batch in ladder:
         # the first batch also warms up (and is the noisiest): it ends the climb only when big
-        if measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1):
+        big = measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1)
+        if big and (len(measures) >= 3 or measures[-1].delta_bytes >= 4 * PROBE_TARGET_BYTES):
             break
         bound = _bound(measures, cap)
         if limit is not None and bound is not None and 4 * bound <= limit:
@@ -501,7 +543,9 @@ def probe_footprint(
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (four times
     that for the first batch, which also warms up and is the noisiest), then runs
     twice that batch: both batches' tensors are then big enough for the allocator to behave as
-    at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`.
+    at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`;
+    when the third largest shows super-linear growth a parabola goes through the last three
+    (``quadratic_bytes``), and ``measured_batch`` says how far the measurements reach.
     No batch reaches ``max_batch_size`` (the planner passes ``num_samples``: the run itself is
     not repeated) or the number of posterior samples, except when two batches need it, nor
     (by extrapolation) peaks above ``max_probe_bytes`` (the planner passes its budget); when
@@ -518,14 +562,14 @@ def probe_footprint(
 
     with PYRO_LOCK:
         return _probe(model, guide, args, device, return_sites, batch_sizes, posterior_samples, max_batch_size,
-                      max_probe_bytes, backend, sampler, kwargs)
+                      max_probe_bytes, backend, sampler, tuple(reduce), kwargs)
 
 
 def _probe(
     model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, device: str,
     return_sites: Sequence[str] | None, batch_sizes: Sequence[int] | None,
     posterior_samples: Mapping[str, torch.Tensor] | None, max_batch_size: int | None, max_probe_bytes: int | None,
-    backend: Any, sampler: Any, kwargs: dict[str, Any],
+    backend: Any, sampler: Any, reduce: tuple[str, ...], kwargs: dict[str, Any],
 ) -> Footprint:
     """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces."""
     from devicemem.backends import get_backend
@@ -563,7 +607,7 @@ def _probe(
     else:
         ladder = [b for b in PROBE_LADDER if b < cap]
         ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
-    if len(ladder) < 2:
+    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
         raise ValueError(
             f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
             f"posterior samples); got {ladder}"
@@ -604,9 +648,14 @@ def _probe(
         gc.unfreeze()
     measures = climb.measures
     high = measures[-1]
+    curvature = 0.0
     if len(measures) == 1:  # one batch (budget, or room to spare): through the origin, an upper bound
-        low, slope, working, saturation = high, high.delta_bytes / high.batch_size, 0.0, None
+        slope, working, saturation = high.delta_bytes / high.batch_size, 0.0, None
         at = f"B={high.batch_size}, through the origin"
+    elif _superlinear(measures):  # a parabola through the last three; never below what it saw
+        intercept, slope, curvature = _quadratic(measures)
+        slope, working, saturation = max(slope, 0.0), max(intercept, 0.0), None
+        at = "B=" + ",".join(str(m.batch_size) for m in measures[-3:]) + ", quadratic"
     else:
         low = measures[-2]
         intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
@@ -622,6 +671,8 @@ def _probe(
         input_bytes=int(inputs),
         output_per_sample_bytes=high.output_bytes // high.batch_size,
         saturation_batch=saturation,
+        quadratic_bytes=curvature * (1 + PROBE_MARGIN),
+        measured_batch=max(m.batch_size for m in measures),
     )
     if model_ref is not None and guide_ref is not None:
         _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)

@@ -9,6 +9,7 @@ decides; the runner executes the :class:`Plan`. Every decision is logged to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -48,6 +49,8 @@ DEVICEMEM_THREADS = "DEVICEMEM_THREADS"
 DEFAULT_SAFETY_FACTOR = 0.8
 # The seed's batch size when no memory reading exists (it used sequential batches of 50).
 CONSERVATIVE_BATCH = 50
+# Pyro's sequential mode is recorded (and its progress shown) in at most this many chunks.
+SEQUENTIAL_CHUNKS = 100
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,9 @@ class Plan:
     ``predicted_peak_bytes`` is the working memory of one batch on ``device``;
     ``output_bytes`` the host memory the full result [num_samples, ...] takes. A plan no run
     could follow (``batch_size=0``, ``n_batches`` that do not cover ``num_samples``...) is a
-    ValueError naming the field; integer fields may be numpy integers and become ints.
+    ValueError naming the field; integer fields may be numpy integers and become ints. ``ramp_from``:
+    when memory grows faster than linearly, the run starts at this (the largest probed) batch
+    and doubles towards ``batch_size`` while measured peaks allow.
     """
 
     device: str
@@ -70,6 +75,7 @@ class Plan:
     safety_factor: float
     output_bytes: int | None
     reasons: tuple[str, ...]
+    ramp_from: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -238,6 +244,7 @@ def _decide(
     output_bytes: int | None,
     inputs_on: str,
     resources: Resources,
+    probe_with_minibatch: bool = True,
 ) -> Plan:
     factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
     reasons = _Reasons()
@@ -259,6 +266,9 @@ def _decide(
             if not last:
                 continue
             return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
+        if minibatch_size is not None and not probe_with_minibatch:
+            return _given_batches(memory.device, num_samples, minibatch_size, factor, memory.usable_bytes,
+                                  output_bytes, reasons)
         try:
             footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
         except Exception as exc:
@@ -289,6 +299,18 @@ def _decide(
         return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
                      factor, output_bytes, reasons)
     raise AssertionError("the host is always the last candidate")
+
+
+def _given_batches(
+    device: str, num_samples: int, minibatch_size: int, factor: float, usable: int, output_bytes: int | None,
+    reasons: _Reasons,
+) -> Plan:
+    """The user's batch size on ``device``, not probed (a probe would cost more than it tells)."""
+    size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
+    budget = int(factor * usable) - ((output_bytes or 0) if device == HOST else 0)
+    reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} "
+                f"on {device} (not probed; an out-of-memory batch is halved)")
+    return Plan(device, num_samples, size, n_batches, True, None, budget, factor, output_bytes, tuple(reasons.lines))
 
 
 def _conservative(
@@ -350,6 +372,13 @@ def _size(
                 f"Will use {n_batches} vectorised batches of {size} on {device} "
                 f"(peak {format_bytes(peak)} each; at most {min(fit, num_samples)} fit)"
             )
+        measured = footprint.measured_batch
+        if footprint.quadratic_bytes > 0 and measured is not None and measured < size:
+            reasons.add(
+                f"Memory grows faster than linearly with the batch ({footprint.source}): starting at the largest "
+                f"probed batch, {measured}, and doubling towards {size} while measured peaks stay in the budget"
+            )
+            return dataclasses.replace(plan(size, n_batches, True), ramp_from=measured)
         return plan(size, n_batches, True)
 
     one = footprint.peak_bytes(1, resident)
@@ -426,7 +455,8 @@ def plan_predictive(
     plus one vectorised sample, else the CPU. The batch is the largest whose predicted peak fits
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
-    stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
+    stop being faster; a user ``minibatch_size`` is kept and nothing is probed (the device is
+    the first candidate with a memory reading).
     ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with;
     ``reduce``: the sites reduced to mean and variance on the device, which the probe counts.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
@@ -447,7 +477,33 @@ def plan_predictive(
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources)
+                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False)
+
+
+def plan_sequential(
+    num_samples: int,
+    *args: Any,
+    device: str = "auto",
+    safety_factor: float | None = None,
+    output_bytes: int | None = None,
+    why: str = "parallel=False",
+    **kwargs: Any,
+) -> Plan:
+    """Plan Pyro's sequential mode: the model runs one sample at a time, without a sample
+    plate, on ``device`` ("auto": where the tensors of ``*args, **kwargs`` live, as in Pyro).
+    A sample's memory does not grow with ``num_samples``, so nothing is probed; the samples are
+    grouped into at most :data:`SEQUENTIAL_CHUNKS` chunks, each one batch record of
+    the run. ``why`` opens the logged reason."""
+    where = _check_common(num_samples, device, None, safety_factor, output_bytes)
+    factor, _ = resolve_safety_factor(safety_factor)
+    reasons = _Reasons()
+    place = _inputs_device(args, kwargs) if where == "auto" else where
+    size, n_batches = _batches(num_samples, math.ceil(num_samples / SEQUENTIAL_CHUNKS))
+    reasons.add(
+        f"{why}: drawing {num_samples} samples one at a time on {place}"
+        + (" (where the model's inputs are)" if where == "auto" else "")
+    )
+    return Plan(place, num_samples, size, n_batches, False, None, None, factor, output_bytes, tuple(reasons.lines))
 
 
 def plan_technical(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 from urllib.parse import quote
 
 import numpy as np
@@ -145,7 +145,11 @@ def _statistic(statistic: str, count: int, mean: Tensor, m2: Tensor) -> Tensor:
 class Sink:
     """Where batches go: preallocated pageable host tensors (or numpy memmaps) and reducers.
     With ``stage``, batches from a CUDA device are copied through a pinned :class:`Staging`
-    buffer."""
+    buffer.
+
+    ``constants`` are sites with the same value in every sample (observed data): they take no
+    rows; the result holds each as a stride-0 view of its one copy expanded to
+    ``[num_samples, ...]`` (or, reduced, its mean and a zero variance)."""
 
     def __init__(
         self,
@@ -154,9 +158,12 @@ class Sink:
         num_samples: int,
         out: Path | None,
         stage: bool,
+        constants: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.sites = sites
         self.reduce = reduce
+        self.num_samples = num_samples
+        self.constants = dict(constants or {})
         self.memmaps: list[np.memmap] = []
         self.tensors: dict[str, Tensor] = {}
         for name, site in sites.items():
@@ -167,7 +174,7 @@ class Sink:
                 self.tensors[name] = torch.zeros(shape, dtype=site.dtype)
             else:
                 self.tensors[name] = self._memmap(out, name, shape, site.dtype)
-        self.reducers = {name: Moments() for name in reduce}
+        self.reducers = {name: Moments() for name in reduce if name in sites}
         self.staging = Staging() if stage else None
 
     def _memmap(self, out: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -206,12 +213,26 @@ class Sink:
         for array in self.memmaps:
             array.flush()
 
-    def result(self) -> dict[str, Tensor]:
-        result = dict(self.tensors)
-        for name, statistics in self.reduce.items():
-            for statistic in statistics:
-                result[f"{name}:{statistic}"] = self.reducers[name].result(statistic)
+    def result(self, order: Sequence[str] = ()) -> dict[str, Tensor]:
+        """The results by name, in ``order`` (site names) where given; a reduced site ``s``
+        gives ``s:mean`` / ``s:var``."""
+        result: dict[str, Tensor] = {}
+        for name in list(order) + [n for n in (*self.sites, *self.constants) if n not in order]:
+            if name in self.reduce:
+                for statistic in self.reduce[name]:
+                    result[f"{name}:{statistic}"] = self._statistic(name, statistic)
+            elif name in self.tensors:
+                result[name] = self.tensors[name]
+            elif name in self.constants:
+                value = self.constants[name]
+                result[name] = value.expand((self.num_samples,) + tuple(value.shape))
         return result
+
+    def _statistic(self, name: str, statistic: str) -> Tensor:
+        if name in self.reducers:
+            return self.reducers[name].result(statistic)
+        value = self.constants[name].to(torch.float64)
+        return _statistic(statistic, self.num_samples, value, torch.zeros_like(value))
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:
