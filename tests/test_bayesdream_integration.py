@@ -20,7 +20,7 @@ from devicemem.testing import cgroup_unavailable_reason, run_child
 from tests.bayesdream_fakes import make_object
 
 needs_routing = pytest.mark.skipif(
-    importlib.util.find_spec("devicemem.routing") is None, reason="devicemem.routing (issue 13) is not merged yet"
+    importlib.util.find_spec("devicemem.routes") is None, reason="devicemem.routing (issue 13) is not merged yet"
 )
 QUIET = dict(progress=False, seed=0)
 

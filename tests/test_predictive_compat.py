@@ -277,3 +277,12 @@ def test_sequential_mode_moves_to_the_host_when_the_device_runs_out_of_memory(ca
     devices = [row.device for row in predictive.report]
     assert devices[0] == "cuda:0" and devices[-1] == "cpu" and sum(row.size for row in predictive.report) == 40
     assert "cuda:0 cannot hold one sample; moving the remaining" in caplog.text
+
+
+def test_routing_names_stay_functions_after_their_module_is_imported():
+    import importlib
+    import types
+
+    importlib.import_module("devicemem.routes")
+    for name in ("routing", "route", "unroute"):
+        assert not isinstance(getattr(devicemem, name), types.ModuleType), name

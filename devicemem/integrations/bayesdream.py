@@ -118,7 +118,7 @@ def bayesdream_routing(model_obj: Any = None, **predictive_options: Any) -> Iter
     changed, if that bayesDREAM has no such rule. Everything is restored on exit, error or not.
     """
     owner = _rule_owner(model_obj)
-    from devicemem.routing import routing
+    from devicemem.routes import routing
 
     options = dict(predictive_options)
     with ExitStack() as stack:
