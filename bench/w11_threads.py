@@ -8,6 +8,8 @@ memory cap) and returns ``{"status", "params", "points", "figures", "notes"}``:
   ``sample`` with one torch thread, then :func:`devicemem.blockdraw.block_sample` on 1 and on
   all usable threads. Median of ``reps``, round-robin.
 - ``per element``: the same for every covered distribution, as ns per element.
+- ``threshold``: own sample / blocks on all cores for NB and Normal at 1, 2, 4 and 16 blocks'
+  worth of elements, the basis of :data:`devicemem.blockdraw.MIN_ELEMENTS`.
 - ``W2a``: W2a's devicemem Predictive (y_obs streamed into mean/var, ``device="cpu"``) with
   ``threads=1`` and with all usable cores, in the same child.
 - ``obs site``: the technical model's ``y_obs`` inside ``Sampler.draw`` at B=1 with all cores:
@@ -86,7 +88,7 @@ def measure(spec: dict) -> dict[str, Any]:
     import devicemem
     from bench.child import _technical_setup
     from devicemem.backends import device_memory
-    from devicemem.blockdraw import block_sample
+    from devicemem.blockdraw import BLOCK_ELEMENTS, block_sample
     from devicemem.sampling import Sampler
 
     cores = device_memory("cpu").cores or 1
@@ -109,11 +111,19 @@ def measure(spec: dict) -> dict[str, Any]:
     for name, d in _distributions(n, t).items():
         elements = d.batch_shape.numel() * d.event_shape.numel()
         configs = {"own, 1 torch thread": own(d)}
-        configs.update({f"blocks, {k} thread(s)": (lambda k=k: block_sample(d, name, 0, pools[k])) for k in pools})
+        configs.update({f"blocks, {k} thread(s)": (lambda k=k: block_sample(d, name, 0, pools[k], k)) for k in pools})
         timed = _round_robin(configs, reps if name == "NegativeBinomial" else max(1, reps // 2))
         per_element[name] = {config: 1e9 * seconds / elements for config, seconds in timed.items()}
         points.append({"measure": f"{name}, {elements} elements",
                        **{f"{config} ns/el": value for config, value in per_element[name].items()}})
+    # the threshold: sizes around MIN_ELEMENTS, own sample vs blocks on all cores
+    for elements in (BLOCK_ELEMENTS, 2 * BLOCK_ELEMENTS, 4 * BLOCK_ELEMENTS, 16 * BLOCK_ELEMENTS):
+        for name in ("NegativeBinomial", "Normal"):
+            d = _distributions(elements // 1024, 1024)[name]
+            timed = _round_robin({"own": own(d), "blocks": lambda: block_sample(d, name, 0, pools[cores], cores)},
+                                 max(3, reps) * 4)
+            points.append({"measure": f"threshold: {name}, {elements} elements",
+                           "own / blocks on all cores": timed["own"] / timed["blocks"]})
     for pool in pools.values():
         pool.shutdown()
 

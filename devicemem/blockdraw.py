@@ -45,6 +45,7 @@ BLOCK_ELEMENTS = 1 << 14
 # Sites with fewer elements keep the distribution's own sample: one block has nothing to run in
 # parallel with (see bench/README.md, W11).
 MIN_ELEMENTS = 2 * BLOCK_ELEMENTS
+TASKS_PER_THREAD = 4
 
 Params = dict[str, Tensor]
 
@@ -199,9 +200,10 @@ def eligible(fn: Any, min_elements: int = MIN_ELEMENTS) -> bool:
     return _plan(fn, min_elements) is not None
 
 
-def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None = None) -> Tensor:
+def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None = None, threads: int = 1) -> Tensor:
     """One draw of ``fn`` (``fn.sample()``'s shape and dtype), made block by block, the blocks
-    on ``pool`` (None: on this thread). ValueError when ``fn`` is not covered or off the host."""
+    on ``pool`` of ``threads`` workers (None: on this thread). The values depend on ``fn``,
+    ``site`` and ``seed`` only. ValueError when ``fn`` is not covered or off the host."""
     plan = _plan(fn, 0)
     if plan is None:
         raise ValueError(f"block_sample: site {site!r}: {type(fn).__name__} on this device is not covered")
@@ -211,11 +213,16 @@ def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None 
     indices = blocks(shape, kernel.event_dim)
     seeds = block_seeds(seed, site, len(indices))
 
-    def draw(index: tuple[Any, ...], block_seed: int) -> None:
-        generator = torch.Generator().manual_seed(block_seed)
-        out[index] = kernel.draw({name: value[index] for name, value in full.items()}, generator)
+    def draw(first: int, stop: int) -> None:
+        for index, block_seed in zip(indices[first:stop], seeds[first:stop]):
+            generator = torch.Generator().manual_seed(block_seed)
+            out[index] = kernel.draw({name: value[index] for name, value in full.items()}, generator)
 
-    jobs: Iterator[None] = map(draw, indices, seeds) if pool is None else pool.map(draw, indices, seeds)
+    # a few runs of consecutive blocks per thread: each hand-off to the pool costs about what a
+    # cheap block (Normal) does, and runs keep the load balanced
+    runs = min(len(indices), TASKS_PER_THREAD * threads if pool is not None else 1)
+    bounds = [len(indices) * i // runs for i in range(runs + 1)]
+    jobs: Iterator[None] = map(draw, bounds[:-1], bounds[1:]) if pool is None else pool.map(draw, bounds[:-1], bounds[1:])
     for _ in jobs:  # re-raises a block's exception
         pass
     return out
@@ -257,4 +264,4 @@ class BlockDraws(Messenger):
             return
         if eligible(msg["fn"], self.min_elements):
             seed = int(torch.randint(0, 1 << 62, ()).item())
-            msg["value"] = block_sample(msg["fn"], msg["name"], seed, self._pool)
+            msg["value"] = block_sample(msg["fn"], msg["name"], seed, self._pool, self.threads)

@@ -56,7 +56,7 @@ def test_block_draws_follow_the_distribution_element_by_element(name: str) -> No
     torch.manual_seed(0)
     own = d.sample()
     with ThreadPoolExecutor(2) as pool:
-        drawn = block_sample(d, "y", seed=11, pool=pool)
+        drawn = block_sample(d, "y", seed=11, pool=pool, threads=2)
     assert drawn.shape == own.shape and drawn.dtype == own.dtype
     # standardised by each element's own mean and sd: a block drawn with another block's
     # parameters would spread far wider than the distribution's own draws
@@ -174,8 +174,8 @@ def working(draw):
     value = draw()
     return backend.peak_bytes("cpu") - base
 with ThreadPoolExecutor(2) as pool:
-    block_sample(d, "y", 0, pool)  # warm up the pool's threads and allocator arenas
-    blocked = working(lambda: block_sample(d, "y", 1, pool))
+    block_sample(d, "y", 0, pool, 2)  # warm up the pool's threads and allocator arenas
+    blocked = working(lambda: block_sample(d, "y", 1, pool, 2))
 own = working(d.sample)
 print(json.dumps({"own": own, "blocked": blocked, "value": n * t * 4}))
 """
