@@ -220,7 +220,7 @@ def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None 
 
     # a few runs of consecutive blocks per thread: each hand-off to the pool costs about what a
     # cheap block (Normal) does, and runs keep the load balanced
-    runs = min(len(indices), TASKS_PER_THREAD * threads if pool is not None else 1)
+    runs = max(1, min(len(indices), TASKS_PER_THREAD * threads if pool is not None else 1))
     bounds = [len(indices) * i // runs for i in range(runs + 1)]
     jobs: Iterator[None] = map(draw, bounds[:-1], bounds[1:]) if pool is None else pool.map(draw, bounds[:-1], bounds[1:])
     for _ in jobs:  # re-raises a block's exception
