@@ -40,11 +40,13 @@ from torch.distributions.utils import logits_to_probs, probs_to_logits
 # operation on a block runs serially in its worker: a block op above it would open an OpenMP
 # region from each worker thread (measured under load: a 128K-element exp took 12-21 ms with 2
 # intra-op threads against 0.1 ms with one). A negative-binomial block takes ~1.2 ms on one
-# core, against ~40 us of per-block Python (generator, views, dispatch) that holds the GIL.
+# core, against tens of microseconds of per-block Python (generator, views, dispatch) that
+# holds the GIL.
 BLOCK_ELEMENTS = 1 << 14
 # Sites with fewer elements keep the distribution's own sample: one block has nothing to run in
 # parallel with (see bench/README.md, W11).
 MIN_ELEMENTS = 2 * BLOCK_ELEMENTS
+# Runs of consecutive blocks handed to the pool per thread (see block_sample).
 TASKS_PER_THREAD = 4
 
 Params = dict[str, Tensor]
