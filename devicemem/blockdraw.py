@@ -43,9 +43,10 @@ from torch.distributions.utils import logits_to_probs, probs_to_logits
 # core, against tens of microseconds of per-block Python (generator, views, dispatch) that
 # holds the GIL.
 BLOCK_ELEMENTS = 1 << 14
-# Sites with fewer elements keep the distribution's own sample: one block has nothing to run in
-# parallel with (see bench/README.md, W11).
-MIN_ELEMENTS = 2 * BLOCK_ELEMENTS
+# Sites with fewer elements keep the distribution's own sample. Measured (bench W11, 2 cores under
+# load): own sample / blocks on both cores for a negative binomial was 0.46-0.91 at 2 and 4
+# blocks and 0.86-1.27 at 16; a site this small draws in tens of milliseconds anyway.
+MIN_ELEMENTS = 16 * BLOCK_ELEMENTS
 # Runs of consecutive blocks handed to the pool per thread (see block_sample).
 TASKS_PER_THREAD = 4
 
