@@ -13,6 +13,7 @@ probe_footprint
 Plan, plan_predictive, plan_technical,         devicemem.planner
 estimate_predictive_memory_and_set_minibatch
 Predictive                                     devicemem.predictive
+routing, route, unroute                        devicemem.routing
 RayOptions, ShardError                         devicemem.distributed
 parse_bytes, format_bytes                      devicemem.units
 =============================================  ======================
@@ -39,6 +40,9 @@ _EXPORTS = {
     "plan_technical": "devicemem.planner",
     "estimate_predictive_memory_and_set_minibatch": "devicemem.planner",
     "Predictive": "devicemem.predictive",
+    "routing": "devicemem.routing",
+    "route": "devicemem.routing",
+    "unroute": "devicemem.routing",
     "RayOptions": "devicemem.distributed",
     "ShardError": "devicemem.distributed",
     "parse_bytes": "devicemem.units",

@@ -107,14 +107,23 @@ def test_saturation_caps_the_batch():
     assert any("no faster per sample" in r for r in result.reasons)
 
 
-def test_user_minibatch_is_respected_and_warned_when_over_budget(caplog):
+def test_user_minibatch_is_kept_without_a_probe(caplog):
     caplog.set_level(logging.INFO, logger="devicemem")
-    result, _ = plan([memory("cpu", 2 * GB)], {"cpu": fp(100 * MB, 4 * MB)}, safety_factor=0.5, minibatch_size=300)
-    assert (result.batch_size, result.n_batches, result.vectorized) == (250, 4, True)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "over the" in warnings[0].getMessage() and "largest batch that fits is 225" in warnings[0].getMessage()
-    quiet, _ = plan([memory("cpu", 2 * GB)], {"cpu": fp(100 * MB, 4 * MB)}, safety_factor=0.5, minibatch_size=100)
-    assert quiet.batch_size == 100 and not any("over the" in r for r in quiet.reasons)
+    result, probe = plan([memory("cpu", 2 * GB)], {"cpu": fp(100 * MB, 4 * MB)}, safety_factor=0.5, minibatch_size=300)
+    assert (result.batch_size, result.n_batches, result.vectorized, result.device) == (250, 4, True, "cpu")
+    assert probe.calls == [] and result.predicted_peak_bytes is None and result.budget_bytes is not None
+    assert "not probed" in caplog.text
+    gpu, probe = plan([memory("cuda:0", 8 * GB), memory("cpu", 2 * GB)], {}, minibatch_size=100)
+    assert (gpu.device, gpu.batch_size) == ("cuda:0", 100) and probe.calls == []
+
+
+def test_super_linear_footprints_ramp_up_from_the_largest_probed_batch():
+    quadratic = Footprint(0, 1 * MB, "fake", quadratic_bytes=0.1 * MB, measured_batch=64)
+    result, _ = plan([memory("cpu", 100 * GB)], {"cpu": quadratic}, safety_factor=0.5)
+    assert result.ramp_from == 64 and result.batch_size > 64
+    assert any("faster than linearly" in reason for reason in result.reasons)
+    linear, _ = plan([memory("cpu", 100 * GB)], {"cpu": fp(0, 1 * MB)}, safety_factor=0.5)
+    assert linear.ramp_from is None
 
 
 def test_streams_when_one_vectorised_sample_exceeds_the_budget_but_fits_usable(caplog):
@@ -216,7 +225,8 @@ def test_probe_gets_the_model_arguments_and_keywords():
     _, probe = plan([memory("cpu", 10 * GB)], {"cpu": fp(0, 1)}, observe=False)
     device, args, kwargs = probe.calls[0]
     assert device == "cpu" and args[0].shape == (3,)
-    assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None}
+    assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None,
+                      "reduce": ()}
 
 
 # --- safety factor -------------------------------------------------------------------------

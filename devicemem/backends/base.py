@@ -74,7 +74,7 @@ class Backend(ABC):
 
     @abstractmethod
     def current_bytes(self, device: str) -> int | None:
-        """Memory this process holds on ``device`` now (RSS for the host, allocated for GPUs)."""
+        """Memory this process holds on ``device`` now (RSS for the host, reserved by the caching allocator for CUDA)."""
 
     @abstractmethod
     def peak_bytes(self, device: str) -> int | None:
