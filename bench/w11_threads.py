@@ -8,8 +8,11 @@ memory cap) and returns ``{"status", "params", "points", "figures", "notes"}``:
   ``sample`` with one torch thread, then :func:`devicemem.blockdraw.block_sample` on 1 and on
   all usable threads. Median of ``reps``, round-robin.
 - ``per element``: the same for every covered distribution, as ns per element.
+- ``threshold``: own sample / blocks on all cores for NB and Normal at 1, 2, 4 and 16 blocks'
+  worth of elements, the basis of :data:`devicemem.blockdraw.MIN_ELEMENTS`.
 - ``W2a``: W2a's devicemem Predictive (y_obs streamed into mean/var, ``device="cpu"``) with
-  ``threads=1`` and with all usable cores, in the same child.
+  ``threads=1`` and with all usable cores, in the same child, calls interleaved; each plans
+  for itself (the probe's timings, and so the batch size, see its threads).
 - ``obs site``: the technical model's ``y_obs`` inside ``Sampler.draw`` at B=1 with all cores:
   the draw's time with y_obs drawn minus with y_obs given (so the site's own time, its
   distribution's construction included), over the raw single-core draw of that same
@@ -32,23 +35,14 @@ from bench.data import DataSpec
 from bench.harness import REPO_ROOT, _error_line, ensure_dataset
 
 SIZES = {
-    "quick": dict(N=1000, T=1000, C=2, S=20, reps=3, cap="4GiB"),
-    "full": dict(N=2000, T=2000, C=2, S=100, reps=5, cap="4GiB"),
+    "quick": dict(N=1000, T=1000, C=2, S=20, reps=3, w2a_reps=1, cap="4GiB"),
+    "full": dict(N=2000, T=2000, C=2, S=100, reps=5, w2a_reps=2, cap="4GiB"),
 }
 
 
-def _median_time(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
-def _round_robin(configs: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+def _round_robin(configs: dict[Any, Callable[[], Any]], reps: int) -> dict[Any, float]:
     """Median seconds per configuration, repetitions interleaved so load drift spreads."""
-    times: dict[str, list[float]] = {name: [] for name in configs}
+    times: dict[Any, list[float]] = {name: [] for name in configs}
     for _ in range(reps):
         for name, fn in configs.items():
             began = time.perf_counter()
@@ -86,7 +80,7 @@ def measure(spec: dict) -> dict[str, Any]:
     import devicemem
     from bench.child import _technical_setup
     from devicemem.backends import device_memory
-    from devicemem.blockdraw import block_sample
+    from devicemem.blockdraw import BLOCK_ELEMENTS, block_sample
     from devicemem.sampling import Sampler
 
     cores = device_memory("cpu").cores or 1
@@ -109,11 +103,19 @@ def measure(spec: dict) -> dict[str, Any]:
     for name, d in _distributions(n, t).items():
         elements = d.batch_shape.numel() * d.event_shape.numel()
         configs = {"own, 1 torch thread": own(d)}
-        configs.update({f"blocks, {k} thread(s)": (lambda k=k: block_sample(d, name, 0, pools[k])) for k in pools})
+        configs.update({f"blocks, {k} thread(s)": (lambda k=k: block_sample(d, name, 0, pools[k], k)) for k in pools})
         timed = _round_robin(configs, reps if name == "NegativeBinomial" else max(1, reps // 2))
         per_element[name] = {config: 1e9 * seconds / elements for config, seconds in timed.items()}
         points.append({"measure": f"{name}, {elements} elements",
                        **{f"{config} ns/el": value for config, value in per_element[name].items()}})
+    # the threshold: sizes around MIN_ELEMENTS, own sample vs blocks on all cores
+    for elements in (BLOCK_ELEMENTS, 2 * BLOCK_ELEMENTS, 4 * BLOCK_ELEMENTS, 16 * BLOCK_ELEMENTS):
+        for name in ("NegativeBinomial", "Normal"):
+            d = _distributions(elements // 1024, 1024)[name]
+            timed = _round_robin({"own": own(d), "blocks": lambda: block_sample(d, name, 0, pools[cores], cores)},
+                                 max(3, reps) * 4)
+            points.append({"measure": f"threshold: {name}, {elements} elements",
+                           "own / blocks on all cores": timed["own"] / timed["blocks"]})
     for pool in pools.values():
         pool.shutdown()
 
@@ -121,9 +123,10 @@ def measure(spec: dict) -> dict[str, Any]:
     common = dict(guide=guide, num_samples=spec["S"], return_sites=["y_obs"], seed=0, progress=False,
                   reduce={"y_obs": ("mean", "var")}, device="cpu")
     runners = {k: devicemem.Predictive(model, threads=k, **common) for k in sorted({1, cores})}
-    walls: dict[int, float] = {}
+    timed = _round_robin({k: (lambda runner=runner: runner(*args, **kwargs)) for k, runner in runners.items()},
+                         spec["w2a_reps"])
+    walls = {k: timed[k] for k in runners}
     for k, runner in runners.items():
-        walls[k] = _median_time(lambda: runner(*args, **kwargs), 1)
         sizes = sorted({record.size for record in runner.report})
         points.append({"measure": f"W2a devicemem, threads={k}", "wall_s": walls[k],
                        "batches": f"{len(runner.report)} of {sizes}"})
@@ -174,7 +177,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "figures": payload["figures"],
         "notes": [
             f"N={size['N']}, T={size['T']}, S={size['S']}, cap {size['cap']}; {payload['cores']} usable cores; "
-            f"timings are medians of {size['reps']} interleaved repetitions (W2a: one call each); "
+            f"timings are medians of {size['reps']} interleaved repetitions (W2a: {size['w2a_reps']} "
+            "interleaved calls each, the first of each also planning: its probe is timed with its threads); "
             f"load average {payload['load']} at the end.",
             "own = the distribution's own sample() with one torch thread; blocks = "
             "devicemem.blockdraw.block_sample on a pool of k threads (same values for any k).",

@@ -40,11 +40,15 @@ from torch.distributions.utils import logits_to_probs, probs_to_logits
 # operation on a block runs serially in its worker: a block op above it would open an OpenMP
 # region from each worker thread (measured under load: a 128K-element exp took 12-21 ms with 2
 # intra-op threads against 0.1 ms with one). A negative-binomial block takes ~1.2 ms on one
-# core, against ~40 us of per-block Python (generator, views, dispatch) that holds the GIL.
+# core, against tens of microseconds of per-block Python (generator, views, dispatch) that
+# holds the GIL.
 BLOCK_ELEMENTS = 1 << 14
-# Sites with fewer elements keep the distribution's own sample: one block has nothing to run in
-# parallel with (see bench/README.md, W11).
-MIN_ELEMENTS = 2 * BLOCK_ELEMENTS
+# Sites with fewer elements keep the distribution's own sample. Measured (bench W11, 2 cores under
+# load): own sample / blocks on both cores for a negative binomial was 0.46-0.91 at 2 and 4
+# blocks and 0.86-1.27 at 16; a site this small draws in tens of milliseconds anyway.
+MIN_ELEMENTS = 16 * BLOCK_ELEMENTS
+# Runs of consecutive blocks handed to the pool per thread (see block_sample).
+TASKS_PER_THREAD = 4
 
 Params = dict[str, Tensor]
 
@@ -199,9 +203,10 @@ def eligible(fn: Any, min_elements: int = MIN_ELEMENTS) -> bool:
     return _plan(fn, min_elements) is not None
 
 
-def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None = None) -> Tensor:
+def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None = None, threads: int = 1) -> Tensor:
     """One draw of ``fn`` (``fn.sample()``'s shape and dtype), made block by block, the blocks
-    on ``pool`` (None: on this thread). ValueError when ``fn`` is not covered or off the host."""
+    on ``pool`` of ``threads`` workers (None: on this thread). The values depend on ``fn``,
+    ``site`` and ``seed`` only. ValueError when ``fn`` is not covered or off the host."""
     plan = _plan(fn, 0)
     if plan is None:
         raise ValueError(f"block_sample: site {site!r}: {type(fn).__name__} on this device is not covered")
@@ -211,11 +216,16 @@ def block_sample(fn: Any, site: str, seed: int, pool: ThreadPoolExecutor | None 
     indices = blocks(shape, kernel.event_dim)
     seeds = block_seeds(seed, site, len(indices))
 
-    def draw(index: tuple[Any, ...], block_seed: int) -> None:
-        generator = torch.Generator().manual_seed(block_seed)
-        out[index] = kernel.draw({name: value[index] for name, value in full.items()}, generator)
+    def draw(first: int, stop: int) -> None:
+        for index, block_seed in zip(indices[first:stop], seeds[first:stop]):
+            generator = torch.Generator().manual_seed(block_seed)
+            out[index] = kernel.draw({name: value[index] for name, value in full.items()}, generator)
 
-    jobs: Iterator[None] = map(draw, indices, seeds) if pool is None else pool.map(draw, indices, seeds)
+    # a few runs of consecutive blocks per thread: each hand-off to the pool costs about what a
+    # cheap block (Normal) does, and runs keep the load balanced
+    runs = max(1, min(len(indices), TASKS_PER_THREAD * threads if pool is not None else 1))
+    bounds = [len(indices) * i // runs for i in range(runs + 1)]
+    jobs: Iterator[None] = map(draw, bounds[:-1], bounds[1:]) if pool is None else pool.map(draw, bounds[:-1], bounds[1:])
     for _ in jobs:  # re-raises a block's exception
         pass
     return out
@@ -257,4 +267,4 @@ class BlockDraws(Messenger):
             return
         if eligible(msg["fn"], self.min_elements):
             seed = int(torch.randint(0, 1 << 62, ()).item())
-            msg["value"] = block_sample(msg["fn"], msg["name"], seed, self._pool)
+            msg["value"] = block_sample(msg["fn"], msg["name"], seed, self._pool, self.threads)

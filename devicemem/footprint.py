@@ -590,6 +590,7 @@ def _probe(
     key = (
         model_key, guide_key, str(device), tuple(return_sites or ()), tuple(reduce), sizes, max_batch_size,
         _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
+        getattr(sampler, "threads", None),  # the batches' times depend on the draw threads
     )
     cached = _PROBE_CACHE.get(key)
     if cached is not None and cached[0]() == model and cached[1]() == guide and cached[2].valid_for(max_probe_bytes):

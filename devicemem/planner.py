@@ -167,6 +167,10 @@ def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str
     return DEFAULT_SAFETY_FACTOR, "default"
 
 
+def _host_cores(resources: Resources, max_memory: Any) -> int | None:
+    return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
+
+
 def resolve_threads(
     threads: int | None, cores: Callable[[], int | None], environ: Mapping[str, str] | None = None
 ) -> tuple[int, str]:
@@ -458,6 +462,8 @@ def plan_predictive(
     stop being faster; a user ``minibatch_size`` is kept and nothing is probed (the device is
     the first candidate with a memory reading).
     ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with;
+    without one the probe draws with a Sampler on :func:`resolve_threads`'s threads, as
+    :class:`devicemem.Predictive` does by default, so its timings (and the cap) see the cores.
     ``reduce``: the sites reduced to mean and variance on the device, which the probe counts.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
@@ -468,6 +474,11 @@ def plan_predictive(
         raise ValueError("plan_predictive: pass a guide or posterior_samples")
     resources = resources or Resources()
     probe = resources.probe or probe_footprint
+    if sampler is None and resources.probe is None:  # draw as Predictive will: its threads time the probe
+        from devicemem.sampling import Sampler
+
+        threads, _ = resolve_threads(None, lambda: _host_cores(resources, max_memory), resources.environ)
+        sampler = Sampler(model, guide, args, kwargs, threads=threads)
 
     def footprint_for(name: str, budget: int) -> Footprint:
         return probe(
@@ -542,11 +553,7 @@ def plan_technical(
     check_choice(guide, GUIDES, "guide")
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
     resources = resources or Resources()
-
-    def host_cores() -> int | None:
-        return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
-
-    draw_threads, _ = resolve_threads(threads, host_cores, resources.environ)
+    draw_threads, _ = resolve_threads(threads, lambda: _host_cores(resources, max_memory), resources.environ)
 
     def footprint_for(name: str, budget: int) -> Footprint:
         on_host = name.split(":")[0] == HOST

@@ -140,7 +140,7 @@ def test_two_fake_gpus_each_plan_their_own_shard(local_ray):
         assert record.plan.budget_bytes <= FAKE_GPUS[record.device]
         assert {row.device for row in record.batches} == {record.device}
     roomy, tight = (record.plan.batch_size for record in runner.report)
-    assert roomy == 32 and 1 <= tight < 16
+    assert roomy == 32 and 1 <= tight < roomy  # the 8 MiB device plans smaller batches
     assert [len(record.batches) for record in runner.report] == [1, -(-32 // tight)]
     assert torch.equal(result["index"].flatten(), torch.arange(float(num_samples)))
     assert result["noise"].shape == (num_samples, width)
