@@ -32,7 +32,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
-from bayesDREAM_ext.chunked import CellData, ChunkedELBO
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import Backend, DeviceMemory, device_memory, devices, get_backend
 from devicemem.footprint import technical_latent_size
@@ -438,7 +438,7 @@ def train(
     pyro.clear_param_store()
     get_backend(plan.device).empty_cache(plan.device)
     counts = inputs.kwargs[inputs.data_keys[0]]
-    n_categories = int(counts.shape[2]) if counts.dim() == 3 else 1
+    n_categories = int(counts.shape[2]) if len(counts.shape) == 3 else 1
     host_plan = plan_training(
         int(counts.shape[0]), int(counts.shape[1]), _n_groups(inputs), n_categories, distribution=plan.distribution,
         device=HOST, safety_factor=plan.safety_factor, max_memory=max_memory, minibatch=plan.minibatch,
@@ -453,8 +453,9 @@ def _n_groups(inputs: ModelInputs) -> int:
 
 def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:
     """svi.step's arguments on ``device``: everything, or without the cell-wise data when chunked."""
-    kwargs = inputs.kwargs if plan.chunk_cells is None else {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}
-    return {name: _on(value, device) for name, value in kwargs.items()}
+    if plan.chunk_cells is not None:
+        return {name: _on(value, device) for name, value in {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}.items()}
+    return {name: _on(as_tensor(value) if name in inputs.data_keys else value, device) for name, value in inputs.kwargs.items()}
 
 
 def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, check_first_step: bool) -> TrainResult:
@@ -495,7 +496,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     first = 0
     if saved is not None:
         with torch.no_grad():
-            guide(**inputs.params_only() if plan.chunk_cells is None else {**kwargs, "observe": False})
+            guide(**{**kwargs, **{key: None for key in inputs.cell_keys}, "observe": False})
         first = _restore(saved, guide, optimizer, losses, rates, history)
     converged = False
     warmup = math.ceil(WARMUP_FRACTION * options.niters)
@@ -548,7 +549,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
 def _value_shape(inputs: ModelInputs) -> tuple[int, int]:
     """(features, categories) of the counts."""
     counts = inputs.kwargs[inputs.data_keys[0]]
-    return int(counts.shape[1]), int(counts.shape[2]) if counts.dim() == 3 else 1
+    return int(counts.shape[1]), int(counts.shape[2]) if len(counts.shape) == 3 else 1
 
 
 def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:

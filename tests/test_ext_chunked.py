@@ -198,3 +198,23 @@ def test_a_fit_predicted_at_twice_the_cap_trains_in_chunks_inside_it(tmp_path):
     assert found["predicted"] <= found["budget"] and found["measured"] <= found["budget"]
     assert found["shapes"]["log2_alpha_y"] == [20, 1, n_features] and found["shapes"]["mu_ntc"] == [20, 1, n_features]
     assert found["r"] > 0.9
+
+
+@pytest.mark.parametrize("distribution", ["negbinom", "normal"])
+def test_sparse_input_stays_sparse_and_trains_to_the_same_losses(distribution):
+    from scipy import sparse
+
+    from bayesDREAM_ext.fit import fit_technical
+
+    data = synthetic_data(distribution, 90, 15, 2, seed=3)
+    counts = np.where(np.random.default_rng(0).random(data.counts.shape) < 0.5, 0, data.counts).astype(np.float32)
+    prepared = prepare_technical(sparse.csr_matrix(counts), data.groups, distribution=distribution)
+    assert sparse.issparse(prepared.counts)
+    dense_prepared = prepare_technical(counts, data.groups, distribution=distribution)
+    np.testing.assert_array_equal(prepared.counts.toarray(), dense_prepared.counts.numpy())
+    options = dict(distribution=distribution, device="cpu", niters=8, nsamples=4, seed=0, progress=False)
+    for chunk in (None, 20):
+        dense = fit_technical(counts, data.groups, svi_chunk=chunk, **options)
+        from_sparse = fit_technical(sparse.csr_matrix(counts), data.groups, svi_chunk=chunk, **options)
+        assert from_sparse.losses == dense.losses and from_sparse.svi_plan.chunk_cells == chunk
+        torch.testing.assert_close(from_sparse.posterior_samples["mu_ntc"], dense.posterior_samples["mu_ntc"], equal_nan=True)
