@@ -121,7 +121,12 @@ class TrainingPlan:
 
 @dataclass
 class TrainResult:
-    """A trained guide (on ``plan.device``), the loss and learning rate of every step."""
+    """A trained guide (on ``plan.device``), the loss and learning rate of every step.
+
+    ``seconds``: the steps this call ran (a resumed run's earlier steps excluded), of which
+    ``first_step_s`` the first (validated, building the guide, measuring the peak);
+    ``ms_per_step`` averages them all, ``steady_ms_per_step`` the ones after the first.
+    """
 
     guide: AutoGuide
     plan: TrainingPlan
@@ -129,10 +134,15 @@ class TrainResult:
     learning_rates: list[float]
     converged: bool
     seconds: float
+    steps_run: int = 0
+    first_step_s: float = 0.0
     ms_per_step: float = field(init=False)
+    steady_ms_per_step: float | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ms_per_step = 1e3 * self.seconds / max(len(self.losses), 1)
+        steps = self.steps_run or len(self.losses)
+        self.ms_per_step = 1e3 * self.seconds / max(steps, 1)
+        self.steady_ms_per_step = 1e3 * (self.seconds - self.first_step_s) / (steps - 1) if steps > 1 else None
 
 
 def iaf_hidden_size(latent: int) -> int:
@@ -499,6 +509,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
             guide(**{**kwargs, **{key: None for key in inputs.cell_keys}, "observe": False})
         first = _restore(saved, guide, optimizer, losses, rates, history)
     converged = False
+    first_step_s = 0.0
     warmup = math.ceil(WARMUP_FRACTION * options.niters)
     bar = tqdm(total=options.niters, initial=first, desc=f"SVI on {plan.device}", unit="step", disable=not options.progress, leave=False)
     start = time.perf_counter()
@@ -512,6 +523,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
                     "[MEMORY] First SVI step on %s: measured peak %s (predicted %s, budget %s)",
                     plan.device, format_bytes(plan.measured_peak_bytes), format_bytes(plan.predicted_peak_bytes), format_bytes(plan.budget_bytes),
                 )
+                first_step_s = time.perf_counter() - start
                 if chunked is not None:
                     _fit_chunk_to_measured(chunked, plan)
             else:
@@ -543,7 +555,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         plan = replace(plan, chunk_cells=chunked.chunk_cells, reasons=plan.reasons + tuple(chunked.shrinks))
     steps = max(len(losses) - first, 1)
     logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, steps, seconds, 1e3 * seconds / steps, ", converged" if converged else "")
-    return TrainResult(guide, plan, losses, rates, converged, seconds)
+    return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
 
 
 def _value_shape(inputs: ModelInputs) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The workloads W1-W6: sizes, caps, configurations, and what each one's quick variant changes.
+"""The workloads W1-W8: sizes, caps, configurations, and what each one's quick variant changes.
 
 Sizes follow the benchmark issue; where this 2-core machine cannot afford them within the run
 budget the variant says what it changes and why in ``notes`` (printed under its table).
@@ -205,7 +205,7 @@ def _w6(quick: bool, cuda: bool) -> list[Workload]:
 
 
 def build_workloads(quick: bool, cuda: bool, issue_size: bool = False) -> list[Workload]:
-    """All workloads in run order (W1, W2, W3, W4, W5, W6, W7); ``issue_size``: W2 at the
+    """All workloads in run order (W1, W2, W3, W4, W5, W6, W7, W8); ``issue_size``: W2 at the
     issue's S (hours of CPU time on 2 cores; ignored with ``quick``)."""
     w1, w2 = _w1(quick), _w2(quick, issue_size)
     w3 = Workload(name="W3", group="W3", kind="external",
@@ -214,4 +214,12 @@ def build_workloads(quick: bool, cuda: bool, issue_size: bool = False) -> list[W
     w7 = Workload(name="W7", group="W7", kind="external",
                   title="Ray: one posterior predictive sharded over workers (bench.w7_ray)",
                   params={"quick": quick, "module": "bench.w7_ray"})
-    return [*w1, *w2, w3, _w4(w1), _w5(w1 + w2), *_w6(quick, cuda), w7]
+    w8 = [
+        Workload(name="W8", group="W8", kind="external",
+                 title="SVI: full-data vs exact chunked steps, and peak vs N at a fixed chunk (bench.w8_svi)",
+                 params={"quick": quick, "module": "bench.w8_svi"}),
+        Workload(name="W8b", group="W8", kind="external",
+                 title="SVI at the seed's size in a 16 GiB cgroup: 5 chunked steps (bench.w8b_seed)",
+                 params={"quick": quick, "module": "bench.w8b_seed"}),
+    ]
+    return [*w1, *w2, w3, _w4(w1), _w5(w1 + w2), *_w6(quick, cuda), w7, *w8]
