@@ -447,18 +447,13 @@ def train(
         logger.warning("[MEMORY] %s", reason)
     pyro.clear_param_store()
     get_backend(plan.device).empty_cache(plan.device)
-    counts = inputs.kwargs[inputs.data_keys[0]]
-    n_categories = int(counts.shape[2]) if len(counts.shape) == 3 else 1
+    n_cells, n_features, n_categories = _value_shape(inputs)
     host_plan = plan_training(
-        int(counts.shape[0]), int(counts.shape[1]), _n_groups(inputs), n_categories, distribution=plan.distribution,
+        n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
         device=HOST, safety_factor=plan.safety_factor, max_memory=max_memory, minibatch=plan.minibatch,
     )
     host_plan = replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
     return _train_on(inputs, host_plan, options, check_first_step=False)
-
-
-def _n_groups(inputs: ModelInputs) -> int:
-    return int(inputs.kwargs["n_groups"])
 
 
 def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:
@@ -496,7 +491,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         logger.info(
             "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
             format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
-            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs), distribution=plan.distribution)), plan.chunk_cells, plan.device,
+            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs)[1:], distribution=plan.distribution)), plan.chunk_cells, plan.device,
         )
         svi = SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads)
     losses: list[float] = []
@@ -558,10 +553,10 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
 
 
-def _value_shape(inputs: ModelInputs) -> tuple[int, int]:
-    """(features, categories) of the counts."""
+def _value_shape(inputs: ModelInputs) -> tuple[int, int, int]:
+    """(cells, features, categories) of the counts."""
     counts = inputs.kwargs[inputs.data_keys[0]]
-    return int(counts.shape[1]), int(counts.shape[2]) if len(counts.shape) == 3 else 1
+    return int(counts.shape[0]), int(counts.shape[1]), int(counts.shape[2]) if len(counts.shape) == 3 else 1
 
 
 def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:

@@ -218,7 +218,7 @@ def build_workloads(quick: bool, cuda: bool, issue_size: bool = False) -> list[W
         Workload(name="W8", group="W8", kind="external",
                  title="SVI: full-data vs exact chunked steps, and peak vs N at a fixed chunk (bench.w8_svi)",
                  params={"quick": quick, "module": "bench.w8_svi"}),
-        Workload(name="W8b", group="W8", kind="external",
+        Workload(name="W8b", group="W8b", kind="external",
                  title="SVI at the seed's size in a 16 GiB cgroup: 5 chunked steps (bench.w8b_seed)",
                  params={"quick": quick, "module": "bench.w8b_seed"}),
     ]
