@@ -218,3 +218,18 @@ def test_sparse_input_stays_sparse_and_trains_to_the_same_losses(distribution):
         from_sparse = fit_technical(sparse.csr_matrix(counts), data.groups, svi_chunk=chunk, **options)
         assert from_sparse.losses == dense.losses and from_sparse.svi_plan.chunk_cells == chunk
         torch.testing.assert_close(from_sparse.posterior_samples["mu_ntc"], dense.posterior_samples["mu_ntc"], equal_nan=True)
+
+
+def test_fit_technical_checkpoints_and_resumes(tmp_path):
+    from bayesDREAM_ext.fit import fit_technical
+
+    data = synthetic_data("negbinom", 80, 10, 2, seed=2)
+    options = dict(device="cpu", niters=9, nsamples=4, seed=0, progress=False, svi_chunk=30)
+    straight = fit_technical(data.counts, data.groups, **options)
+    path = tmp_path / "svi.pt"
+    fit_technical(data.counts, data.groups, checkpoint=path, checkpoint_every=4, **{**options, "niters": 9})
+    assert torch.load(path, weights_only=True)["step"] == 9
+    resumed = fit_technical(data.counts, data.groups, resume=path, **options)  # nothing left to run: the saved losses
+    assert resumed.losses == straight.losses
+    with pytest.raises(ValueError, match="resume: no such checkpoint file"):
+        fit_technical(data.counts, data.groups, resume=tmp_path / "missing.pt", **options)
