@@ -80,8 +80,8 @@ class CellData:
     ``compact=True`` stores floating values in their smallest exact dtype (a copy);
     ``compact=False`` keeps them as given (the CPU path uses the prepared counts in place). A
     sparse matrix stays sparse on the host and only each chunk is densified. When values are
-    on the host and the device is CUDA, chunks go through two pinned staging buffers, the next
-    chunk's copy issued before the current one is used.
+    on the host and the device is CUDA, chunks go through two pinned staging buffers and a
+    copy stream: chunk k + 1 is transferred while chunk k is computed on.
     """
 
     def __init__(
@@ -94,9 +94,10 @@ class CellData:
             for name, value in tensors.items()
         }
         self.n_cells = int(next(iter(self.tensors.values())).shape[0])
-        self._stream = device.type == "cuda" and storage.type == "cpu"
+        self._streamed = device.type == "cuda" and storage.type == "cpu"
         self._staging: list[dict[str, Tensor]] = []
         self._events: list[Any] = []
+        self._copy_stream: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -120,33 +121,43 @@ class CellData:
         """The values of ``cells`` (a slice or an index tensor) on the device, dense and cast."""
         return {name: self._cast(name, _rows(value, cells).to(self.device)) for name, value in self.tensors.items()}
 
-    def _staged(self, cells: slice | Tensor, slot: int, size: int) -> dict[str, Tensor]:
-        """Copy ``cells`` into pinned buffer ``slot`` and start its transfer to the device."""
+    def _staged(self, cells: slice | Tensor, slot: int, size: int) -> tuple[int, dict[str, Tensor]]:
+        """Copy ``cells`` into pinned buffer ``slot`` and start its transfer on the copy stream."""
         if not self._staging:
             self._staging = [
                 {name: torch.empty((size,) + tuple(value.shape[1:]), dtype=_rows(value, slice(0, 1)).dtype).pin_memory() for name, value in self.tensors.items()}
                 for _ in range(2)
             ]
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
-        self._events[slot].synchronize()
-        out = {}
+            self._copy_stream = torch.cuda.Stream(self.device)
+        self._events[slot].synchronize()  # the buffer's previous transfer has finished
+        raw = {}
         for name, value in self.tensors.items():
             part = _rows(value, cells)
             buffer = self._staging[slot][name][: part.shape[0]]
             buffer.copy_(part)
-            out[name] = self._cast(name, buffer.to(self.device, non_blocking=True))
-        self._events[slot].record()
-        return out
+            with torch.cuda.stream(self._copy_stream):
+                raw[name] = buffer.to(self.device, non_blocking=True)
+        self._events[slot].record(self._copy_stream)
+        return slot, raw
+
+    def _ready(self, slot: int, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A staged chunk for the compute stream: wait for its transfer, then cast."""
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(self._events[slot])
+        for value in raw.values():
+            value.record_stream(stream)
+        return {name: self._cast(name, value) for name, value in raw.items()}
 
     def chunks(self, index: Tensor | None, size: int) -> Iterator[dict[str, Tensor]]:
         """Successive chunks of at most ``size`` cells: of all cells in order, or of ``index``.
-        When streaming to CUDA, chunk k + 1's copy is under way while chunk k is used."""
+        When streaming to CUDA, chunk k + 1's copy runs on its own stream while chunk k is used."""
         total = self.n_cells if index is None else int(index.numel())
         parts = [
             slice(start, min(start + size, total)) if index is None else index[start : start + size]
             for start in range(0, total, size)
         ]
-        if not self._stream:
+        if not self._streamed:
             for cells in parts:
                 yield self.chunk(cells)
             return
@@ -157,7 +168,7 @@ class CellData:
             current = ahead
             if k + 1 < len(parts):
                 ahead = self._staged(parts[k + 1], (k + 1) % 2, size)
-            yield current
+            yield self._ready(*current)
 
 
 class ChunkedELBO:
