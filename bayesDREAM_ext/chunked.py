@@ -16,23 +16,28 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import pyro.poutine as poutine
-from pyro.poutine.util import prune_subsample_sites
 import torch
 from pyro.infer import ELBO
+from pyro.poutine.util import prune_subsample_sites
+from scipy import sparse
 from torch import Tensor
 
 logger = logging.getLogger("devicemem.bayesdream")
 
 # Exact integer ranges of the dtypes counts may be stored in, smallest first.
 COMPACT_DTYPES = ((torch.uint8, 255), (torch.int16, 32767), (torch.int32, 2**31 - 1))
+CellValues = Union[Tensor, sparse.spmatrix]
 
 
-def compact_dtype(values: Tensor) -> torch.dtype:
-    """The smallest dtype that holds ``values`` exactly: uint8, int16 or int32 for
-    non-negative integers (checked in blocks, without a full-size temporary), else its own."""
+def compact_dtype(values: CellValues) -> torch.dtype:
+    """The smallest dtype that holds ``values`` (a tensor, or a sparse matrix's stored values)
+    exactly: uint8, int16 or int32 for non-negative integers (checked in blocks, without a
+    full-size temporary), else its own."""
+    if sparse.issparse(values):
+        values = torch.from_numpy(values.data)
     if values.is_floating_point():
         flat = values.reshape(-1)
         block = 1 << 22
@@ -48,73 +53,111 @@ def compact_dtype(values: Tensor) -> torch.dtype:
     return values.dtype
 
 
-class CellData:
-    """Cell-wise tensors ([N, ...] each) kept on ``storage`` ("cpu" or the training device)
-    in the smallest exact dtype, handed out per chunk on ``device`` as ``dtype``.
+def as_tensor(values: CellValues) -> Tensor:
+    """A dense tensor: ``values`` itself, or a sparse matrix densified."""
+    return torch.from_numpy(values.toarray()) if sparse.issparse(values) else values
 
-    ``compact=False`` keeps the tensors as given (no copy; the CPU path uses the prepared
-    float32 counts in place). When the storage is the host and the device is CUDA, chunks go
-    through two pinned staging buffers, the next chunk's copy issued before the current one
-    is used.
+
+def _rows(values: CellValues, cells: slice | Tensor) -> Tensor:
+    """Rows ``cells`` of ``values`` as a dense tensor on ``values``' device."""
+    if sparse.issparse(values):
+        return as_tensor(values[cells if isinstance(cells, slice) else cells.cpu().numpy()])
+    return values[cells]
+
+
+def _compacted(values: CellValues, storage: torch.device) -> CellValues:
+    """``values`` in its smallest exact dtype on ``storage`` (a sparse matrix stays on the host)."""
+    dtype = compact_dtype(values)
+    if sparse.issparse(values):
+        return values.astype(torch.empty((), dtype=dtype).numpy().dtype)
+    return values.to(storage, dtype)
+
+
+class CellData:
+    """Cell-wise values ([N, ...] tensors, or a CSR matrix of counts) kept on ``storage``
+    ("cpu" or the training device), handed out per chunk on ``device`` as ``dtype``.
+
+    ``compact=True`` stores floating values in their smallest exact dtype (a copy);
+    ``compact=False`` keeps them as given (the CPU path uses the prepared counts in place). A
+    sparse matrix stays sparse on the host and only each chunk is densified. When values are
+    on the host and the device is CUDA, chunks go through two pinned staging buffers and a
+    copy stream: chunk k + 1 is transferred while chunk k is computed on.
     """
 
     def __init__(
-        self, tensors: dict[str, Tensor], *, device: torch.device, storage: torch.device, compact: bool,
+        self, tensors: dict[str, CellValues], *, device: torch.device, storage: torch.device, compact: bool,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device, self.storage, self.dtype = device, storage, dtype
         self.tensors = {
-            name: (value.to(compact_dtype(value)) if compact and value.is_floating_point() else value).to(storage)
+            name: _compacted(value, storage) if compact and name != "groups" else (value if sparse.issparse(value) else value.to(storage))
             for name, value in tensors.items()
         }
         self.n_cells = int(next(iter(self.tensors.values())).shape[0])
-        self._stream = storage.type == "cpu" and device.type == "cuda"
+        self._streamed = device.type == "cuda" and storage.type == "cpu"
         self._staging: list[dict[str, Tensor]] = []
         self._events: list[Any] = []
+        self._copy_stream: Any = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored tensors."""
-        return sum(value.numel() * value.element_size() for value in self.tensors.values())
+        """Bytes of the stored values."""
+        return sum(
+            value.data.nbytes + value.indices.nbytes + value.indptr.nbytes if sparse.issparse(value) else value.numel() * value.element_size()
+            for value in self.tensors.values()
+        )
 
     @property
     def dtypes(self) -> dict[str, str]:
-        return {name: str(value.dtype).removeprefix("torch.") for name, value in self.tensors.items()}
+        return {
+            name: f"{value.dtype} sparse" if sparse.issparse(value) else str(value.dtype).removeprefix("torch.")
+            for name, value in self.tensors.items()
+        }
 
     def _cast(self, name: str, value: Tensor) -> Tensor:
         return value if name == "groups" else value.to(self.dtype)
 
     def chunk(self, cells: slice | Tensor) -> dict[str, Tensor]:
-        """The tensors of ``cells`` (a slice or an index tensor) on the device, cast."""
-        return {name: self._cast(name, value[cells].to(self.device)) for name, value in self.tensors.items()}
+        """The values of ``cells`` (a slice or an index tensor) on the device, dense and cast."""
+        return {name: self._cast(name, _rows(value, cells).to(self.device)) for name, value in self.tensors.items()}
 
-    def _staged(self, cells: slice | Tensor, slot: int, size: int) -> dict[str, Tensor]:
-        """Copy ``cells`` into pinned buffer ``slot`` and start its transfer to the device."""
+    def _staged(self, cells: slice | Tensor, slot: int, size: int) -> tuple[int, dict[str, Tensor]]:
+        """Copy ``cells`` into pinned buffer ``slot`` and start its transfer on the copy stream."""
         if not self._staging:
             self._staging = [
-                {name: torch.empty((size,) + value.shape[1:], dtype=value.dtype).pin_memory() for name, value in self.tensors.items()}
+                {name: torch.empty((size,) + tuple(value.shape[1:]), dtype=_rows(value, slice(0, 1)).dtype).pin_memory() for name, value in self.tensors.items()}
                 for _ in range(2)
             ]
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
-        self._events[slot].synchronize()
-        out = {}
+            self._copy_stream = torch.cuda.Stream(self.device)
+        self._events[slot].synchronize()  # the buffer's previous transfer has finished
+        raw = {}
         for name, value in self.tensors.items():
-            part = value[cells]
+            part = _rows(value, cells)
             buffer = self._staging[slot][name][: part.shape[0]]
             buffer.copy_(part)
-            out[name] = self._cast(name, buffer.to(self.device, non_blocking=True))
-        self._events[slot].record()
-        return out
+            with torch.cuda.stream(self._copy_stream):
+                raw[name] = buffer.to(self.device, non_blocking=True)
+        self._events[slot].record(self._copy_stream)
+        return slot, raw
+
+    def _ready(self, slot: int, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A staged chunk for the compute stream: wait for its transfer, then cast."""
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(self._events[slot])
+        for value in raw.values():
+            value.record_stream(stream)
+        return {name: self._cast(name, value) for name, value in raw.items()}
 
     def chunks(self, index: Tensor | None, size: int) -> Iterator[dict[str, Tensor]]:
         """Successive chunks of at most ``size`` cells: of all cells in order, or of ``index``.
-        When streaming to CUDA, chunk k + 1's copy is under way while chunk k is used."""
+        When streaming to CUDA, chunk k + 1's copy runs on its own stream while chunk k is used."""
         total = self.n_cells if index is None else int(index.numel())
         parts = [
             slice(start, min(start + size, total)) if index is None else index[start : start + size]
             for start in range(0, total, size)
         ]
-        if not self._stream:
+        if not self._streamed:
             for cells in parts:
                 yield self.chunk(cells)
             return
@@ -125,7 +168,7 @@ class CellData:
             current = ahead
             if k + 1 < len(parts):
                 ahead = self._staged(parts[k + 1], (k + 1) % 2, size)
-            yield current
+            yield self._ready(*current)
 
 
 class ChunkedELBO:

@@ -29,7 +29,9 @@ COUNT_DISTRIBUTIONS = ("negbinom", "binomial", "multinomial")
 class TechnicalData:
     """Validated inputs, cells first, restricted to the features that can be fitted.
 
-    ``counts`` is [N, T_fit] ([N, T_fit, K] for multinomial) float32; ``groups`` [N] int64
+    ``counts`` is [N, T_fit] ([N, T_fit, K] for multinomial) float32, a float32
+    ``scipy.sparse.csr_matrix`` when the input was sparse (not for binomial, whose
+    denominator is dense): training densifies it one chunk of cells at a time; ``groups`` [N] int64
     codes with 0 the baseline (``group_levels[code]`` is the user's label); ``sum_factors``
     [N] (ones where the distribution does not use them); ``denominator`` [N, T_fit] for
     binomial. ``feature_mask`` [T] is True for the fitted features; ``excluded`` counts the
@@ -61,7 +63,7 @@ class TechnicalData:
 
     @property
     def n_categories(self) -> int:
-        return int(self.counts.shape[2]) if self.counts.dim() == 3 else 1
+        return int(self.counts.shape[2]) if len(self.counts.shape) == 3 else 1
 
 
 def check_distribution(distribution: Any) -> str:
@@ -197,7 +199,7 @@ def _sum_factors(
     if sum_factors is None:
         if distribution != "negbinom":
             return np.ones(n_cells, dtype=np.float32)
-        totals = counts.reshape(n_cells, -1).sum(axis=1)
+        totals = np.asarray(counts.sum(axis=1)).ravel() if sparse.issparse(counts) else counts.reshape(n_cells, -1).sum(axis=1)
         if (totals <= 0).any():
             raise ValueError(
                 f"sum_factors: not given, and {int((totals <= 0).sum())} cell(s) have no counts, so their "
@@ -241,6 +243,9 @@ def exclusion_masks(
             "zero std": _constant(ratios).all(axis=-1),
             "<= 1 category present in every group": present.sum(axis=-1) <= 1,
         }
+    if sparse.issparse(counts):
+        top, bottom = (np.asarray(m.toarray()).ravel() for m in (counts.max(axis=0), counts.min(axis=0)))
+        return {"zero NTC counts": (top == 0) & (bottom == 0), "zero std": top == bottom}
     reasons = {"zero NTC counts": ~counts.any(axis=0), "zero std": _constant(counts)}
     if distribution == "binomial":
         valid = denominator > 0
@@ -283,7 +288,8 @@ def prepare_technical(
         raise ValueError(f"counts: empty matrix of shape {tuple(matrix.shape)}")
     if _stored_values(matrix).size == 0 or not _stored_values(matrix).any():
         raise ValueError("counts: every value is zero; nothing to fit")
-    dense = (matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)).astype(np.float32, copy=False)
+    keep_sparse = sparse.issparse(matrix) and distribution != "binomial"
+    values = matrix.astype(np.float32) if keep_sparse else (matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)).astype(np.float32, copy=False)
 
     codes, levels = _group_codes(groups, n_cells)
     sizes = np.bincount(codes, minlength=len(levels))
@@ -299,31 +305,31 @@ def prepare_technical(
         _check_values(denom_matrix, "denominator", integer=True, non_negative=True)
         denom_matrix = _orient(denom_matrix, cells_axis, 2)
         denom = (denom_matrix.toarray() if sparse.issparse(denom_matrix) else np.asarray(denom_matrix)).astype(np.float32, copy=False)
-        if denom.shape != dense.shape:
-            raise ValueError(f"denominator: shape {denom.shape} (cells first) differs from counts' {dense.shape}")
-        if (denom < dense).any():
-            raise ValueError(f"denominator: {int((denom < dense).sum())} value(s) are smaller than the counts; need denominator >= counts")
+        if denom.shape != values.shape:
+            raise ValueError(f"denominator: shape {denom.shape} (cells first) differs from counts' {values.shape}")
+        if (denom < values).any():
+            raise ValueError(f"denominator: {int((denom < values).sum())} value(s) are smaller than the counts; need denominator >= counts")
     elif denominator is not None:
         raise ValueError(f"denominator: only the 'binomial' distribution uses one; got one with {distribution!r}")
 
-    factors = _sum_factors(sum_factors, dense, distribution, n_cells)
-    reasons = exclusion_masks(dense, codes, denom, distribution, len(levels))
-    excluded_mask = np.zeros(dense.shape[1], dtype=bool)
+    factors = _sum_factors(sum_factors, values, distribution, n_cells)
+    reasons = exclusion_masks(values, codes, denom, distribution, len(levels))
+    excluded_mask = np.zeros(values.shape[1], dtype=bool)
     excluded = {}
     for reason, mask in reasons.items():
         excluded[reason] = int((mask & ~excluded_mask).sum())
         excluded_mask |= mask
     keep = ~excluded_mask
     if not keep.any():
-        raise ValueError(f"counts: no feature left to fit after excluding {dense.shape[1]} ({_describe(excluded)})")
+        raise ValueError(f"counts: no feature left to fit after excluding {values.shape[1]} ({_describe(excluded)})")
     if excluded_mask.any():
         logger.warning(
             "%d of %d feature(s) excluded from the fit (%s); their effects are reported as no effect "
-            "and their baselines as NaN", int(excluded_mask.sum()), dense.shape[1], _describe(excluded),
+            "and their baselines as NaN", int(excluded_mask.sum()), values.shape[1], _describe(excluded),
         )
     return TechnicalData(
         distribution=distribution,
-        counts=_kept(dense, keep),
+        counts=_kept(values, keep),
         groups=torch.from_numpy(codes),
         sum_factors=torch.from_numpy(factors),
         denominator=None if denom is None else _kept(denom, keep),
@@ -334,9 +340,11 @@ def prepare_technical(
     )
 
 
-def _kept(values: np.ndarray, keep: np.ndarray) -> Tensor:
+def _kept(values: np.ndarray | sparse.csr_matrix, keep: np.ndarray) -> Tensor | sparse.csr_matrix:
     """The kept features of [N, T, ...] ``values`` as a contiguous tensor (no copy when all are
-    kept and ``values`` is already contiguous)."""
+    kept and ``values`` is already contiguous); a CSR matrix stays one."""
+    if sparse.issparse(values):
+        return values if keep.all() else values[:, keep].tocsr()
     return torch.from_numpy(np.ascontiguousarray(values if keep.all() else values[:, keep]))
 
 

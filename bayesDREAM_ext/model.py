@@ -22,6 +22,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -92,10 +93,15 @@ def _feature_blocks(n_cells: int, n_features: int) -> Iterator[slice]:
         yield slice(start, start + width)
 
 
-def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Tensor) -> tuple[Tensor, ...]:
-    """``fn`` over blocks of features (axis 1 of each [N, T] argument), its results joined on
-    their last axis: statistics over cells whose temporaries stay block-sized."""
-    parts = [fn(*(c[:, block] for c in columns)) for block in _feature_blocks(*columns[0].shape[:2])]
+def _block(values: Tensor | sparse.spmatrix, block: slice) -> Tensor:
+    """Features ``block`` of [N, T] ``values`` as a dense tensor (a sparse matrix densified)."""
+    return torch.from_numpy(values[:, block].toarray()) if sparse.issparse(values) else values[:, block]
+
+
+def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Tensor | sparse.spmatrix) -> tuple[Tensor, ...]:
+    """``fn`` over blocks of features (axis 1 of each [N, T] argument, dense or sparse), its
+    results joined on their last axis: statistics over cells whose temporaries stay block-sized."""
+    parts = [fn(*(_block(c, block) for c in columns)) for block in _feature_blocks(*columns[0].shape[:2])]
     return tuple(torch.cat(items, dim=-1) for items in zip(*parts))
 
 
@@ -335,7 +341,7 @@ def build_model_inputs(
     """Priors, initial values and model arguments for ``data``'s distribution, as bayesDREAM
     derives them from the NTC cells (group 0 = baseline)."""
     y, groups, n_groups = data.counts, data.groups, data.n_groups
-    sizes = torch.bincount(groups, minlength=n_groups).to(y.dtype)[:, None]
+    sizes = torch.bincount(groups, minlength=n_groups).to(torch.float32)[:, None]
     base = (groups == 0).nonzero().squeeze(-1)
     if data.distribution == "negbinom":
         mean, sd = mu_ntc_prior(y, groups, data.sum_factors, epsilon)

@@ -32,7 +32,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
-from bayesDREAM_ext.chunked import CellData, ChunkedELBO
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import Backend, DeviceMemory, device_memory, devices, get_backend
 from devicemem.footprint import technical_latent_size
@@ -121,7 +121,12 @@ class TrainingPlan:
 
 @dataclass
 class TrainResult:
-    """A trained guide (on ``plan.device``), the loss and learning rate of every step."""
+    """A trained guide (on ``plan.device``), the loss and learning rate of every step.
+
+    ``seconds``: the steps this call ran (a resumed run's earlier steps excluded), of which
+    ``first_step_s`` the first (validated, building the guide, measuring the peak);
+    ``ms_per_step`` averages them all, ``steady_ms_per_step`` the ones after the first.
+    """
 
     guide: AutoGuide
     plan: TrainingPlan
@@ -129,10 +134,15 @@ class TrainResult:
     learning_rates: list[float]
     converged: bool
     seconds: float
+    steps_run: int = 0
+    first_step_s: float = 0.0
     ms_per_step: float = field(init=False)
+    steady_ms_per_step: float | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ms_per_step = 1e3 * self.seconds / max(len(self.losses), 1)
+        steps = self.steps_run or len(self.losses)
+        self.ms_per_step = 1e3 * self.seconds / max(steps, 1)
+        self.steady_ms_per_step = 1e3 * (self.seconds - self.first_step_s) / (steps - 1) if steps > 1 else None
 
 
 def iaf_hidden_size(latent: int) -> int:
@@ -437,24 +447,20 @@ def train(
         logger.warning("[MEMORY] %s", reason)
     pyro.clear_param_store()
     get_backend(plan.device).empty_cache(plan.device)
-    counts = inputs.kwargs[inputs.data_keys[0]]
-    n_categories = int(counts.shape[2]) if counts.dim() == 3 else 1
+    n_cells, n_features, n_categories = _value_shape(inputs)
     host_plan = plan_training(
-        int(counts.shape[0]), int(counts.shape[1]), _n_groups(inputs), n_categories, distribution=plan.distribution,
+        n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
         device=HOST, safety_factor=plan.safety_factor, max_memory=max_memory, minibatch=plan.minibatch,
     )
     host_plan = replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
     return _train_on(inputs, host_plan, options, check_first_step=False)
 
 
-def _n_groups(inputs: ModelInputs) -> int:
-    return int(inputs.kwargs["n_groups"])
-
-
 def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:
     """svi.step's arguments on ``device``: everything, or without the cell-wise data when chunked."""
-    kwargs = inputs.kwargs if plan.chunk_cells is None else {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}
-    return {name: _on(value, device) for name, value in kwargs.items()}
+    if plan.chunk_cells is not None:
+        return {name: _on(value, device) for name, value in {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}.items()}
+    return {name: _on(as_tensor(value) if name in inputs.data_keys else value, device) for name, value in inputs.kwargs.items()}
 
 
 def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, check_first_step: bool) -> TrainResult:
@@ -485,7 +491,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         logger.info(
             "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
             format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
-            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs), distribution=plan.distribution)), plan.chunk_cells, plan.device,
+            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs)[1:], distribution=plan.distribution)), plan.chunk_cells, plan.device,
         )
         svi = SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads)
     losses: list[float] = []
@@ -495,9 +501,10 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     first = 0
     if saved is not None:
         with torch.no_grad():
-            guide(**inputs.params_only() if plan.chunk_cells is None else {**kwargs, "observe": False})
+            guide(**{**kwargs, **{key: None for key in inputs.cell_keys}, "observe": False})
         first = _restore(saved, guide, optimizer, losses, rates, history)
     converged = False
+    first_step_s = 0.0
     warmup = math.ceil(WARMUP_FRACTION * options.niters)
     bar = tqdm(total=options.niters, initial=first, desc=f"SVI on {plan.device}", unit="step", disable=not options.progress, leave=False)
     start = time.perf_counter()
@@ -512,6 +519,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
                     "[MEMORY] First SVI step on %s: measured peak %s (predicted %s, budget %s)",
                     plan.device, format_bytes(plan.measured_peak_bytes), format_bytes(plan.predicted_peak_bytes), format_bytes(plan.budget_bytes),
                 )
+                first_step_s = time.perf_counter() - start
                 if chunked is not None:
                     _fit_chunk_to_measured(chunked, plan)
             else:
@@ -543,13 +551,13 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         plan = replace(plan, chunk_cells=chunked.chunk_cells, reasons=plan.reasons + tuple(chunked.shrinks))
     steps = max(len(losses) - first, 1)
     logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, steps, seconds, 1e3 * seconds / steps, ", converged" if converged else "")
-    return TrainResult(guide, plan, losses, rates, converged, seconds)
+    return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
 
 
-def _value_shape(inputs: ModelInputs) -> tuple[int, int]:
-    """(features, categories) of the counts."""
+def _value_shape(inputs: ModelInputs) -> tuple[int, int, int]:
+    """(cells, features, categories) of the counts."""
     counts = inputs.kwargs[inputs.data_keys[0]]
-    return int(counts.shape[1]), int(counts.shape[2]) if counts.dim() == 3 else 1
+    return int(counts.shape[0]), int(counts.shape[1]), int(counts.shape[2]) if len(counts.shape) == 3 else 1
 
 
 def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:

@@ -1,4 +1,4 @@
-"""The workloads W1-W6: sizes, caps, configurations, and what each one's quick variant changes.
+"""The workloads W1-W8: sizes, caps, configurations, and what each one's quick variant changes.
 
 Sizes follow the benchmark issue; where this 2-core machine cannot afford them within the run
 budget the variant says what it changes and why in ``notes`` (printed under its table).
@@ -206,6 +206,8 @@ def _w6(quick: bool, cuda: bool) -> list[Workload]:
 
 # Workloads measured by a module's own ``run(quick)``, after W7: (name, title, module).
 EXTERNAL = (
+    ("W8", "SVI: full-data vs exact chunked steps, and peak vs N at a fixed chunk (bench.w8_svi)", "bench.w8_svi"),
+    ("W8b", "SVI at the seed's size in a 16 GiB cgroup: 5 chunked steps (bench.w8b_seed)", "bench.w8b_seed"),
     ("W9", "a model that needs Pyro's sequential mode: Pyro vs devicemem parallel=False (bench.w9_sequential)",
      "bench.w9_sequential"),
     ("W10", "bayesDREAM's three stages, unrouted vs bayesdream_routing (bench.w10_bayesdream)", "bench.w10_bayesdream"),

@@ -94,7 +94,7 @@ def test_minibatches_scale_the_likelihood_by_n_over_b():
     cells = CellData({k: inputs.kwargs[k] for k in inputs.cell_keys}, device=CPU, storage=CPU, compact=False)
     stochastic = ChunkedELBO(elbo, cells, 7, minibatch=20)
     kwargs = {**inputs.kwargs, **{k: None for k in inputs.cell_keys}}
-    estimates = [stochastic.loss(inputs.model, guide, **kwargs) for _ in range(200)]
+    estimates = [stochastic.loss(inputs.model, guide, **kwargs) for _ in range(40)]
     assert stochastic.chunks_per_step() == 3
     assert np.std(estimates) > 0  # a different random subset every step
     assert np.mean(estimates) == pytest.approx(exact, rel=0.05)  # unbiased up to the guide's own noise
@@ -198,3 +198,38 @@ def test_a_fit_predicted_at_twice_the_cap_trains_in_chunks_inside_it(tmp_path):
     assert found["predicted"] <= found["budget"] and found["measured"] <= found["budget"]
     assert found["shapes"]["log2_alpha_y"] == [20, 1, n_features] and found["shapes"]["mu_ntc"] == [20, 1, n_features]
     assert found["r"] > 0.9
+
+
+@pytest.mark.parametrize("distribution", ["negbinom", "normal"])
+def test_sparse_input_stays_sparse_and_trains_to_the_same_losses(distribution):
+    from scipy import sparse
+
+    from bayesDREAM_ext.fit import fit_technical
+
+    data = synthetic_data(distribution, 90, 15, 2, seed=3)
+    counts = np.where(np.random.default_rng(0).random(data.counts.shape) < 0.5, 0, data.counts).astype(np.float32)
+    prepared = prepare_technical(sparse.csr_matrix(counts), data.groups, distribution=distribution)
+    assert sparse.issparse(prepared.counts)
+    dense_prepared = prepare_technical(counts, data.groups, distribution=distribution)
+    np.testing.assert_array_equal(prepared.counts.toarray(), dense_prepared.counts.numpy())
+    options = dict(distribution=distribution, device="cpu", niters=8, nsamples=4, seed=0, progress=False)
+    for chunk in (None, 20):
+        dense = fit_technical(counts, data.groups, svi_chunk=chunk, **options)
+        from_sparse = fit_technical(sparse.csr_matrix(counts), data.groups, svi_chunk=chunk, **options)
+        assert from_sparse.losses == dense.losses and from_sparse.svi_plan.chunk_cells == chunk
+        torch.testing.assert_close(from_sparse.posterior_samples["mu_ntc"], dense.posterior_samples["mu_ntc"], equal_nan=True)
+
+
+def test_fit_technical_checkpoints_and_resumes(tmp_path):
+    from bayesDREAM_ext.fit import fit_technical
+
+    data = synthetic_data("negbinom", 80, 10, 2, seed=2)
+    options = dict(device="cpu", niters=9, nsamples=4, seed=0, progress=False, svi_chunk=30)
+    straight = fit_technical(data.counts, data.groups, **options)
+    path = tmp_path / "svi.pt"
+    fit_technical(data.counts, data.groups, checkpoint=path, checkpoint_every=4, **{**options, "niters": 9})
+    assert torch.load(path, weights_only=True)["step"] == 9
+    resumed = fit_technical(data.counts, data.groups, resume=path, **options)  # nothing left to run: the saved losses
+    assert resumed.losses == straight.losses
+    with pytest.raises(ValueError, match="resume: no such checkpoint file"):
+        fit_technical(data.counts, data.groups, resume=tmp_path / "missing.pt", **options)

@@ -12,6 +12,7 @@ import torch
 from scipy import sparse
 
 import bayesDREAM_ext.fit as fit_module
+from bayesDREAM_ext.chunked import as_tensor
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.fit import fit_technical
 
@@ -101,7 +102,8 @@ def test_containers_and_orientations_give_the_same_data():
         (torch.from_numpy(counts), 0),
     ]:
         data = prepare_technical(variant, groups, cells_axis=axis)
-        assert torch.equal(data.counts, reference.counts)
+        assert sparse.issparse(data.counts) == sparse.issparse(variant)  # sparse input stays sparse
+        assert torch.equal(as_tensor(data.counts), reference.counts)
         assert torch.allclose(data.sum_factors, reference.sum_factors)
     assert prepare_technical(frame, groups).feature_names == tuple(f"g{i}" for i in range(6))
 
