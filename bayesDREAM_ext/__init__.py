@@ -1,7 +1,7 @@
 """bayesDREAM_ext: bayesDREAM's ``fit_technical`` on top of devicemem, device-aware end to end.
 
 Public names (imported lazily, so the CLI starts fast): ``fit_technical``, ``TechnicalFit``,
-``GuideState``, ``PredictiveFailedError`` (bayesDREAM_ext.fit); ``TrainingPlan``,
+``GuideState``, ``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TrainingPlan``,
 ``plan_training``, ``training_footprint`` (bayesDREAM_ext.training); ``synthetic_technical``,
 ``synthetic_data`` (bayesDREAM_ext.synthetic).
 """
@@ -16,6 +16,7 @@ _EXPORTS = {
     "TechnicalFit": "bayesDREAM_ext.fit",
     "GuideState": "bayesDREAM_ext.fit",
     "PredictiveFailedError": "bayesDREAM_ext.fit",
+    "PredictiveInterrupted": "bayesDREAM_ext.fit",
     "TrainingPlan": "bayesDREAM_ext.training",
     "plan_training": "bayesDREAM_ext.training",
     "training_footprint": "bayesDREAM_ext.training",

@@ -3,14 +3,21 @@
     bayesdream-ext demo [--cells 2000 --features 1000 --groups 2 --niters 300 ...]
     bayesdream-ext fit-technical --counts FILE --meta FILE --group-col COL
         [--sum-factor-col COL] [--distribution D] [--device auto] [--nsamples S] --out FILE
+        [--guide-state FILE]
+    bayesdream-ext plan --cells N --features T --groups C [--distribution D] [--device D]
+        [--max-memory ...] [--assume cpu=16GiB,cuda:0=80GB] [--json]
 
 Plan and memory lines go to stdout through the ``devicemem`` logger; progress bars to stderr.
+Every option (and that --out can be written) is checked before any file is read or any
+training starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -19,7 +26,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from bayesDREAM_ext.data import DISTRIBUTIONS
+from bayesDREAM_ext.data import DISTRIBUTIONS, check_fraction, check_positive, check_positive_int, check_seed
+from bayesDREAM_ext.training import DTYPE_BYTES, plan_training
+from devicemem.backends import DeviceMemory, device_memory, parse_max_memory
+from devicemem.units import format_bytes, parse_bytes
 
 COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
 
@@ -70,8 +80,63 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--denominator", default=None, help="denominator file for binomial (same format and shape as counts)")
     fit.add_argument("--cells-axis", type=int, default=0, choices=(0, 1), help="axis of the counts that holds cells (1 for genes x cells)")
     fit.add_argument("--out", required=True, help="where to save the fit (TechnicalFit.load reads it)")
+    fit.add_argument("--guide-state", default=None, help="a trained guide's recovery file: draw the samples without training")
+    fit.add_argument("--checkpoint", default=None, help="save the SVI state to this file every --checkpoint-every steps")
+    fit.add_argument("--checkpoint-every", type=int, default=100)
+    fit.add_argument("--resume", default=None, help="continue SVI from a checkpoint file")
     _common(fit)
+    plan = commands.add_parser("plan", help="print the training and Predictive plans for a data size, without data")
+    plan.add_argument("--cells", type=int, required=True)
+    plan.add_argument("--features", type=int, required=True)
+    plan.add_argument("--groups", type=int, required=True)
+    plan.add_argument("--categories", type=int, default=1, help="categories per feature (multinomial)")
+    plan.add_argument("--distribution", default="negbinom", choices=DISTRIBUTIONS)
+    plan.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    plan.add_argument("--nsamples", type=int, default=1000, help="posterior samples Predictive draws (default 1000)")
+    plan.add_argument("--max-memory", default=None, help="caps, e.g. cpu=8GiB,cuda:0=20GiB")
+    plan.add_argument("--safety-factor", type=float, default=None, help="fraction of usable memory to plan for")
+    plan.add_argument("--count-dtype", default="float32", choices=tuple(DTYPE_BYTES), help="smallest exact dtype of the counts (default float32)")
+    plan.add_argument("--assume", default=None, metavar="DEVICE=SIZE,...",
+                      help="plan for another machine: these devices with this much usable memory instead of this one's")
+    plan.add_argument("--json", action="store_true", help="one JSON object: training and predictive plans (no log lines)")
+    plan.add_argument("--quiet", action="store_true", help="no [MEMORY] lines, only the summary")
+    plan.set_defaults(threads=None)
     return parser
+
+
+def _check_out(path: str) -> None:
+    """ValueError unless ``path`` can be written, found by opening it for appending (and
+    removing it again when it did not exist), so that a bad --out fails before training."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--out: {path!r} is a directory; expected a file path")
+    existed = target.exists()
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write {path!r} ({exc.strerror})") from exc
+    if not existed:
+        target.unlink()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the option for any bad value, before any file is read or training."""
+    check_positive_int(args.nsamples, "--nsamples")
+    check_fraction(args.safety_factor, "--safety-factor", allow_none=True)
+    if args.command == "plan":  # plans may name another machine's devices (--assume)
+        parse_max_memory(args.max_memory, {})
+        return
+    check_positive_int(args.niters, "--niters", allow_none=True)
+    check_positive_int(args.threads, "--threads", allow_none=True)
+    check_positive(args.lr, "--lr")
+    check_seed(args.seed, "--seed")
+    if args.device == "auto":
+        parse_max_memory(args.max_memory, {})
+    else:
+        device_memory(args.device, max_memory=args.max_memory)
+    if args.command == "fit-technical":
+        _check_out(args.out)
 
 
 def read_matrix(path: str | Path) -> Any:
@@ -167,13 +232,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from bayesDREAM_ext.fit import fit_technical
+    from bayesDREAM_ext.fit import GuideState, fit_technical
 
+    guide_state = None if args.guide_state is None else GuideState.load(args.guide_state)
     counts = read_matrix(args.counts)
     groups, sum_factors = read_meta(args.meta, counts, args.cells_axis, args.group_col, args.sum_factor_col)
     denominator = None if args.denominator is None else read_matrix(args.denominator)
     fit = fit_technical(
         counts, groups, sum_factors, distribution=args.distribution, denominator=denominator, cells_axis=args.cells_axis,
+        guide_state=guide_state, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
         **_fit_kwargs(args),
     )
     fit.save(args.out)
@@ -182,16 +249,73 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assumed(text: str) -> dict[str, DeviceMemory]:
+    """Hypothetical devices from "cpu=16GiB,cuda:0=80GB": usable memory as given."""
+    found = {}
+    for item in text.split(","):
+        name, _, size = item.partition("=")
+        name = name.strip()
+        if not name or not size:
+            raise ValueError(f"assume: expected DEVICE=SIZE,...; got {item!r}")
+        usable = parse_bytes(size.strip(), "assume")
+        found[name] = DeviceMemory(name, f"assumed {name}", usable, usable, None, usable, ("--assume",))
+    return found
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print where and how SVI and Predictive would run for this size (no data, no training)."""
+    from devicemem.planner import Resources, plan_technical, resolve_safety_factor
+
+    safety, _ = resolve_safety_factor(args.safety_factor)
+    shape = (args.cells, args.features, args.groups)
+    options: dict[str, Any] = {}
+    resources = None
+    if args.assume:
+        registry = _assumed(args.assume)
+        registry.setdefault("cpu", device_memory("cpu", max_memory=args.max_memory))
+
+        def memory_of(name: str) -> DeviceMemory:
+            if name not in registry:
+                raise ValueError(f"device: {name!r} is not among the assumed devices ({', '.join(registry)})")
+            return registry[name]
+
+        options = dict(memory_of=memory_of, accelerators=lambda: [m for m in registry.values() if m.device != "cpu"])
+        resources = Resources(devices=lambda max_memory: list(registry.values()))
+    training = plan_training(
+        *shape, args.categories, distribution=args.distribution, device=args.device, safety_factor=safety,
+        max_memory=args.max_memory, count_dtype=args.count_dtype, **options,
+    )
+    predictive = plan_technical(
+        *shape, args.nsamples, n_categories=args.categories, distribution=args.distribution, device=args.device,
+        safety_factor=args.safety_factor, max_memory=args.max_memory, resources=resources,
+    )
+    if args.json:
+        extra = {"chunks_per_step": training.chunks_per_step, "host_bytes": training.host_bytes, "device_bytes": training.device_bytes}
+        print(json.dumps({"training": {**dataclasses.asdict(training), **extra}, "predictive": dataclasses.asdict(predictive)}, indent=2))
+        return 0
+    layout = ("full-data steps" if training.chunk_cells is None else
+              f"exact chunked gradient, {training.chunk_cells} cells per chunk, {training.chunks_per_step} chunks per step")
+    where = f"on {training.device}" if training.data_on_device else "kept on the host, copied per chunk"
+    print(f"Training: SVI on {training.device} ({'AutoNormal' if training.guide == 'normal' else 'AutoIAFNormal'}), {layout}")
+    print(f"  counts {format_bytes(training.data_bytes)} ({training.data_dtype}) {where}; host {format_bytes(training.host_bytes)}, "
+          f"device peak {format_bytes(training.device_bytes)} (budget {format_bytes(training.budget_bytes)})")
+    print(f"Predictive: {predictive.num_samples} samples on {predictive.device} in {predictive.n_batches} "
+          f"{'vectorised' if predictive.vectorized else 'sequential'} batch(es) of {predictive.batch_size}, "
+          f"peak {format_bytes(predictive.predicted_peak_bytes)} (budget {format_bytes(predictive.budget_bytes)})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        with _log_to_stdout(args.quiet):
-            return run_demo(args) if args.command == "demo" else run_fit(args)
+        check_args(args)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        with _log_to_stdout(args.quiet or getattr(args, "json", False)):
+            return {"demo": run_demo, "fit-technical": run_fit, "plan": run_plan}[args.command](args)
     except ValueError as exc:
         parser.exit(2, f"bayesdream-ext: error: {exc}\n")
 

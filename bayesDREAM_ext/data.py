@@ -80,6 +80,19 @@ def check_positive_int(value: Any, what: str, allow_none: bool = False) -> int |
     return int(value)
 
 
+SEED_MAX = 2**32 - 1  # numpy's RNG, which pyro.set_rng_seed also seeds, takes seeds up to this
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_seed(value: Any, what: str = "seed") -> int | None:
+    """``value`` as an int in [0, 2**32 - 1] (None passes); ValueError naming ``what``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{what}: expected None or an integer in [0, 2**32 - 1]; got {value!r}")
+    return int(value)
+
+
 def check_fraction(value: Any, what: str, allow_none: bool = False) -> float | None:
     """``value`` in (0, 1] (None passes when ``allow_none``); ValueError naming ``what``."""
     if value is None and allow_none:
@@ -140,6 +153,8 @@ def _check_values(matrix: np.ndarray | sparse.spmatrix, what: str, integer: bool
         part = values[start : start + chunk]
         for problem, bad in (
             ("NaN or infinite values; they must be finite", lambda: ~np.isfinite(part)),
+            (f"values beyond float32's range (|x| > {FLOAT32_MAX:.3g}); they would become infinite",
+             lambda: np.abs(part) > FLOAT32_MAX if part.dtype.kind == "f" and part.dtype.itemsize > 4 else None),
             ("negative values; they must be >= 0", lambda: part < 0 if non_negative else None),
             ("non-integer values; this distribution needs integer counts", lambda: part != np.round(part) if integer else None),
         ):
@@ -197,6 +212,8 @@ def _sum_factors(
         raise ValueError(f"sum_factors: {int((~np.isfinite(values)).sum())} value(s) are NaN or infinite")
     if (values <= 0).any():
         raise ValueError(f"sum_factors: {int((values <= 0).sum())} value(s) are <= 0; sum factors must be > 0")
+    if (values > FLOAT32_MAX).any():
+        raise ValueError(f"sum_factors: {int((values > FLOAT32_MAX).sum())} value(s) exceed float32's range ({FLOAT32_MAX:.3g})")
     return values.astype(np.float32)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyro
@@ -24,6 +26,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
+from bayesDREAM_ext.chunked import compact_dtype
 from bayesDREAM_ext.bayesdream_object import is_bayesdream_object, read_inputs, write_back
 from bayesDREAM_ext.data import (
     TechnicalData,
@@ -31,17 +34,19 @@ from bayesDREAM_ext.data import (
     check_fraction,
     check_positive,
     check_positive_int,
+    check_seed,
     prepare_technical,
 )
 from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
 from bayesDREAM_ext.training import GUIDES, TrainingPlan, TrainResult, make_guide, plan_training, train
 from devicemem.backends import device_memory, parse_max_memory
 from devicemem.planner import Plan, plan_technical, resolve_safety_factor
-from devicemem.runner import Predictive
+from devicemem.predictive import Predictive
 
 logger = logging.getLogger("devicemem.bayesdream")
 
 FORMAT = "bayesDREAM_ext.TechnicalFit/1"
+GUIDE_FORMAT = "bayesDREAM_ext.GuideState/1"
 DEFAULT_NITERS = {"multinomial": 100_000}
 DEFAULT_NITERS_OTHER = 50_000
 EFFECT_SITES = ("log2_alpha_y", "alpha_y_mul", "delta_y_add")
@@ -63,14 +68,82 @@ class GuideState:
     svi_plan: TrainingPlan
     training_s: float
 
+    def save(self, path: str | Path) -> None:
+        """One file that :meth:`load` reads (``torch.load`` with ``weights_only=True``)."""
+        meta = {
+            "format": GUIDE_FORMAT,
+            "distribution": self.distribution,
+            "guide": self.guide,
+            "latent_size": self.latent_size,
+            "svi_plan": dataclasses.asdict(self.svi_plan),
+            "training_s": self.training_s,
+        }
+        torch.save(
+            {
+                "state_dict": self.state_dict,
+                "feature_mask": torch.from_numpy(self.feature_mask),
+                "losses": torch.tensor(self.losses, dtype=torch.float64),
+                "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64),
+                "metadata": json.dumps(meta),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> GuideState:
+        """Read a file written by :meth:`save`; ValueError naming the file when it is not one."""
+        return _load(path, GUIDE_FORMAT, "GuideState", lambda stored, meta: cls(
+            distribution=meta["distribution"],
+            guide=meta["guide"],
+            latent_size=meta["latent_size"],
+            state_dict=dict(stored["state_dict"]),
+            feature_mask=stored["feature_mask"].numpy(),
+            losses=stored["losses"].tolist(),
+            learning_rates=stored["learning_rates"].tolist(),
+            svi_plan=_record(TrainingPlan, meta["svi_plan"]),
+            training_s=meta["training_s"],
+        ))
+
 
 class PredictiveFailedError(RuntimeError):
     """Predictive failed after training; ``guide_state`` holds the trained guide so that
-    ``fit_technical(..., guide_state=err.guide_state)`` resumes without retraining."""
+    ``fit_technical(..., guide_state=err.guide_state)`` resumes without retraining, and
+    ``recovery_path`` names the file it was also saved to (:meth:`GuideState.load`), None
+    when that failed."""
 
-    def __init__(self, message: str, guide_state: GuideState) -> None:
+    def __init__(self, message: str, guide_state: GuideState, recovery_path: str | None = None) -> None:
         super().__init__(message)
         self.guide_state = guide_state
+        self.recovery_path = recovery_path
+
+
+class PredictiveInterrupted(KeyboardInterrupt):
+    """Ctrl-C during Predictive after training: still a KeyboardInterrupt, carrying the trained
+    guide like :class:`PredictiveFailedError` (``guide_state``, ``recovery_path``)."""
+
+    def __init__(self, message: str, guide_state: GuideState, recovery_path: str | None = None) -> None:
+        super().__init__(message)
+        self.guide_state = guide_state
+        self.recovery_path = recovery_path
+
+
+def _kept_guide(state: GuideState, exc: BaseException) -> PredictiveFailedError | PredictiveInterrupted:
+    """The error to raise when Predictive fails after training: it carries the trained guide,
+    also saved to a recovery file named in its message, so that it survives the process."""
+    try:
+        handle, path = tempfile.mkstemp(prefix="bayesdream-ext-guide-", suffix=".pt")
+        os.close(handle)
+        state.save(path)
+        kept = (
+            f"saved to {path}: resume with fit_technical(..., guide_state=GuideState.load({path!r})) "
+            f"or bayesdream-ext fit-technical --guide-state {path}, or in this process with err.guide_state"
+        )
+    except OSError as error:
+        path, kept = None, f"not saved ({error}); in this process, resume with err.guide_state"
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({type(exc).__name__}: {exc})"
+    message = f"Predictive {what} after training; the trained guide is kept, {kept}"
+    error_type = PredictiveInterrupted if isinstance(exc, KeyboardInterrupt) else PredictiveFailedError
+    return error_type(message, state, path)
 
 
 @dataclass
@@ -125,12 +198,9 @@ class TechnicalFit:
 
     @classmethod
     def load(cls, path: str | Path) -> TechnicalFit:
-        """Read a file written by :meth:`save` (``weights_only=True``: no code is unpickled)."""
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        meta = json.loads(stored["metadata"])
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"path: {path} is not a saved TechnicalFit (format {meta.get('format')!r})")
-        return cls(
+        """Read a file written by :meth:`save` (``weights_only=True``: no code is unpickled);
+        ValueError naming the file when it is truncated or not a TechnicalFit."""
+        return _load(path, FORMAT, "TechnicalFit", lambda stored, meta: cls(
             distribution=meta["distribution"],
             posterior_samples=stored["posterior_samples"],
             feature_mask=stored["feature_mask"],
@@ -142,7 +212,26 @@ class TechnicalFit:
             svi_plan=_record(TrainingPlan, meta["svi_plan"]),
             predictive_plan=_record(Plan, meta["predictive_plan"]),
             timings=meta["timings"],
-        )
+        ))
+
+
+def _load(path: str | Path, format_name: str, what: str, build: Callable[[dict[str, Any], dict[str, Any]], Any]) -> Any:
+    """``build(stored, metadata)`` of a file saved with ``format_name``; ValueError naming the
+    file for a truncated, foreign or damaged one (a missing file stays FileNotFoundError)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(stored["metadata"])
+        found = meta.get("format")
+    except OSError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"path: {str(path)!r} is not a readable {what} file ({type(exc).__name__}: {exc})") from exc
+    if found != format_name:
+        raise ValueError(f"path: {str(path)!r} is not a saved {what} (format {found!r}, expected {format_name!r})")
+    try:
+        return build(stored, meta)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"path: {str(path)!r} is a damaged {what} file ({type(exc).__name__}: {exc})") from exc
 
 
 def _jsonable(value: Any) -> Any:
@@ -307,6 +396,11 @@ def fit_technical(
     progress: bool = True,
     guide: str = "normal",
     guide_state: GuideState | None = None,
+    svi_chunk: int | None = None,
+    svi_minibatch: int | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: str | Path | None = None,
     sum_factor_col: str | None = "sum_factor",
     modality: str | None = None,
 ) -> TechnicalFit:
@@ -322,8 +416,17 @@ def fit_technical(
     earlier once the loss's EWMA settles (moves by less than ``tolerance`` x |EWMA| per step
     over 1 / ``alpha_ewma`` steps). ``guide``: "normal"
     (AutoNormal), "iaf" (AutoIAFNormal, ValueError if it cannot fit) or "auto". If Predictive
-    fails, :class:`PredictiveFailedError` carries the trained guide: pass its ``guide_state``
-    to resume without retraining. Like bayesDREAM, it clears Pyro's global param store.
+    fails, :class:`PredictiveFailedError` (:class:`PredictiveInterrupted` on Ctrl-C) carries
+    the trained guide and names the recovery file it was saved to: pass its ``guide_state``
+    (or :meth:`GuideState.load` of the file) to resume without retraining. Like bayesDREAM,
+    it clears Pyro's global param store.
+
+    Memory: when a full-data SVI step does not fit the device, training takes the exact
+    gradient over chunks of cells (same trajectory, less memory; the counts stay on the host
+    when they do not fit a GPU); ``svi_chunk`` forces the cells per chunk. ``svi_minibatch``:
+    stochastic steps on that many random cells (likelihood scaled by N / B; off by default).
+    ``checkpoint=PATH``: save the training state every ``checkpoint_every`` steps;
+    ``resume=PATH`` continues from it bit-identically on the same device.
 
     Given a bayesDREAM object instead of counts (``fit_technical(model_obj,
     sum_factor_col="sum_factor", modality=None, ...)``), it fits that modality's NTC cells
@@ -340,6 +443,12 @@ def fit_technical(
         distribution, device, nsamples, niters, lr, tolerance, alpha_ewma, beta_o_alpha, beta_o_beta, epsilon,
         minibatch_size, safety_factor, max_memory, guide,
     )
+    check_seed(seed)
+    check_positive_int(svi_chunk, "svi_chunk", allow_none=True)
+    check_positive_int(svi_minibatch, "svi_minibatch", allow_none=True)
+    check_positive_int(checkpoint_every, "checkpoint_every")
+    if resume is not None and not Path(resume).is_file():
+        raise ValueError(f"resume: no such checkpoint file {str(resume)!r}")
     data = prepare_technical(counts, groups, sum_factors, distribution=distribution, denominator=denominator, cells_axis=cells_axis)
     inputs = build_model_inputs(data, epsilon=epsilon, beta_o_alpha=beta_o_alpha, beta_o_beta=beta_o_beta)
     safety, _ = resolve_safety_factor(safety_factor)
@@ -352,7 +461,8 @@ def fit_technical(
     if guide_state is None:
         svi_plan = plan_training(
             *shape, data.n_categories, distribution=distribution, device=str(device), guide=guide,
-            safety_factor=safety, max_memory=max_memory,
+            safety_factor=safety, max_memory=max_memory, chunk_cells=svi_chunk, minibatch=svi_minibatch,
+            count_dtype="float32" if str(device) == "cpu" else str(compact_dtype(data.counts)).removeprefix("torch."),
         )
     else:
         svi_plan = guide_state.svi_plan
@@ -365,6 +475,7 @@ def fit_technical(
         result = train(
             inputs, svi_plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
             progress=progress, fallback_to_host=str(device) == "auto", max_memory=max_memory,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
         )
         trained_guide, svi_plan = result.guide, result.plan
         losses, rates, svi_seconds = result.losses, result.learning_rates, result.seconds
@@ -378,13 +489,8 @@ def fit_technical(
     )
     try:
         samples = predictive(**inputs.params_only())
-    except Exception as exc:
-        state = guide_state or _guide_state(data, result)
-        raise PredictiveFailedError(
-            f"Predictive failed after training ({type(exc).__name__}: {exc}); the trained guide is kept: "
-            "call fit_technical(..., guide_state=err.guide_state) to draw the samples again without retraining",
-            state,
-        ) from exc
+    except (Exception, KeyboardInterrupt) as exc:
+        raise _kept_guide(guide_state or _guide_state(data, result), exc) from exc
     sampled = time.perf_counter()
     posterior = _scatter(_complete(samples, data), data)
     timings = {

@@ -312,6 +312,12 @@ class ModelInputs:
         """The kwargs for a parameters-only run: no likelihood, no data matrices."""
         return {**self.kwargs, **{key: None for key in self.data_keys}, "observe": False}
 
+    @property
+    def cell_keys(self) -> tuple[str, ...]:
+        """The kwargs with one row per cell (the data matrices, groups, sum factors): what a
+        chunk of cells replaces."""
+        return self.data_keys + tuple(key for key in ("groups", "sum_factors") if key in self.kwargs)
+
 
 def _robust_sd(values: Tensor, epsilon: float) -> Tensor:
     """1.4826 * MAD per feature, the plain sd where the MAD is (near) 0."""

@@ -1,22 +1,27 @@
-"""Device-aware SVI for the technical model: which device and guide, then the training loop.
+"""Device-aware SVI for the technical model: which device, guide and step layout, then the training loop.
 
-:func:`training_footprint` predicts the peak memory of training (data + guide parameters,
-gradients and Adam state + the first step's activations, the largest step: it also builds the
-guide's prototype trace); :func:`plan_training` turns that into a :class:`TrainingPlan`
-(device, guide, reasons); :func:`train` runs SVI exactly as bayesDREAM configures it (Adam in a
-OneCycleLR schedule with max_lr = 10 x lr and 10% warm-up, stepped every iteration; gradient
-clipping at norm 10; TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss),
-checks the first step's measured peak against the budget, and on ``device="auto"`` moves to
-the CPU when a GPU step does not fit after all.
+:func:`training_footprint` predicts the peak memory of full-data training (data + guide
+parameters, gradients and Adam state + one step's activations); :func:`plan_training` turns
+the footprints into a :class:`TrainingPlan`: device, guide, and full-data steps or the exact
+chunked gradient (:mod:`bayesDREAM_ext.chunked`) in the largest chunk of cells that fits,
+with the counts on the device or kept on the host, from shapes alone and before any step.
+:func:`train` runs SVI exactly as bayesDREAM configures it (Adam in a OneCycleLR schedule with
+max_lr = 10 x lr and 10% warm-up, stepped every iteration; gradient clipping at norm 10;
+TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss), checks the first
+step's measured peak against the budget (a chunked step over it shrinks the chunk; a full
+GPU step over it moves to the CPU on ``device="auto"``), and saves and resumes checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import pyro
@@ -27,6 +32,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import Backend, DeviceMemory, device_memory, devices, get_backend
 from devicemem.footprint import technical_latent_size
@@ -40,6 +46,10 @@ WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0
 FLOAT_BYTES = 4
+# Per cell: its group (int64) and sum factor (float32).
+CELL_BYTES = 12
+DTYPE_BYTES = {"uint8": 1, "int16": 2, "int32": 4, "float32": 4}
+CHECKPOINT_FORMAT = "bayesDREAM_ext.SVICheckpoint/1"
 # What SVI adds beyond the data: a fixed part (Pyro's traces, autograd and allocator arenas:
 # the first step of a tiny model measures 80-86 MB) and the activations of a step per observed
 # value. Measured by the CPU backend (VmHWM after clear_refs) over the first steps in fresh
@@ -61,12 +71,17 @@ IAF_COPIES = 7
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """Where and with which guide SVI runs, and why.
+    """Where and with which guide SVI runs, in full-data steps or in chunks of cells, and why.
 
-    ``predicted_peak_bytes`` is :func:`training_footprint` for that guide; ``budget_bytes`` is
-    ``safety_factor`` x the device's usable memory (None when unknown);
-    ``measured_peak_bytes`` the first step's high-water mark as the device's backend measures
-    it (host: peak RSS of the process; CUDA: peak allocated), filled in by :func:`train`.
+    ``predicted_peak_bytes`` is what training adds on the device (data stored there, guide
+    state, one step or one chunk's activations); ``budget_bytes`` is ``safety_factor`` x the
+    device's usable memory (None when unknown); ``measured_peak_bytes`` the first step's
+    high-water mark as the device's backend measures it (host: peak RSS of the process;
+    CUDA: peak allocated), filled in by :func:`train`. ``chunk_cells`` is None for full-data
+    steps, else the cells per chunk of the exact chunked gradient; ``minibatch`` the cells
+    per stochastic step (None: every cell every step). ``data_on_device`` False: the counts
+    stay on the host and each chunk is copied to the device. ``data_bytes`` is the size of
+    the counts as training stores them (``data_dtype``).
     """
 
     device: str
@@ -77,6 +92,31 @@ class TrainingPlan:
     safety_factor: float
     reasons: tuple[str, ...]
     measured_peak_bytes: int | None = None
+    distribution: str = "negbinom"
+    n_cells: int = 0
+    chunk_cells: int | None = None
+    minibatch: int | None = None
+    data_on_device: bool = True
+    data_bytes: int = 0
+    data_dtype: str = "float32"
+
+    @property
+    def cells_per_step(self) -> int:
+        return self.n_cells if self.minibatch is None else min(self.minibatch, self.n_cells)
+
+    @property
+    def chunks_per_step(self) -> int:
+        return 1 if self.chunk_cells is None else math.ceil(self.cells_per_step / self.chunk_cells)
+
+    @property
+    def host_bytes(self) -> int:
+        """Training data the host holds: all of it unless it lives on a GPU."""
+        return self.data_bytes if self.device == HOST or not self.data_on_device else 0
+
+    @property
+    def device_bytes(self) -> int:
+        """What training is predicted to add on ``device`` at its peak."""
+        return self.predicted_peak_bytes
 
 
 @dataclass
@@ -109,14 +149,32 @@ def guide_bytes(guide: str, latent: int) -> int:
     return NORMAL_GUIDE_FLOATS_PER_LATENT * latent * FLOAT_BYTES
 
 
+def data_bytes(n_cells: int, n_features: int, n_categories: int = 1, *, distribution: str = "negbinom", itemsize: int = FLOAT_BYTES) -> int:
+    """The cell-wise data: counts (and the binomial denominator) at ``itemsize`` bytes per
+    value, groups and sum factors."""
+    matrices = 2 if distribution == "binomial" else 1
+    return n_cells * n_features * n_categories * itemsize * matrices + n_cells * CELL_BYTES
+
+
 def training_footprint(
     n_cells: int, n_features: int, n_groups: int, n_categories: int = 1, *, distribution: str = "negbinom", guide: str = "normal"
 ) -> int:
-    """Predicted peak bytes of SVI on one device: data, guide state and one step's activations."""
-    values = n_cells * n_features * n_categories
-    data = values * FLOAT_BYTES * (2 if distribution == "binomial" else 1) + n_cells * 12
+    """Predicted peak bytes of full-data SVI on one device: float32 data, guide state and one step's activations."""
     latent = technical_latent_size(n_features, n_groups, n_categories, distribution)
-    return data + guide_bytes(guide, latent) + STEP_FIXED_BYTES + STEP_BYTES_PER_VALUE[distribution] * values
+    values = n_cells * n_features * n_categories
+    return (
+        data_bytes(n_cells, n_features, n_categories, distribution=distribution) + guide_bytes(guide, latent)
+        + STEP_FIXED_BYTES + STEP_BYTES_PER_VALUE[distribution] * values
+    )
+
+
+def chunk_cell_bytes(n_features: int, n_categories: int = 1, *, distribution: str = "negbinom", itemsize: int = FLOAT_BYTES, streamed: bool = False) -> int:
+    """Device bytes each cell of a chunk costs: its share of the step's activations, its
+    float32 copy for the likelihood and, when the counts stream from the host, its two
+    in-flight copies at the stored ``itemsize``."""
+    values = n_features * n_categories * (2 if distribution == "binomial" else 1)
+    streaming = 2 * itemsize * values if streamed else 0
+    return STEP_BYTES_PER_VALUE[distribution] * n_features * n_categories + FLOAT_BYTES * values + streaming
 
 
 def _budget(memory: DeviceMemory, safety_factor: float) -> int | None:
@@ -125,6 +183,80 @@ def _budget(memory: DeviceMemory, safety_factor: float) -> int | None:
 
 def _fits(need: int, budget: int | None) -> bool:
     return budget is None or need <= budget
+
+
+@dataclass(frozen=True)
+class _Shape:
+    n_cells: int
+    n_features: int
+    n_groups: int
+    n_categories: int
+    distribution: str
+
+    def latent(self) -> int:
+        return technical_latent_size(self.n_features, self.n_groups, self.n_categories, self.distribution)
+
+    def full_need(self, guide: str, cells: int) -> int:
+        return training_footprint(cells, self.n_features, self.n_groups, self.n_categories, distribution=self.distribution, guide=guide) + (
+            data_bytes(self.n_cells - cells, self.n_features, self.n_categories, distribution=self.distribution)
+        )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Full-data or chunked steps on one device, where the counts live, and the predicted peak."""
+
+    chunk_cells: int | None
+    data_on_device: bool
+    need: int
+    itemsize: int
+    reason: str
+
+
+def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None, chunk_cells: int | None, minibatch: int | None, itemsize: int) -> _Layout | None:
+    """The fastest way SVI fits ``budget`` on ``memory.device``: full-data steps; else chunks
+    with the counts stored on the device at ``itemsize``; else (GPUs) chunks with the counts
+    on the host. None when not even one cell per chunk fits. ``chunk_cells`` forces chunks of
+    that size (ValueError when predicted over the budget)."""
+    device = memory.device
+    cells = shape.n_cells if minibatch is None else min(minibatch, shape.n_cells)
+    fixed = guide_bytes(guide, shape.latent()) + STEP_FIXED_BYTES
+    full = shape.full_need(guide, cells)
+    if chunk_cells is None and minibatch is None and _fits(full, budget):
+        return _Layout(None, True, full, FLOAT_BYTES, f"full-data steps on {device}: data + guide + optimizer + one step need {format_bytes(full)}, budget {format_bytes(budget)}")
+    stored_size = FLOAT_BYTES if device == HOST else itemsize
+    options = [(True, data_bytes(shape.n_cells, shape.n_features, shape.n_categories, distribution=shape.distribution, itemsize=stored_size), False)]
+    if device != HOST:
+        options.append((False, 0, True))
+    for on_device, resident, streamed in options:
+        per_cell = chunk_cell_bytes(shape.n_features, shape.n_categories, distribution=shape.distribution, itemsize=stored_size, streamed=streamed)
+        room = None if budget is None else (budget - resident - fixed) // per_cell
+        if chunk_cells is not None:
+            need = resident + fixed + min(chunk_cells, cells) * per_cell
+            if not _fits(need, budget):
+                continue
+            size = min(chunk_cells, cells)
+        elif room is None or room >= 1:
+            size = cells if room is None else math.ceil(cells / math.ceil(cells / min(room, cells)))  # equal chunks
+            need = resident + fixed + size * per_cell
+        else:
+            continue
+        where = "counts on the device" if on_device else "counts kept on the host, each chunk copied to the device"
+        why = (f"forced by svi_chunk={chunk_cells}" if chunk_cells is not None else
+               f"a {'minibatch' if minibatch else 'full-data'} step needs {format_bytes(full)}, budget {format_bytes(budget)}")
+        reason = (f"chunked steps on {device}: {size} cells per chunk, {math.ceil(cells / size)} chunk(s) per step ({why}); "
+                  f"{where} ({format_bytes(resident if on_device else data_bytes(shape.n_cells, shape.n_features, shape.n_categories, distribution=shape.distribution, itemsize=stored_size))}); "
+                  f"data + guide + optimizer + one chunk need {format_bytes(need)}")
+        return _Layout(size, on_device, need, stored_size, reason)
+    if chunk_cells is not None:
+        raise ValueError(f"svi_chunk: chunks of {chunk_cells} cells are predicted not to fit {device} (budget {format_bytes(budget)})")
+    return None
+
+
+def _one_cell_message(shape: _Shape, guide: str, device: str, budget: int | None) -> str:
+    need = guide_bytes(guide, shape.latent()) + STEP_FIXED_BYTES + chunk_cell_bytes(shape.n_features, shape.n_categories, distribution=shape.distribution)
+    return (f"SVI cannot fit {device}: even one cell per chunk needs {format_bytes(need)} (guide + optimizer state + "
+            f"one cell's step), budget {format_bytes(budget)}; raise max_memory or safety_factor, or free memory")
 
 
 def plan_training(
@@ -138,55 +270,73 @@ def plan_training(
     guide: str = "normal",
     safety_factor: float,
     max_memory: Any = None,
+    chunk_cells: int | None = None,
+    minibatch: int | None = None,
+    count_dtype: str = "float32",
     memory_of: Callable[[str], DeviceMemory] | None = None,
     accelerators: Callable[[], list[DeviceMemory]] | None = None,
 ) -> TrainingPlan:
-    """Choose the device and guide for SVI.
+    """Choose the device, the guide and the step layout for SVI, from shapes alone.
 
-    ``device="auto"``: the GPU with the most usable memory when the AutoNormal footprint fits
-    ``safety_factor`` x its usable memory, else the CPU. An explicit device is used as given
-    (ValueError when this process does not see it). ``guide="iaf"`` needs the AutoIAFNormal
-    footprint (hidden size 3 x latent + 1) to fit the chosen device (ValueError otherwise);
-    ``"auto"`` takes it when it fits, else AutoNormal. ``memory_of`` / ``accelerators`` replace
-    the device registry (tests).
+    On each device: full-data steps when data, guide, optimizer state and one step fit
+    ``safety_factor`` x its usable memory; else the exact chunked gradient in the largest
+    chunk of cells that fits, the counts stored on the device in the smallest exact dtype
+    (``count_dtype``: "uint8", "int16", "int32" or "float32") or, on a GPU too small for them, kept on the host.
+    ``device="auto"``: the GPU with the most usable memory when SVI fits it in any layout,
+    else the CPU. An explicit device is used as given (ValueError when this process does not
+    see it). ValueError, before any training, when not even one cell per chunk fits.
+    ``guide="iaf"`` needs the AutoIAFNormal footprint (hidden size 3 x latent + 1) to fit in
+    full-data steps (ValueError otherwise); ``"auto"`` takes it when it fits, else AutoNormal.
+    ``chunk_cells`` forces chunks of that size; ``minibatch`` makes each step use that many
+    random cells (stochastic, likelihood scaled by N / B). ``memory_of`` / ``accelerators``
+    replace the device registry (tests, and planning for another machine).
     """
     memory_of = memory_of or (lambda name: device_memory(name, max_memory=max_memory))
     accelerators = accelerators or (lambda: [m for m in devices(max_memory=max_memory) if m.device != HOST])
-    shape = dict(n_cells=n_cells, n_features=n_features, n_groups=n_groups, n_categories=n_categories, distribution=distribution)
-    latent = technical_latent_size(n_features, n_groups, n_categories, distribution)
-    need = training_footprint(**shape, guide="normal")
+    shape = _Shape(n_cells, n_features, n_groups, n_categories, distribution)
     reasons: list[str] = []
+    layout: _Layout | None = None
     if device == "auto":
         gpu = max(accelerators(), key=lambda m: m.usable_bytes or 0, default=None)
-        budget = None if gpu is None else _budget(gpu, safety_factor)
         if gpu is None:
             reasons.append("no GPU visible; SVI on the CPU")
-        elif _fits(need, budget):
-            reasons.append(f"SVI on {gpu.device}: data + guide + optimizer + one step need {format_bytes(need)}, budget {format_bytes(budget)}")
         else:
-            reasons.append(f"SVI does not fit {gpu.device}: needs {format_bytes(need)}, budget {format_bytes(budget)}; using the CPU")
-            gpu = None
+            budget = _budget(gpu, safety_factor)
+            layout = _layout(shape, "normal", gpu, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
+            if layout is None:
+                reasons.append(f"SVI does not fit {gpu.device} even one cell per chunk (budget {format_bytes(budget)}); using the CPU")
+                gpu = None
+            else:
+                reasons.append(f"SVI on {gpu.device}, the GPU with the most usable memory")
         memory = gpu or memory_of(HOST)
     else:
         memory = memory_of(device)
         reasons.append(f"SVI on {memory.device} as requested")
     budget = _budget(memory, safety_factor)
+    layout = layout or _layout(shape, "normal", memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
+    if layout is None:
+        raise ValueError(_one_cell_message(shape, "normal", memory.device, budget))
+    reasons.append(layout.reason)
     kind = "normal"
     if guide in ("iaf", "auto"):
-        iaf_need = training_footprint(**shape, guide="iaf")
-        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(latent)}) needs {format_bytes(iaf_need)}, budget {format_bytes(budget)} on {memory.device}"
-        if _fits(iaf_need, budget) and budget is not None:
-            kind, need = "iaf", iaf_need
+        iaf_need = shape.full_need("iaf", shape.n_cells)
+        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)}, budget {format_bytes(budget)} on {memory.device}"
+        if layout.chunk_cells is None and _fits(iaf_need, budget) and budget is not None:
+            kind, layout = "iaf", replace(layout, need=iaf_need)
             reasons.append(f"{verdict}: using it")
         elif guide == "iaf":
             raise ValueError(f"guide: {verdict}; it does not fit. Use guide='normal' or 'auto'")
         else:
             reasons.append(f"{verdict}: using AutoNormal")
-    if not _fits(need, budget):
-        reasons.append(f"predicted peak {format_bytes(need)} exceeds the budget {format_bytes(budget)} on {memory.device}; training may run out of memory")
     for reason in reasons:
         logger.info("[MEMORY] %s", reason)
-    return TrainingPlan(memory.device, kind, latent, need, budget, safety_factor, tuple(reasons))
+    return TrainingPlan(
+        memory.device, kind, shape.latent(), layout.need, budget, safety_factor, tuple(reasons),
+        distribution=distribution, n_cells=n_cells, chunk_cells=layout.chunk_cells, minibatch=minibatch,
+        data_on_device=layout.data_on_device,
+        data_bytes=data_bytes(n_cells, n_features, n_categories, distribution=distribution, itemsize=layout.itemsize),
+        data_dtype=count_dtype if layout.chunk_cells is not None and layout.itemsize == DTYPE_BYTES[count_dtype] else "float32",
+    )
 
 
 def _on(value: Any, device: torch.device) -> Any:
@@ -194,10 +344,12 @@ def _on(value: Any, device: torch.device) -> Any:
 
 
 def make_guide(inputs: ModelInputs, kind: str, latent: int, device: torch.device) -> AutoGuide:
-    """An AutoNormal (data-driven init, others at their prior median) or AutoIAFNormal guide."""
+    """An AutoNormal (data-driven init, others at their prior median) or AutoIAFNormal guide.
+    The initial values are copied: AutoNormal's loc of a real-valued site shares its initial
+    tensor's storage, and training would otherwise overwrite ``inputs.init_values``."""
     if kind == "iaf":
         return AutoIAFNormal(inputs.model, hidden_dim=[iaf_hidden_size(latent)])
-    values = {name: value.to(device) for name, value in inputs.init_values.items()}
+    values = {name: value.to(device, copy=True) for name, value in inputs.init_values.items()}
     return AutoNormal(inputs.model, init_loc_fn=init_to_value(values=values, fallback=init_to_median))
 
 
@@ -227,6 +379,25 @@ class _DoesNotFit(Exception):
     """The first step on a GPU ran out of memory or exceeded the budget (auto may retry on CPU)."""
 
 
+@dataclass(frozen=True)
+class SVIOptions:
+    """How long and how fast SVI runs, and where it saves and resumes.
+
+    ``checkpoint``: a file to save the training state to every ``checkpoint_every`` steps
+    (and at the end); ``resume``: a file written that way to continue from.
+    """
+
+    niters: int
+    lr: float
+    tolerance: float
+    alpha_ewma: float
+    seed: int | None = None
+    progress: bool = True
+    checkpoint: str | Path | None = None
+    checkpoint_every: int = 100
+    resume: str | Path | None = None
+
+
 def train(
     inputs: ModelInputs,
     plan: TrainingPlan,
@@ -239,70 +410,110 @@ def train(
     progress: bool = True,
     fallback_to_host: bool = False,
     max_memory: Any = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: str | Path | None = None,
 ) -> TrainResult:
-    """Run SVI on ``plan.device``. With ``fallback_to_host`` (device="auto"), a first step on a
-    GPU that runs out of memory or measures above the budget restarts training on the CPU
-    (budgeted with ``max_memory`` like the plan). Clears Pyro's global param store first, as
-    bayesDREAM does.
+    """Run SVI on ``plan.device``, in full-data steps or chunks as planned. With
+    ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
+    memory or measures above the budget restarts training on the CPU (planned again there with
+    ``max_memory``). Clears Pyro's global param store first, as bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
     ``tolerance`` x |EWMA| per step over its own window (W = 1 / alpha_ewma steps).
     bayesDREAM compares one step's move (alpha_ewma x |loss - EWMA|) with ``tolerance`` in
     nats: at real sizes (losses ~1e7) that never fires, and on small data it fires by chance
     on the loss's noise; the windowed, relative move is scale-free and averages the noise out.
+
+    ``checkpoint`` / ``checkpoint_every``: save guide, optimizer and scheduler state, step,
+    losses and RNG states atomically every K steps; ``resume``: continue from such a file,
+    bit-identically on the same device and layout.
     """
+    options = SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume)
     try:
-        return _train_on(inputs, plan, niters, lr, tolerance, alpha_ewma, seed, progress, check_first_step=fallback_to_host and plan.device != HOST)
+        return _train_on(inputs, plan, options, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
     except _DoesNotFit as exc:
         reason = f"{exc}; restarting SVI on the CPU"
         logger.warning("[MEMORY] %s", reason)
     pyro.clear_param_store()
     get_backend(plan.device).empty_cache(plan.device)
-    host = device_memory(HOST, max_memory=max_memory)
-    host_plan = replace(plan, device=HOST, budget_bytes=_budget(host, plan.safety_factor), reasons=plan.reasons + (reason,))
-    return _train_on(inputs, host_plan, niters, lr, tolerance, alpha_ewma, seed, progress, check_first_step=False)
+    counts = inputs.kwargs[inputs.data_keys[0]]
+    n_categories = int(counts.shape[2]) if counts.dim() == 3 else 1
+    host_plan = plan_training(
+        int(counts.shape[0]), int(counts.shape[1]), _n_groups(inputs), n_categories, distribution=plan.distribution,
+        device=HOST, safety_factor=plan.safety_factor, max_memory=max_memory, minibatch=plan.minibatch,
+    )
+    host_plan = replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
+    return _train_on(inputs, host_plan, options, check_first_step=False)
 
 
-def _train_on(
-    inputs: ModelInputs,
-    plan: TrainingPlan,
-    niters: int,
-    lr: float,
-    tolerance: float,
-    alpha_ewma: float,
-    seed: int | None,
-    progress: bool,
-    check_first_step: bool,
-) -> TrainResult:
+def _n_groups(inputs: ModelInputs) -> int:
+    return int(inputs.kwargs["n_groups"])
+
+
+def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:
+    """svi.step's arguments on ``device``: everything, or without the cell-wise data when chunked."""
+    kwargs = inputs.kwargs if plan.chunk_cells is None else {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}
+    return {name: _on(value, device) for name, value in kwargs.items()}
+
+
+def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, check_first_step: bool) -> TrainResult:
     backend = get_backend(plan.device)
     torch_device = backend.torch_device(plan.device)
     baseline = backend.current_bytes(plan.device) or 0
-    kwargs = {name: _on(value, torch_device) for name, value in inputs.kwargs.items()}
+    saved = None if options.resume is None else load_checkpoint(options.resume, plan)
+    if saved is not None and saved["chunk_cells"] != plan.chunk_cells:
+        logger.info("[MEMORY] resuming in the checkpoint's layout: chunks of %s cells", saved["chunk_cells"])
+        plan = replace(plan, chunk_cells=saved["chunk_cells"])
+    kwargs = _step_kwargs(inputs, plan, torch_device)
     pyro.clear_param_store()
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    if options.seed is not None:
+        pyro.set_rng_seed(options.seed)
     guide = make_guide(inputs, plan.guide, plan.latent_size, torch_device)
-    elbo_cls = TraceMeanField_ELBO if plan.guide == "normal" else Trace_ELBO
-    optimizer = _optimizer(lr, niters)
-    svi = SVI(inputs.model, guide, optimizer, loss=elbo_cls(max_plate_nesting=inputs.max_plate_nesting))
+    elbo = (TraceMeanField_ELBO if plan.guide == "normal" else Trace_ELBO)(max_plate_nesting=inputs.max_plate_nesting)
+    optimizer = _optimizer(options.lr, options.niters)
+    chunked: ChunkedELBO | None = None
+    if plan.chunk_cells is None:
+        svi = SVI(inputs.model, guide, optimizer, loss=elbo)
+    else:
+        storage = torch_device if plan.data_on_device else torch.device(HOST)
+        cells = CellData({key: inputs.kwargs[key] for key in inputs.cell_keys}, device=torch_device, storage=storage, compact=plan.device != HOST)
+        chunked = ChunkedELBO(
+            elbo, cells, plan.chunk_cells, minibatch=plan.minibatch, is_oom=backend.is_oom,
+            release=lambda: backend.empty_cache(plan.device),
+        )
+        logger.info(
+            "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
+            format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
+            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs), distribution=plan.distribution)), plan.chunk_cells, plan.device,
+        )
+        svi = SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads)
     losses: list[float] = []
     rates: list[float] = []
-    window = math.ceil(1 / alpha_ewma)
+    window = math.ceil(1 / options.alpha_ewma)
     history: deque[float] = deque(maxlen=window + 1)
+    first = 0
+    if saved is not None:
+        with torch.no_grad():
+            guide(**inputs.params_only() if plan.chunk_cells is None else {**kwargs, "observe": False})
+        first = _restore(saved, guide, optimizer, losses, rates, history)
     converged = False
-    warmup = math.ceil(WARMUP_FRACTION * niters)
-    bar = tqdm(total=niters, desc=f"SVI on {plan.device}", unit="step", disable=not progress, leave=False)
+    warmup = math.ceil(WARMUP_FRACTION * options.niters)
+    bar = tqdm(total=options.niters, initial=first, desc=f"SVI on {plan.device}", unit="step", disable=not options.progress, leave=False)
     start = time.perf_counter()
     try:
-        for step in range(niters):
-            if step == 0:
+        for step in range(first, options.niters):
+            if step == first:
                 backend.reset_peak(plan.device)
-                loss = _first_step(svi, kwargs, backend, plan, baseline, check_first_step)
+                with torch_device:  # Pyro builds an AutoIAFNormal's flow in its first call, on the default device
+                    loss = _first_step(svi, kwargs, backend, plan, baseline, check_first_step)
                 plan = replace(plan, measured_peak_bytes=_peak_over(backend, plan.device, baseline))
                 logger.info(
                     "[MEMORY] First SVI step on %s: measured peak %s (predicted %s, budget %s)",
                     plan.device, format_bytes(plan.measured_peak_bytes), format_bytes(plan.predicted_peak_bytes), format_bytes(plan.budget_bytes),
                 )
+                if chunked is not None:
+                    _fit_chunk_to_measured(chunked, plan)
             else:
                 with pyro.validation_enabled(False):
                     loss = svi.step(**kwargs)
@@ -317,16 +528,41 @@ def _train_on(
             bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.4g}")
-            history.append(loss if not history else alpha_ewma * loss + (1 - alpha_ewma) * history[-1])
-            settled = len(history) > window and abs(history[-1] - history[0]) < window * tolerance * abs(history[-1])
+            history.append(loss if not history else options.alpha_ewma * loss + (1 - options.alpha_ewma) * history[-1])
+            settled = len(history) > window and abs(history[-1] - history[0]) < window * options.tolerance * abs(history[-1])
             if step >= warmup and settled:
                 converged = True
+            if options.checkpoint is not None and (converged or (step + 1) % options.checkpoint_every == 0 or step + 1 == options.niters):
+                save_checkpoint(options.checkpoint, plan, step + 1, guide, optimizer, losses, rates, history, chunked)
+            if converged:
                 break
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, len(losses), seconds, 1e3 * seconds / len(losses), ", converged" if converged else "")
+    if chunked is not None and chunked.chunk_cells != plan.chunk_cells:
+        plan = replace(plan, chunk_cells=chunked.chunk_cells, reasons=plan.reasons + tuple(chunked.shrinks))
+    steps = max(len(losses) - first, 1)
+    logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, steps, seconds, 1e3 * seconds / steps, ", converged" if converged else "")
     return TrainResult(guide, plan, losses, rates, converged, seconds)
+
+
+def _value_shape(inputs: ModelInputs) -> tuple[int, int]:
+    """(features, categories) of the counts."""
+    counts = inputs.kwargs[inputs.data_keys[0]]
+    return int(counts.shape[1]), int(counts.shape[2]) if counts.dim() == 3 else 1
+
+
+def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:
+    """Shrink the chunk when the first chunked step measured above the budget, in proportion."""
+    measured, budget = plan.measured_peak_bytes, plan.budget_bytes
+    if measured is None or budget is None or measured <= budget or chunked.chunk_cells == 1:
+        return
+    smaller = max(1, int(chunked.chunk_cells * budget / measured * 0.9))
+    reason = (f"the first chunked step peaked at {format_bytes(measured)}, over the budget {format_bytes(budget)}; "
+              f"chunks of {smaller} cells from now on (were {chunked.chunk_cells})")
+    logger.warning("[MEMORY] %s", reason)
+    chunked.shrinks.append(reason)
+    chunked.chunk_cells = smaller
 
 
 def _peak_over(backend: Backend, device: str, baseline: int) -> int | None:
@@ -349,3 +585,73 @@ def _first_step(svi: SVI, kwargs: dict[str, Any], backend: Backend, plan: Traini
             return loss
         problem = f"the first SVI step on {plan.device} peaked at {format_bytes(peak)}, over the budget {format_bytes(plan.budget_bytes)}"
     raise _DoesNotFit(problem)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator SVI draws from, in types ``torch.load(weights_only=True)`` reads back."""
+    state = pyro.util.get_rng_state()
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    saved = {"torch": state["torch"], "random": state["random"], "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        saved["cuda"] = torch.cuda.get_rng_state_all()
+    return saved
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    pyro.util.set_rng_state({"torch": saved["torch"], "random": saved["random"], "numpy": (kind, keys.numpy(), pos, has_gauss, cached)})
+    if "cuda" in saved:
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def save_checkpoint(
+    path: str | Path, plan: TrainingPlan, step: int, guide: AutoGuide, optimizer: pyro.optim.PyroOptim,
+    losses: list[float], rates: list[float], history: deque[float], chunked: ChunkedELBO | None,
+) -> None:
+    """Write the training state after ``step`` steps to ``path`` atomically (a temporary file
+    beside it, then ``os.replace``): a run killed at any moment leaves the previous checkpoint."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "step": step, "guide_kind": plan.guide, "latent_size": plan.latent_size,
+        "n_cells": plan.n_cells, "device": plan.device,
+        "chunk_cells": None if chunked is None else chunked.chunk_cells,
+        "guide": {name: value.detach().cpu() for name, value in guide.state_dict().items()},
+        "optimizer": optimizer.get_state(), "losses": list(losses), "rates": list(rates), "history": list(history),
+        "rng": _rng_state(),
+    }
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+    logger.info("[MEMORY] checkpoint after step %d written to %s", step, path)
+
+
+def load_checkpoint(path: str | Path, plan: TrainingPlan) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` for this model and guide; ValueError
+    naming ``resume`` otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"resume: cannot read a checkpoint from {str(path)!r} ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"resume: {str(path)!r} is not an SVI checkpoint")
+    ours = (plan.guide, plan.latent_size, plan.n_cells)
+    theirs = (state["guide_kind"], state["latent_size"], state["n_cells"])
+    if ours != theirs:
+        raise ValueError(f"resume: {str(path)!r} was written for guide, latent size, cells {theirs}; this fit has {ours}")
+    return state
+
+
+def _restore(state: dict[str, Any], guide: AutoGuide, optimizer: pyro.optim.PyroOptim, losses: list[float], rates: list[float], history: deque[float]) -> int:
+    """Load a checkpoint into a freshly built guide and optimizer; returns the next step."""
+    device = next(iter(guide.parameters())).device
+    guide.load_state_dict({name: value.to(device) for name, value in state["guide"].items()})
+    optimizer.set_state(state["optimizer"])  # Optimizer.load_state_dict moves it to the parameters' device
+    losses.extend(state["losses"])
+    rates.extend(state["rates"])
+    history.extend(state["history"])
+    _set_rng_state(state["rng"])
+    logger.info("resuming SVI at step %d", state["step"])
+    return int(state["step"])
+

@@ -86,7 +86,7 @@ def run_workload(workload: Workload, cache_dir: Path) -> dict[str, Any]:
 
 
 def _run_external(workload: Workload) -> dict[str, Any]:
-    """A workload its own module measures (W3: bench.w3_accuracy, W7: bench.w7_ray): its
+    """A workload its own module measures (W3: bench.w3_accuracy, W7: bench.w7_ray, W9: bench.w9_sequential): its
     ``run(quick)`` returns ``{"status", "params", "points", "notes", ...}``."""
     module_name = workload.params["module"]
     try:

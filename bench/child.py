@@ -70,7 +70,7 @@ def run_predictive(spec: dict) -> dict:
 
     model, guide, args, kwargs, data = _technical_setup(spec)
     if spec["baseline"] == "devicemem-auto":  # imported before the clock starts, as pyro is for the others
-        importlib.import_module("devicemem.runner")
+        importlib.import_module("devicemem.predictive")
         importlib.import_module("devicemem.distributed")
     device = spec.get("device", "cpu")
     if spec["baseline"] != "devicemem-auto" and device != "cpu":

@@ -251,7 +251,7 @@ def summarize(results: dict) -> list[dict]:
 
 
 def _points_table(workload: dict) -> str:
-    """The table of an external workload (W3, W7): one row per point, its keys as columns."""
+    """The table of an external workload (W3, W7, W9): one row per point, its keys as columns."""
     points = workload.get("points", [])
     if not points:
         return f"status: {workload.get('status')}"

@@ -22,7 +22,7 @@ SWEEP_SIZES = (10, 25, 50, 100, 250, 1000)
 class Workload:
     """One table of the report. ``kind``: "predictive" (baselines on the technical model),
     "raw_fill" (W4), "derived" (W5, computed from the other workloads' rows), "external"
-    (W3, W7, W10: measured by ``params["module"]``'s ``run(quick)``), "skipped" (W6 without CUDA).
+    (W3, W7 and later: measured by ``params["module"]``'s ``run(quick)``), "skipped" (W6 without CUDA).
     """
 
     name: str
@@ -204,8 +204,17 @@ def _w6(quick: bool, cuda: bool) -> list[Workload]:
     ]
 
 
+# Workloads measured by a module's own ``run(quick)``, after W7: (name, title, module).
+EXTERNAL = (
+    ("W9", "a model that needs Pyro's sequential mode: Pyro vs devicemem parallel=False (bench.w9_sequential)",
+     "bench.w9_sequential"),
+    ("W10", "bayesDREAM's three stages, unrouted vs bayesdream_routing (bench.w10_bayesdream)", "bench.w10_bayesdream"),
+    ("W11", "block-parallel draws on the host's cores, 1 thread vs all (bench.w11_threads)", "bench.w11_threads"),
+)
+
+
 def build_workloads(quick: bool, cuda: bool, issue_size: bool = False) -> list[Workload]:
-    """All workloads in run order (W1, W2, W3, W4, W5, W6, W7, W10); ``issue_size``: W2 at the
+    """All workloads in run order (W1-W7, then the external ones in :data:`EXTERNAL`); ``issue_size``: W2 at the
     issue's S (hours of CPU time on 2 cores; ignored with ``quick``)."""
     w1, w2 = _w1(quick), _w2(quick, issue_size)
     w3 = Workload(name="W3", group="W3", kind="external",
@@ -214,7 +223,8 @@ def build_workloads(quick: bool, cuda: bool, issue_size: bool = False) -> list[W
     w7 = Workload(name="W7", group="W7", kind="external",
                   title="Ray: one posterior predictive sharded over workers (bench.w7_ray)",
                   params={"quick": quick, "module": "bench.w7_ray"})
-    w10 = Workload(name="W10", group="W10", kind="external",
-                   title="bayesDREAM's three stages, unrouted vs bayesdream_routing (bench.w10_bayesdream)",
-                   params={"quick": quick, "module": "bench.w10_bayesdream"})
-    return [*w1, *w2, w3, _w4(w1), _w5(w1 + w2), *_w6(quick, cuda), w7, w10]
+    external = [
+        Workload(name=name, group=name, kind="external", title=title, params={"quick": quick, "module": module})
+        for name, title, module in EXTERNAL
+    ]
+    return [*w1, *w2, w3, _w4(w1), _w5(w1 + w2), *_w6(quick, cuda), w7, *external]

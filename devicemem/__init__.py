@@ -12,7 +12,8 @@ Footprint, technical_footprint,                devicemem.footprint
 probe_footprint
 Plan, plan_predictive, plan_technical,         devicemem.planner
 estimate_predictive_memory_and_set_minibatch
-Predictive                                     devicemem.runner
+Predictive                                     devicemem.predictive
+routing, route, unroute                        devicemem.routing
 RayOptions, ShardError                         devicemem.distributed
 parse_bytes, format_bytes                      devicemem.units
 =============================================  ======================
@@ -38,7 +39,10 @@ _EXPORTS = {
     "plan_predictive": "devicemem.planner",
     "plan_technical": "devicemem.planner",
     "estimate_predictive_memory_and_set_minibatch": "devicemem.planner",
-    "Predictive": "devicemem.runner",
+    "Predictive": "devicemem.predictive",
+    "routing": "devicemem.routing",
+    "route": "devicemem.routing",
+    "unroute": "devicemem.routing",
     "RayOptions": "devicemem.distributed",
     "ShardError": "devicemem.distributed",
     "parse_bytes": "devicemem.units",

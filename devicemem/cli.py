@@ -24,12 +24,16 @@ def _limit_cell(memory: DeviceMemory) -> str:
     return f"{format_bytes(memory.limit_bytes)} ({limit_source(memory)})"
 
 
+def _cores_cell(memory: DeviceMemory) -> str:
+    return "-" if memory.cores is None else f"{memory.cores} ({memory.cores_source})"
+
+
 def _table(rows: list[DeviceMemory]) -> str:
-    lines = [("device", "name", "total", "free", "limit (from)", "usable")]
+    lines = [("device", "name", "total", "free", "limit (from)", "usable", "cores (from)")]
     lines += [
         (
             memory.device, memory.name, format_bytes(memory.total_bytes), format_bytes(memory.free_bytes),
-            _limit_cell(memory), format_bytes(memory.usable_bytes),
+            _limit_cell(memory), format_bytes(memory.usable_bytes), _cores_cell(memory),
         )
         for memory in rows
     ]
@@ -48,8 +52,9 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_info_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "info", help="list devices and how much memory this process may use on each",
-        description="One row per device: total, free, the tightest limit and its source, usable.",
+        "info", help="list devices and how much memory (and, on the host, how many cores) this process may use",
+        description="One row per device: total, free, the tightest limit and its source, usable; for the "
+        "host also the usable CPU cores (affinity, cgroup CPU quota, SLURM) and their source.",
     )
     parser.add_argument("--json", action="store_true", help="a JSON list whose keys mirror DeviceMemory")
     parser.add_argument(
@@ -76,7 +81,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         args.cells, args.features, args.groups, args.samples, n_categories=args.categories,
         distribution=args.distribution, guide=args.guide, with_obs=args.with_obs, device=args.device,
         minibatch_size=args.minibatch_size, safety_factor=args.safety_factor, max_memory=args.max_memory,
-        output_bytes=0 if args.results_on_disk else None,
+        output_bytes=0 if args.results_on_disk else None, threads=args.threads,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(plan), indent=2))
@@ -118,6 +123,10 @@ def _add_plan_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--results-on-disk", action="store_true",
         help="the results go to memmaps (Predictive(out=DIR)): do not count them against host memory",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="K",
+        help="threads drawing the likelihood on the host (default: DEVICEMEM_THREADS, else the usable cores)",
     )
     parser.add_argument("--json", action="store_true", help="the Plan as JSON")
     parser.set_defaults(func=_run_plan)

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import time
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 import pyro
@@ -41,17 +42,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from devicemem.backends import _split, device_memory, devices, get_backend, parse_max_memory
+from devicemem import local
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.runner import HOST, BatchRecord, Predictive, _Sink, batch_seed
+from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, batch_seed, check_host
 from devicemem.units import format_bytes
-from devicemem.sampling import Site
 
 logger = logging.getLogger("devicemem.distributed")
 
 INSTALL_HINT = "pip install 'devicemem[ray]'"
 RESOURCE_PREFIX = "devicemem:"
-_MOMENTS = ("mean", "var")
 _NOSET_CUDA = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
 
 
@@ -134,7 +134,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One finished shard, with the fields of :class:`~devicemem.runner.BatchRecord` first.
+    """One finished shard, with the fields of :class:`~devicemem.results.BatchRecord` first.
 
     ``device`` is the device as its node names it ("cuda:3" for Ray's GPU 3), ``node`` the
     node's IP address; ``peak_bytes`` and ``retries`` are the maximum and the sum over the
@@ -173,7 +173,9 @@ class _Job:
 
     shard: Shard
     seed: int | None
-    return_sites: tuple[str, ...]
+    return_sites: Collection[str] | None
+    parallel: bool | None
+    on_device: Callable[[torch.device], None] | None
     reduce: tuple[str, ...]
     minibatch_size: int | None
     safety_factor: float | None
@@ -181,6 +183,7 @@ class _Job:
     cpus_per_shard: float
     worker_setup: Callable[[Shard], None] | None
     validate: bool
+    allow_nonfinite: bool
 
 
 # --- choosing the backend and the slots --------------------------------------------------------
@@ -193,6 +196,21 @@ def import_ray() -> ModuleType:
     except ImportError as exc:
         raise ImportError(f"backend='ray' and multi-device runs need Ray: {INSTALL_HINT} (Ray >= 2.9)") from exc
     return ray
+
+
+def local_device(device: Any, backend: Any) -> Any:
+    """``device`` as :class:`devicemem.Predictive` passes it on: a ``torch.device`` as its name
+    and, when no backend is asked for, a list of one device as that device, which then runs in
+    this process (a one-shard Ray cluster would only add its start-up). Lists of several
+    devices, ``"all"`` and ``backend="ray"`` shard over Ray. ValueError for a name it cannot read."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    elif isinstance(device, (list, tuple)):
+        device = [str(d) if isinstance(d, torch.device) else d for d in device]
+    names = _requested(device)
+    if backend is None and isinstance(device, list) and len(names) == 1 and names[0] != "all":
+        return names[0]
+    return device
 
 
 def check_backend(backend: Any, device: Any, plan: Plan | None = None) -> RayOptions | None:
@@ -331,13 +349,48 @@ def _guide(ray: ModuleType, ref: Any) -> Any:
     key = ref.hex()
     if key not in _GUIDES:
         _GUIDES.clear()
-        _GUIDES[key] = ray.get(ref)
+        _GUIDES[key] = ray.cloudpickle.loads(ray.get(ref))
     return _GUIDES[key]
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    return tensor.detach().to(HOST)
+
+
+def host_pickle(ray: ModuleType, obj: Any, mover: Callable[[Tensor], Tensor] = _to_host) -> bytes:
+    """``obj`` pickled as Ray pickles it, with every tensor on the host. A guide fitted on a GPU
+    holds device tensors beyond its parameters (its prototype trace, the values its init
+    function closes over) that a CPU shard, or a GPU worker seeing one device, cannot unpickle;
+    the shard's runner moves the parameters to its own device. ``mover`` makes a device
+    tensor's host copy (tests inject their own)."""
+    buffer = io.BytesIO()
+    _host_pickler(ray.cloudpickle.CloudPickler)(buffer, mover).dump(obj)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _host_pickler(base: type) -> type:
+    """``base`` (Ray's cloudpickler) writing every tensor off the host as its host copy."""
+
+    class HostPickler(base):  # type: ignore[misc, valid-type]
+        def __init__(self, file: Any, mover: Callable[[Tensor], Tensor]) -> None:
+            super().__init__(file)
+            self.mover = mover
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, Tensor) and obj.device.type != HOST:
+                host = self.mover(obj).requires_grad_(obj.requires_grad)
+                if isinstance(obj, torch.nn.Parameter):
+                    return torch.nn.Parameter, (host, obj.requires_grad)
+                return host.__reduce_ex__(self.proto)
+            return super().reducer_override(obj)
+
+    return HostPickler
 
 
 def _run_shard(
     job: _Job, model: Callable[..., Any], guide_box: list, params: dict | None, args: tuple, kwargs: dict,
-    posterior: dict[str, Tensor] | None,
+    posterior: dict[str, Tensor],
 ) -> _ShardOutput:
     """Run one shard with the single-device runner on the device this task was given.
     ``guide_box`` holds the guide's ObjectRef (boxed, so Ray leaves it unresolved)."""
@@ -354,73 +407,54 @@ def _run_shard(
     pyro.clear_param_store()
     if params is not None:
         pyro.get_param_store().set_state(params)
-    runner = Predictive(
-        model, guide=guide, posterior_samples=posterior, num_samples=shard.size,
-        return_sites=job.return_sites or None, device=shard.slot.device, minibatch_size=job.minibatch_size,
-        safety_factor=job.safety_factor, max_memory=max_memory,
+    request = local.Request(
+        model, guide, posterior, shard.size, return_sites=job.return_sites, parallel=job.parallel,
+        device=shard.slot.device, on_device=job.on_device, with_observed=False,
+        minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
         seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
-        reduce={name: _MOMENTS for name in job.reduce} or None, validate=job.validate,
+        reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
+        allow_nonfinite=job.allow_nonfinite,
+        threads=max(1, int(job.cpus_per_shard)),
     )
+    report: list[BatchRecord] = []
+    plan = None
     began = time.perf_counter()
     try:
-        results = runner(*args, **kwargs)
+        results, plan = local.run(request, args, kwargs, report)
     finally:
         pyro.clear_param_store()
-        if runner.plan is not None:
-            get_backend(runner.plan.device).empty_cache(runner.plan.device)
+        if plan is not None:
+            get_backend(plan.device).empty_cache(plan.device)
     wall = time.perf_counter() - began
-    batches = tuple(dataclasses.replace(row, start=row.start + shard.start) for row in runner.report)
+    batches = tuple(dataclasses.replace(row, start=row.start + shard.start) for row in report)
     return _ShardOutput(
-        arrays={name: value.detach().numpy() for name, value in results.items()}, plan=runner.plan,
+        arrays={name: value.detach().numpy() for name, value in results.items()}, plan=plan,
         batches=batches, node=ray.util.get_node_ip_address(), device=_node_device(ray, shard.slot), wall_s=wall,
     )
 
 
 @functools.lru_cache(maxsize=None)
-def _remote(ray: ModuleType, gpu: bool) -> Any:
-    # Ray gives a function declared with num_gpus a fresh worker per task (max_calls=1), so
-    # each task's CUDA_VISIBLE_DEVICES takes effect; CPU tasks reuse warm workers.
-    return ray.remote(num_gpus=1)(_run_shard) if gpu else ray.remote(_run_shard)
+def _remote(ray: ModuleType, gpu: bool, accelerator: bool) -> Any:
+    # A worker that ran on an accelerator keeps its CUDA context and torch's pinned host cache
+    # for its life: such a task gets a fresh worker (max_calls=1), which exits after it and so
+    # releases both (and each task's CUDA_VISIBLE_DEVICES takes effect); CPU tasks reuse warm
+    # workers (max_calls=0: no limit).
+    return ray.remote(num_gpus=1 if gpu else 0, max_calls=1 if accelerator else 0)(_run_shard)
 
 
 # --- the driver ---------------------------------------------------------------------------------
 
 
-class _Moments:
-    """Mean and variance of one reduced site, merged shard by shard (Chan et al.)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def merge(self, count: int, mean: np.ndarray, var: np.ndarray) -> None:
-        mean_b = torch.from_numpy(np.array(mean, dtype=np.float64))
-        m2_b = torch.from_numpy(np.array(var, dtype=np.float64)) * (count - 1) if count > 1 else torch.zeros_like(mean_b)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = count, mean_b, m2_b
-            return
-        total = self.count + count
-        delta = mean_b - self.mean
-        self.mean += delta * (count / total)
-        self.m2 += m2_b + delta.square() * (self.count * count / total)
-        self.count = total
-
-    def result(self, statistic: str) -> Tensor:
-        assert self.mean is not None and self.m2 is not None
-        if statistic == "mean":
-            return self.mean
-        return self.m2 / (self.count - 1) if self.count > 1 else torch.full_like(self.m2, float("nan"))
-
-
 class _Collector:
     """Receives shard outputs in any order and stores each one exactly once, in sample order."""
 
-    def __init__(self, owner: Predictive, sites: dict[str, Site]) -> None:
-        self.owner = owner
-        stored = {name: site for name, site in sites.items() if name not in owner.reduce}
-        self.sink = _Sink(stored, {}, owner.num_samples, owner.out, pin=False)
-        self.moments = {name: _Moments() for name in owner.reduce}
+    def __init__(self, request: local.Request, selection: local.Selection) -> None:
+        self.request = request
+        self.order = selection.order
+        stored = {name: site for name, site in selection.drawn.items() if name not in request.reduce}
+        constants = {name: value for name, value in selection.constants.items() if name not in request.reduce}
+        self.sink = Sink(stored, {}, request.num_samples, request.out, stage=False, constants=constants)
+        self.moments = {name: Moments() for name in request.reduce}
         self.done: dict[int, ShardRecord] = {}
 
     def store(self, shard: Shard, output: _ShardOutput) -> ShardRecord:
@@ -431,9 +465,9 @@ class _Collector:
             # Ray hands arrays back read-only (zero-copy); they are only read from here.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             stored = {name: torch.from_numpy(output.arrays[name]) for name in self.sink.sites}
-            self.sink.write(shard.start, stored, non_blocking=False)
+            self.sink.write(shard.start, stored)
         for name, moments in self.moments.items():
-            moments.merge(shard.size, output.arrays[f"{name}:mean"], output.arrays[f"{name}:var"])
+            moments.merge_shard(shard.size, output.arrays[f"{name}:mean"], output.arrays[f"{name}:var"])
         peaks = [row.peak_bytes for row in output.batches if row.peak_bytes is not None]
         record = ShardRecord(
             start=shard.start, size=shard.size, device=output.device, wall_s=output.wall_s,
@@ -448,8 +482,8 @@ class _Collector:
         missing = [str(shard) for shard in shards if shard.index not in self.done]
         if missing:
             raise RuntimeError(f"shards never stored: {', '.join(missing)}")
-        result = self.sink.result()
-        for name, statistics in self.owner.reduce.items():
+        result = self.sink.result(self.order)
+        for name, statistics in self.request.reduce.items():
             for statistic in statistics:
                 result[f"{name}:{statistic}"] = self.moments[name].result(statistic)
         return result
@@ -468,29 +502,28 @@ def _failure(ray: ModuleType, shard: Shard, exc: BaseException, max_retries: int
     )
 
 
-def run(owner: Predictive, options: RayOptions, args: tuple, kwargs: dict) -> dict[str, Tensor]:
-    """Run ``owner`` (a validated :class:`~devicemem.runner.Predictive`) in shards on Ray.
-
-    Sets ``owner.report`` to one :class:`ShardRecord` per shard in sample order and
-    ``owner.plan`` to None (each shard's plan is in its record)."""
+def run(
+    request: local.Request, options: RayOptions, args: tuple, kwargs: dict, report: list[ShardRecord]
+) -> dict[str, Tensor]:
+    """The results of ``request`` drawn in shards on Ray; ``report`` receives one
+    :class:`ShardRecord` per shard in sample order (each holds the plan its shard made)."""
     ray = import_ray()
-    names = _requested(owner.device)
-    _, sites = owner._returned_sites(args, kwargs)
-    owner._check_host(sites)
+    names = _requested(request.device)
+    selection = local.choose_sites(request, args, kwargs)
+    check_host(selection.drawn, request.reduce, request.num_samples, request.out, request.max_memory)
     _connect(ray)
     slots = _slots(names, ray.cluster_resources(), options.cpus_per_shard)
-    ranges = split(owner.num_samples, options.num_shards or len(slots))
+    ranges = split(request.num_samples, options.num_shards or len(slots))
     shards = [Shard(k, len(ranges), a, b, slots[k % len(slots)]) for k, (a, b) in enumerate(ranges)]
     logger.info(
         "[MEMORY] %d samples in %d shards on %d device slot(s) (%s); each shard plans its own batches",
-        owner.num_samples, len(shards), len(slots), ", ".join(sorted({slot.device for slot in slots})),
+        request.num_samples, len(shards), len(slots), ", ".join(sorted({slot.device for slot in slots})),
     )
-    collector = _Collector(owner, sites)
-    owner.plan, owner.report = None, []
-    pending = _submit(ray, owner, options, shards, args, kwargs)
+    collector = _Collector(request, selection)
+    pending = _submit(ray, request, options, shards, args, kwargs)
     records: list[ShardRecord] = []
     try:
-        with tqdm(total=owner.num_samples, unit="sample", disable=not owner.progress,
+        with tqdm(total=request.num_samples, unit="sample", disable=not request.progress,
                   desc=f"Predictive [ray: {len(slots)} slot(s)]") as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -510,36 +543,36 @@ def run(owner: Predictive, options: RayOptions, args: tuple, kwargs: dict) -> di
     finally:
         for ref in pending:
             ray.cancel(ref)
-    owner.report = sorted(records, key=lambda record: record.start)
+    report.extend(sorted(records, key=lambda record: record.start))
     return collector.result(shards)
 
 
 def _submit(
-    ray: ModuleType, owner: Predictive, options: RayOptions, shards: list[Shard], args: tuple, kwargs: dict
+    ray: ModuleType, request: local.Request, options: RayOptions, shards: list[Shard], args: tuple, kwargs: dict
 ) -> dict[Any, Shard]:
     """Put the shared objects once (on the host) and start one task per shard."""
-    with parameters_on(HOST, owner.guide):
-        guide_ref = ray.put(owner.guide)
+    with parameters_on(HOST, request.guide):
+        guide_ref = ray.put(host_pickle(ray, request.guide))
         params_ref = ray.put(pyro.get_param_store().get_state() if pyro.get_param_store().keys() else None)
-    model_ref = ray.put(owner.model)
+    model_ref = ray.put(request.model)
     args_ref, kwargs_ref = ray.put(to_device(args, HOST)), ray.put(to_device(kwargs, HOST))
     pending = {}
     for shard in shards:
         job = _Job(
-            shard=shard, seed=owner.seed, return_sites=owner.return_sites, reduce=tuple(owner.reduce),
-            minibatch_size=owner.minibatch_size, safety_factor=owner.safety_factor, max_memory=owner.max_memory,
-            cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup, validate=owner.validate,
+            shard=shard, seed=request.seed, return_sites=request.return_sites, parallel=request.parallel,
+            on_device=request.on_device, reduce=tuple(request.reduce),
+            minibatch_size=request.minibatch_size, safety_factor=request.safety_factor, max_memory=request.max_memory,
+            cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup, validate=request.validate,
+            allow_nonfinite=request.allow_nonfinite,
         )
-        posterior = None
-        if owner.posterior_samples is not None:
-            posterior = to_device({n: v[shard.start : shard.stop] for n, v in owner.posterior_samples.items()}, HOST)
+        posterior = to_device({n: v[shard.start : shard.stop] for n, v in request.posterior_samples.items()}, HOST)
         slot = shard.slot
         task_options: dict[str, Any] = {"num_cpus": slot.num_cpus, "max_retries": options.max_retries}
         if slot.named:
             task_options["resources"] = dict(slot.resources)
             if _split(slot.device, "device")[0] == "cuda":
                 task_options["runtime_env"] = _NOSET_CUDA
-        remote = _remote(ray, slot.num_gpus > 0).options(**task_options)
+        remote = _remote(ray, slot.num_gpus > 0, _split(slot.device, "device")[0] != HOST).options(**task_options)
         ref = remote.remote(job, model_ref, [guide_ref], params_ref, args_ref, kwargs_ref, posterior)
         pending[ref] = shard
     return pending

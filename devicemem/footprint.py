@@ -7,10 +7,11 @@ Two estimators, one record (:class:`Footprint`):
   (:meth:`devicemem.sampling.Sampler.draw`, what the runner executes per batch), measured by
   peak RSS in fresh child processes
   (bench/w3_accuracy.py checks them on a grid).
-- :func:`probe_footprint`, for any Pyro model and guide: runs a few vectorised draws on the
-  target device, measures each one's peak through the device's backend, fits a line through
-  the two largest and adds :data:`PROBE_MARGIN`. Results are cached per (model, guide,
-  argument shapes, device).
+- :func:`probe_footprint`, for any Pyro model and guide: runs at least three vectorised draws
+  on the target device (each foreseen to fit the budget, assuming up to quadratic growth),
+  measures each one's peak through the device's backend, fits a line through the two largest,
+  or a parabola through the last three when they grow faster than linearly, and adds
+  :data:`PROBE_MARGIN`. Results are cached per (model, guide, argument shapes, device).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from devicemem.checks import check_int
+
 MiB = 1 << 20
 
 # glibc serves allocations above its mmap threshold with mmap and returns them to the OS on
@@ -41,12 +44,16 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # is then under 5% of its work. Measured at N x T = 2000 x 2000 (4M elements) on the CPU: 0.52 s
 # per sample at B=1, 0.66-0.70 s at B=2-25 (once a tensor passes glibc's mmap threshold every
 # temporary is page-faulted in afresh). On an accelerator a sample costs far less than the
-# draw's overhead, so there vectorising pays until memory binds: no cap.
+# draw's overhead, so there vectorising pays until memory binds: no cap. With the observation
+# site drawn block-parallel on k threads (devicemem.blockdraw) a sample's work takes ~1/k of the
+# time while the overhead does not shrink, so the cap scales with k.
 OBS_SATURATION_ELEMENTS = 1 << 21
 # A probed batch whose time per sample is within this factor of the best probed one is as fast.
 TIME_TOLERANCE = 1.05
 
 PROBE_MARGIN = 0.10
+# A third probed batch this far above the line through the two before it means super-linear growth.
+SUPERLINEAR_TOLERANCE = 0.10
 PROBE_TARGET_BYTES = 256 * MiB
 PROBE_LADDER = (1, 4, 16, 64, 256, 1024, 4096)
 
@@ -68,7 +75,9 @@ class Footprint:
     :meth:`per_sample_at`). ``output_per_sample_bytes`` is what one returned sample takes on
     the host;
     ``saturation_batch`` the batch size beyond which vectorising buys no more speed (None:
-    bigger is always faster).
+    bigger is always faster). A probe that saw memory grow faster than linearly with the batch
+    adds ``quadratic_bytes * batch_size**2`` (a [B, B, ...] intermediate under the sample
+    plate); ``measured_batch`` is the largest batch a probe actually ran.
     """
 
     fixed_bytes: int
@@ -79,6 +88,8 @@ class Footprint:
     small_batch_limit: int = 0
     output_per_sample_bytes: int | None = None
     saturation_batch: int | None = None
+    quadratic_bytes: float = 0.0
+    measured_batch: int | None = None
 
     def per_sample_at(self, batch_size: int) -> int:
         """Bytes per sample in a batch of ``batch_size``: ``small_batch_bytes`` more below
@@ -91,7 +102,7 @@ class Footprint:
         ``inputs_resident`` the inputs already live on the device and are not counted."""
         inputs = 0 if inputs_resident else self.input_bytes
         working = self.fixed_bytes - self.input_bytes + self.per_sample_at(batch_size) * batch_size
-        return inputs + working
+        return inputs + working + int(math.ceil(self.quadratic_bytes * batch_size * batch_size))
 
     def max_batch(self, budget_bytes: int, inputs_resident: bool = False) -> int:
         """The largest vectorised batch whose predicted peak fits ``budget_bytes`` (0: not even
@@ -100,6 +111,12 @@ class Footprint:
         room = budget_bytes - inputs - (self.fixed_bytes - self.input_bytes)
         if room < 0:
             return 0
+        if self.quadratic_bytes > 0:  # the positive root of q B^2 + s B = room, then checked whole
+            q, slope = self.quadratic_bytes, self.per_sample_bytes + self.small_batch_bytes
+            batch = int((-slope + math.sqrt(slope * slope + 4 * q * room)) / (2 * q))
+            while batch > 0 and self.peak_bytes(batch, inputs_resident) > budget_bytes:
+                batch -= 1
+            return batch
         if self.per_sample_bytes <= 0:
             return sys.maxsize if self.peak_bytes(1, inputs_resident) <= budget_bytes else 0
         large = room // self.per_sample_bytes
@@ -121,18 +138,12 @@ class _Sites:
     latent: int  # the guide's latent dimension (unconstrained)
 
 
-def _check_count(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what}: expected an integer >= {minimum}; got {value!r}")
-    return value
-
-
 def check_shapes(n_cells: int, n_features: int, n_groups: int, n_categories: int = 1) -> None:
     """ValueError naming the argument for N/T/C/K < 1 or more groups than cells."""
-    _check_count(n_cells, "n_cells")
-    _check_count(n_features, "n_features")
-    _check_count(n_groups, "n_groups")
-    _check_count(n_categories, "n_categories")
+    check_int(n_cells, "n_cells")
+    check_int(n_features, "n_features")
+    check_int(n_groups, "n_groups")
+    check_int(n_categories, "n_categories")
     if n_groups > n_cells:
         raise ValueError(f"n_groups: cannot exceed n_cells ({n_cells}); got {n_groups}")
 
@@ -221,6 +232,7 @@ def technical_footprint(
     with_obs: bool = False,
     dtype: torch.dtype = torch.float32,
     on_host: bool = True,
+    threads: int = 1,
 ) -> Footprint:
     """Analytic footprint of a vectorised Predictive of bayesDREAM's technical model.
 
@@ -229,12 +241,14 @@ def technical_footprint(
     per-cell and per-feature vectors, the guide parameters), the likelihood's fixed working
     memory, plus glibc's resident heap temporaries when a [T] tensor is under its mmap threshold.
     ``on_host``: the batches run on the CPU, where a batch with the observation site stops being
-    faster per sample early (``saturation_batch``; see :data:`OBS_SATURATION_ELEMENTS`).
+    faster per sample early (``saturation_batch``; see :data:`OBS_SATURATION_ELEMENTS`), the
+    later the more ``threads`` draw it.
     No data needed: usable before training starts.
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
     check_choice(guide, GUIDES, "guide")
+    check_int(threads, "threads")
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype: expected a torch.dtype such as torch.float32; got {dtype!r}")
     item = torch.empty((), dtype=dtype).element_size()
@@ -256,7 +270,7 @@ def technical_footprint(
         per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
         working += _OBS_FIXED[distribution] * cells_by_features
         if on_host:
-            saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS / cells_by_features))
+            saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS * threads / cells_by_features))
 
     matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
     data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups
@@ -265,7 +279,8 @@ def technical_footprint(
     return Footprint(
         fixed_bytes=int(inputs + working * item),
         per_sample_bytes=int(math.ceil(per_sample * item)),
-        source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}",
+        source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}"
+        + (f", {threads} draw threads" if saturation is not None and threads > 1 else ""),
         input_bytes=int(inputs),
         small_batch_bytes=int(heap),
         small_batch_limit=int(heap_limit),
@@ -361,7 +376,7 @@ def _check_batch_sizes(batch_sizes: Sequence[int] | None) -> tuple[int, ...] | N
         return None
     if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
         raise ValueError(f"batch_sizes: expected None or at least two distinct positive integers; got {batch_sizes!r}")
-    sizes = tuple(sorted({_check_count(b, "batch_sizes") for b in batch_sizes}))
+    sizes = tuple(sorted({check_int(b, "batch_sizes") for b in batch_sizes}))
     if len(sizes) < 2:
         raise ValueError(f"batch_sizes: expected at least two distinct positive integers; got {batch_sizes!r}")
     return sizes
@@ -381,10 +396,44 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return ys[0] - slope * xs[0], slope
 
 
+def _superlinear(measures: list[_Measure]) -> bool:
+    """Whether the largest of the last three batches peaked above the line through the two
+    before it by more than :data:`SUPERLINEAR_TOLERANCE` (and a MiB of allocator noise)."""
+    if len(measures) < 3:
+        return False
+    first, second, last = measures[-3:]
+    intercept, slope = _line([first.batch_size, second.batch_size], [first.delta_bytes, second.delta_bytes])
+    return last.delta_bytes > (1 + SUPERLINEAR_TOLERANCE) * (intercept + slope * last.batch_size) + MiB
+
+
+def _quadratic(measures: list[_Measure]) -> tuple[float, float, float]:
+    """(intercept, slope, curvature) of the parabola through the last three batches."""
+    (x1, y1), (x2, y2), (x3, y3) = [(float(m.batch_size), float(m.delta_bytes)) for m in measures[-3:]]
+    curvature = ((y3 - y1) / (x3 - x1) - (y2 - y1) / (x2 - x1)) / (x3 - x2)
+    slope = (y2 - y1) / (x2 - x1) - curvature * (x1 + x2)
+    return y1 - slope * x1 - curvature * x1 * x1, slope, curvature
+
+
+def _predicted(measures: list[_Measure], batch: int) -> float:
+    """A batch's peak as the probe can foresee it: the parabola through the last three batches
+    once they show super-linear growth, the line through the last two once three show none;
+    with fewer, the last batch's peak grown with the square of the batch (no faster growth
+    is assumed anywhere)."""
+    last = measures[-1]
+    if len(measures) < 3:
+        return last.delta_bytes * (batch / last.batch_size) ** 2
+    if _superlinear(measures):
+        intercept, slope, curvature = _quadratic(measures)
+        return intercept + slope * batch + curvature * batch * batch
+    intercept, slope = _line([measures[-2].batch_size, last.batch_size], [measures[-2].delta_bytes, last.delta_bytes])
+    return intercept + slope * batch
+
+
 def _bound(measures: list[_Measure], cap: int) -> int | None:
-    """After two batches, ``cap`` samples at the last batch's peak per sample: through the
-    origin, an upper bound for any batch from the last one up to ``cap``."""
-    if cap == sys.maxsize or len(measures) < 2:
+    """After three batches that grow no faster than linearly, ``cap`` samples at the last
+    batch's peak per sample: through the origin, an upper bound for any batch from the last
+    one up to ``cap``."""
+    if cap == sys.maxsize or len(measures) < 3 or _superlinear(measures):
         return None
     return math.ceil(measures[-1].delta_bytes * cap / measures[-1].batch_size)
 
@@ -412,23 +461,17 @@ def _climb(
     is_oom: Callable[[BaseException], bool],
 ) -> _Climb:
     """The probe's batches, in order: every explicit size, else up the ladder until a peak
-    passes the target, then its double. A batch whose peak, extrapolated from those before it,
-    would pass ``limit`` is not run, and an out-of-memory error ends the climb (not the first).
-    When even the through-origin bound fits ``cap`` samples in a quarter of ``limit`` the climb
-    stops with that one batch: an exact line would not change the plan."""
+    passes the target (and at least three batches ran), then its double. A batch whose peak,
+    foreseen from those before it (:func:`_predicted`), would pass ``limit`` is not run, and an
+    out-of-memory error ends the climb (not the first). When three batches grow linearly and
+    even the through-origin bound fits ``cap`` samples in a quarter of ``limit`` the climb
+    stops with the last batch: an exact line would not change the plan."""
     climb = _Climb([])
     measures = climb.measures
 
     def attempt(batch: int) -> bool:
         if limit is not None and measures:
-            last = measures[-1]
-            if len(measures) >= 2:
-                intercept, slope = _line([measures[-2].batch_size, last.batch_size],
-                                         [measures[-2].delta_bytes, last.delta_bytes])
-                need = intercept + slope * batch
-            else:
-                need = last.delta_bytes * batch / last.batch_size
-            if need > limit:
+            if _predicted(measures, batch) > limit:
                 climb.max_limit = limit
                 return False
         try:
@@ -446,7 +489,8 @@ def _climb(
         return climb
     for batch in ladder:
         # the first batch also warms up (and is the noisiest): it ends the climb only when big
-        if measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1):
+        big = measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1)
+        if big and (len(measures) >= 3 or measures[-1].delta_bytes >= 4 * PROBE_TARGET_BYTES):
             break
         bound = _bound(measures, cap)
         if limit is not None and bound is not None and 4 * bound <= limit:
@@ -486,6 +530,7 @@ def probe_footprint(
     max_probe_bytes: int | None = None,
     backend: Any = None,
     sampler: Any = None,
+    reduce: Sequence[str] = (),
     **kwargs: Any,
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
@@ -494,37 +539,56 @@ def probe_footprint(
     tensors in reference cycles, and garbage freed during the next batch would hide part of its
     peak), the backend's ``empty_cache`` and, on the host, glibc's ``malloc_trim``, between its
     ``reset_peak`` and ``peak_bytes`` (CPU: VmHWM after resetting it through
-    /proc/self/clear_refs; CUDA: max_memory_allocated). ``batch_sizes=None`` climbs
+    /proc/self/clear_refs; CUDA: max_memory_reserved). ``batch_sizes=None`` climbs
     :data:`PROBE_LADDER` until a batch's peak exceeds :data:`PROBE_TARGET_BYTES` (four times
     that for the first batch, which also warms up and is the noisiest), then runs
     twice that batch: both batches' tensors are then big enough for the allocator to behave as
-    at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`.
+    at full size. The line goes through the two largest batches, plus :data:`PROBE_MARGIN`;
+    when the third largest shows super-linear growth a parabola goes through the last three
+    (``quadratic_bytes``), and ``measured_batch`` says how far the measurements reach.
     No batch reaches ``max_batch_size`` (the planner passes ``num_samples``: the run itself is
     not repeated) or the number of posterior samples, except when two batches need it, nor
     (by extrapolation) peaks above ``max_probe_bytes`` (the planner passes its budget); when
     that allows one batch only, or when ``max_batch_size`` samples clearly fit (see
-    :func:`_climb`), the footprint is one batch's peak per sample, through the origin. The batches' times give ``saturation_batch``.
+    :func:`_climb`), the footprint is one batch's peak per sample, through the origin. On the host
+    the batches' times give ``saturation_batch``; elsewhere there is none (see the code).
     Arguments and guide parameters are moved to ``device`` for the probe and put back.
     ``backend`` replaces ``devicemem.backends.get_backend(device)`` (tests inject fakes);
     ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
-    (the runner's: it has already learnt the shapes), else one is made.
+    (the runner's: it has already learnt the shapes), else one is made. Each site in ``reduce``
+    is reduced to its mean and variance on the device inside each batch, as the runner does.
     """
+    from devicemem.sampling import PYRO_LOCK
+
+    with PYRO_LOCK:
+        return _probe(model, guide, args, device, return_sites, batch_sizes, posterior_samples, max_batch_size,
+                      max_probe_bytes, backend, sampler, tuple(reduce), kwargs)
+
+
+def _probe(
+    model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, device: str,
+    return_sites: Sequence[str] | None, batch_sizes: Sequence[int] | None,
+    posterior_samples: Mapping[str, torch.Tensor] | None, max_batch_size: int | None, max_probe_bytes: int | None,
+    backend: Any, sampler: Any, reduce: tuple[str, ...], kwargs: dict[str, Any],
+) -> Footprint:
+    """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces."""
     from devicemem.backends import get_backend
     from devicemem.placement import guide_tensors, parameters_on, to_device
+    from devicemem.results import batch_moments
     from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)
     if max_batch_size is not None:
-        _check_count(max_batch_size, "max_batch_size", minimum=2)
+        check_int(max_batch_size, "max_batch_size", minimum=2)
     if max_probe_bytes is not None:
-        _check_count(max_probe_bytes, "max_probe_bytes")
+        check_int(max_probe_bytes, "max_probe_bytes")
     if guide is None and posterior_samples is None:
         raise ValueError("probe_footprint: pass a guide or posterior_samples")
     backend = get_backend(device) if backend is None else backend
     model_key, model_ref = _identity(model)
     guide_key, guide_ref = _identity(guide)
     key = (
-        model_key, guide_key, str(device), tuple(return_sites or ()), sizes, max_batch_size,
+        model_key, guide_key, str(device), tuple(return_sites or ()), tuple(reduce), sizes, max_batch_size,
         _shape_key((args, kwargs)), _shape_key(posterior_samples or {}),
     )
     cached = _PROBE_CACHE.get(key)
@@ -543,14 +607,11 @@ def probe_footprint(
     else:
         ladder = [b for b in PROBE_LADDER if b < cap]
         ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
-    if len(ladder) < 2:
+    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
         raise ValueError(
             f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
             f"posterior samples); got {ladder}"
         )
-
-    sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
-    returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
 
     def run(batch: int) -> _Measure:
         gc.collect()
@@ -565,30 +626,43 @@ def probe_footprint(
             None if posterior is None else {k: v[:batch] for k, v in posterior.items()},
         )
         seconds = time.perf_counter() - began
+        moments = [batch_moments(out[name]) for name in reduce]
         peak = backend.peak_bytes(device) or start
         output = sum(v.numel() * v.element_size() for v in out.values() if isinstance(v, torch.Tensor))
-        del out
+        del out, moments
         return _Measure(batch, max(peak - start, 0), seconds, output)
 
     # From here each collection only scans what the probe creates (ms, not the 0.1-0.3 s of a
     # full one); older garbage is frozen too, so none of it is freed inside a measured batch.
     gc.freeze()
     try:
-        with parameters_on(where, guide):
+        with parameters_on(where, guide):  # before the sampler's shape-learning run: an amortised guide runs there
+            sampler = sampler or Sampler(model, guide, moved_args, moved_kwargs)
+            returned = select_sites(sampler.sites, tuple(return_sites or ()), guide is not None, posterior)
+            unknown = [name for name in reduce if name not in returned]
+            if unknown:
+                raise ValueError(f"reduce: site(s) {unknown} are not among the returned sites {list(returned)}")
             climb = _climb(run, ladder, sizes is not None, cap, max_probe_bytes, backend.is_oom)
             inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:
         gc.unfreeze()
     measures = climb.measures
     high = measures[-1]
+    curvature = 0.0
     if len(measures) == 1:  # one batch (budget, or room to spare): through the origin, an upper bound
-        low, slope, working, saturation = high, high.delta_bytes / high.batch_size, 0.0, None
+        slope, working, saturation = high.delta_bytes / high.batch_size, 0.0, None
         at = f"B={high.batch_size}, through the origin"
+    elif _superlinear(measures):  # a parabola through the last three; never below what it saw
+        intercept, slope, curvature = _quadratic(measures)
+        slope, working, saturation = max(slope, 0.0), max(intercept, 0.0), None
+        at = "B=" + ",".join(str(m.batch_size) for m in measures[-3:]) + ", quadratic"
     else:
         low = measures[-2]
         intercept, slope = _line([low.batch_size, high.batch_size], [low.delta_bytes, high.delta_bytes])
         slope, working = max(slope, 0.0), max(intercept, 0.0)
-        saturation = _saturation(measures)
+        # Off the host a draw's time is mostly kernel launches (its work runs asynchronously) and a
+        # sample costs far less than a draw's overhead: bigger batches pay until memory binds.
+        saturation = _saturation(measures) if where.type == "cpu" else None
         at = f"B={low.batch_size},{high.batch_size}"
     footprint = Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),
@@ -597,6 +671,8 @@ def probe_footprint(
         input_bytes=int(inputs),
         output_per_sample_bytes=high.output_bytes // high.batch_size,
         saturation_batch=saturation,
+        quadratic_bytes=curvature * (1 + PROBE_MARGIN),
+        measured_batch=max(m.batch_size for m in measures),
     )
     if model_ref is not None and guide_ref is not None:
         _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)

@@ -9,8 +9,10 @@ decides; the runner executes the :class:`Plan`. Every decision is logged to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from devicemem.backends.base import DeviceMemory
+from devicemem.checks import check_int
 from devicemem.footprint import (
     DISTRIBUTIONS,
     GUIDES,
@@ -36,6 +39,7 @@ logger = logging.getLogger("devicemem.planner")
 
 HOST = "cpu"
 DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
+DEVICEMEM_THREADS = "DEVICEMEM_THREADS"
 # Measured accuracy (bench/w3_accuracy.py, 16 points in fresh children, three runs): predicted /
 # measured peak 0.94-1.17, so a real peak exceeds its prediction by at most ~7%; below 32 MiB
 # tensors glibc adds noise (up to 1.42 over). With 0.8 the worst measured batch peaks at
@@ -45,6 +49,8 @@ DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
 DEFAULT_SAFETY_FACTOR = 0.8
 # The seed's batch size when no memory reading exists (it used sequential batches of 50).
 CONSERVATIVE_BATCH = 50
+# Pyro's sequential mode is recorded (and its progress shown) in at most this many chunks.
+SEQUENTIAL_CHUNKS = 100
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,11 @@ class Plan:
     """A decision for one Predictive run; ``reasons`` are the sentences behind each choice.
 
     ``predicted_peak_bytes`` is the working memory of one batch on ``device``;
-    ``output_bytes`` the host memory the full result [num_samples, ...] takes.
+    ``output_bytes`` the host memory the full result [num_samples, ...] takes. A plan no run
+    could follow (``batch_size=0``, ``n_batches`` that do not cover ``num_samples``...) is a
+    ValueError naming the field; integer fields may be numpy integers and become ints. ``ramp_from``:
+    when memory grows faster than linearly, the run starts at this (the largest probed) batch
+    and doubles towards ``batch_size`` while measured peaks allow.
     """
 
     device: str
@@ -65,6 +75,35 @@ class Plan:
     safety_factor: float
     output_bytes: int | None
     reasons: tuple[str, ...]
+    ramp_from: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"Plan.device: expected a device name like 'cpu' or 'cuda:0'; got {self.device!r}")
+        for name in ("num_samples", "batch_size", "n_batches"):
+            object.__setattr__(self, name, check_int(getattr(self, name), f"Plan.{name}"))
+        needed = math.ceil(self.num_samples / self.batch_size)
+        if self.n_batches != needed:
+            raise ValueError(
+                f"Plan.n_batches: {self.num_samples} samples in batches of {self.batch_size} make {needed} "
+                f"batch(es); got {self.n_batches}"
+            )
+        if not isinstance(self.vectorized, bool):
+            raise ValueError(f"Plan.vectorized: expected True or False; got {self.vectorized!r}")
+        for name, minimum in (("predicted_peak_bytes", 0), ("output_bytes", 0), ("budget_bytes", None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+                minimum is not None and value < minimum
+            ):
+                bound = "a non-negative" if minimum is not None else "a"
+                raise ValueError(f"Plan.{name}: expected None or {bound} number of bytes; got {value!r}")
+            object.__setattr__(self, name, int(value))
+        _check_factor(self.safety_factor, "Plan.safety_factor")
+        if isinstance(self.reasons, str) or not all(isinstance(line, str) for line in self.reasons):
+            raise ValueError(f"Plan.reasons: expected a sequence of sentences; got {self.reasons!r:.60}")
+        object.__setattr__(self, "reasons", tuple(self.reasons))
 
 
 @dataclass(frozen=True)
@@ -96,16 +135,8 @@ class Resources:
 # --- argument checks ---------------------------------------------------------------------
 
 
-def _check_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what}: expected an int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{what}: expected an integer >= 1; got {value}")
-    return value
-
-
 def _check_minibatch(minibatch_size: Any) -> int | None:
-    return None if minibatch_size is None else _check_int(minibatch_size, "minibatch_size")
+    return None if minibatch_size is None else check_int(minibatch_size, "minibatch_size")
 
 
 def _check_factor(value: Any, what: str) -> float:
@@ -134,6 +165,24 @@ def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str
     if text:
         return _check_factor(text, DEVICEMEM_SAFETY_FACTOR), DEVICEMEM_SAFETY_FACTOR
     return DEFAULT_SAFETY_FACTOR, "default"
+
+
+def resolve_threads(
+    threads: int | None, cores: Callable[[], int | None], environ: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """(threads, where it came from) for the host's block-parallel draws: the argument, else
+    ``DEVICEMEM_THREADS``, else ``cores()`` (the registry's usable cores), else 1. ValueError
+    naming the argument or the variable for anything but an integer >= 1."""
+    if threads is not None:
+        return check_int(threads, "threads"), "argument"
+    environ = os.environ if environ is None else environ
+    text = environ.get(DEVICEMEM_THREADS, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{DEVICEMEM_THREADS}: expected an integer >= 1; got {text!r}")
+        return int(text), DEVICEMEM_THREADS
+    usable = cores()
+    return (usable, "usable cores") if usable else (1, "default")
 
 
 # --- the decision ------------------------------------------------------------------------
@@ -195,6 +244,7 @@ def _decide(
     output_bytes: int | None,
     inputs_on: str,
     resources: Resources,
+    probe_with_minibatch: bool = True,
 ) -> Plan:
     factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
     reasons = _Reasons()
@@ -216,6 +266,9 @@ def _decide(
             if not last:
                 continue
             return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
+        if minibatch_size is not None and not probe_with_minibatch:
+            return _given_batches(memory.device, num_samples, minibatch_size, factor, memory.usable_bytes,
+                                  output_bytes, reasons)
         try:
             footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
         except Exception as exc:
@@ -246,6 +299,18 @@ def _decide(
         return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
                      factor, output_bytes, reasons)
     raise AssertionError("the host is always the last candidate")
+
+
+def _given_batches(
+    device: str, num_samples: int, minibatch_size: int, factor: float, usable: int, output_bytes: int | None,
+    reasons: _Reasons,
+) -> Plan:
+    """The user's batch size on ``device``, not probed (a probe would cost more than it tells)."""
+    size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
+    budget = int(factor * usable) - ((output_bytes or 0) if device == HOST else 0)
+    reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} "
+                f"on {device} (not probed; an out-of-memory batch is halved)")
+    return Plan(device, num_samples, size, n_batches, True, None, budget, factor, output_bytes, tuple(reasons.lines))
 
 
 def _conservative(
@@ -307,6 +372,13 @@ def _size(
                 f"Will use {n_batches} vectorised batches of {size} on {device} "
                 f"(peak {format_bytes(peak)} each; at most {min(fit, num_samples)} fit)"
             )
+        measured = footprint.measured_batch
+        if footprint.quadratic_bytes > 0 and measured is not None and measured < size:
+            reasons.add(
+                f"Memory grows faster than linearly with the batch ({footprint.source}): starting at the largest "
+                f"probed batch, {measured}, and doubling towards {size} while measured peaks stay in the budget"
+            )
+            return dataclasses.replace(plan(size, n_batches, True), ramp_from=measured)
         return plan(size, n_batches, True)
 
     one = footprint.peak_bytes(1, resident)
@@ -318,10 +390,16 @@ def _size(
             logging.WARNING,
         )
         return plan(1, num_samples, False)
+    if usable < 0:
+        raise ValueError(
+            f"[MEMORY] the results alone need {format_bytes(output_bytes)} of host memory but only "
+            f"{format_bytes(usable + (output_bytes or 0))} is usable; nothing was run. Raise max_memory, draw "
+            "fewer samples or return_sites, or write the results to disk (out=DIR, reduce=)"
+        )
     results = f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
     raise ValueError(
         f"[MEMORY] one sample needs {format_bytes(one)} on {device} ({footprint.source}) but only "
-        f"{format_bytes(max(usable, 0))} is usable{results}; nothing was run. Use a device with more "
+        f"{format_bytes(usable)} is usable{results}; nothing was run. Use a device with more "
         "memory, fewer cells or features, fewer return_sites, or write the results to disk"
     )
 
@@ -344,7 +422,7 @@ def _inputs_device(*objects: Any) -> str:
 
 
 def _check_common(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
-    _check_int(num_samples, "num_samples")
+    check_int(num_samples, "num_samples")
     _check_minibatch(minibatch_size)
     if safety_factor is not None:
         _check_factor(safety_factor, "safety_factor")
@@ -367,6 +445,7 @@ def plan_predictive(
     output_bytes: int | None = None,
     resources: Resources | None = None,
     sampler: Sampler | None = None,
+    reduce: Sequence[str] = (),
     **kwargs: Any,
 ) -> Plan:
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
@@ -376,8 +455,10 @@ def plan_predictive(
     plus one vectorised sample, else the CPU. The batch is the largest whose predicted peak fits
     ``safety_factor * usable`` (less ``output_bytes``, the host result, on the CPU; None: every
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
-    stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
-    ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with.
+    stop being faster; a user ``minibatch_size`` is kept and nothing is probed (the device is
+    the first candidate with a memory reading).
+    ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with;
+    ``reduce``: the sites reduced to mean and variance on the device, which the probe counts.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
@@ -391,11 +472,38 @@ def plan_predictive(
     def footprint_for(name: str, budget: int) -> Footprint:
         return probe(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
-            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, **kwargs,
+            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, reduce=reduce,
+            **kwargs,
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources)
+                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False)
+
+
+def plan_sequential(
+    num_samples: int,
+    *args: Any,
+    device: str = "auto",
+    safety_factor: float | None = None,
+    output_bytes: int | None = None,
+    why: str = "parallel=False",
+    **kwargs: Any,
+) -> Plan:
+    """Plan Pyro's sequential mode: the model runs one sample at a time, without a sample
+    plate, on ``device`` ("auto": where the tensors of ``*args, **kwargs`` live, as in Pyro).
+    A sample's memory does not grow with ``num_samples``, so nothing is probed; the samples are
+    grouped into at most :data:`SEQUENTIAL_CHUNKS` chunks, each one batch record of
+    the run. ``why`` opens the logged reason."""
+    where = _check_common(num_samples, device, None, safety_factor, output_bytes)
+    factor, _ = resolve_safety_factor(safety_factor)
+    reasons = _Reasons()
+    place = _inputs_device(args, kwargs) if where == "auto" else where
+    size, n_batches = _batches(num_samples, math.ceil(num_samples / SEQUENTIAL_CHUNKS))
+    reasons.add(
+        f"{why}: drawing {num_samples} samples one at a time on {place}"
+        + (" (where the model's inputs are)" if where == "auto" else "")
+    )
+    return Plan(place, num_samples, size, n_batches, False, None, None, factor, output_bytes, tuple(reasons.lines))
 
 
 def plan_technical(
@@ -415,24 +523,38 @@ def plan_technical(
     max_memory: Any = None,
     output_bytes: int | None = None,
     resources: Resources | None = None,
+    threads: int | None = None,
 ) -> Plan:
     """Plan the technical model's Predictive from shapes alone (:func:`technical_footprint`).
 
     The inputs (counts, guide parameters) are taken to live on the host, so they count against
     a GPU's memory but not again against the host's. Same decisions as :func:`plan_predictive`.
+    ``threads``: how many threads draw the likelihood on the host (:func:`resolve_threads`;
+    default ``DEVICEMEM_THREADS``, else the host's usable cores): with more, a bigger vectorised
+    batch still pays.
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
+    if n_categories != 1 and distribution != "multinomial":
+        raise ValueError(
+            f"n_categories: only the multinomial distribution has categories; got {n_categories} with {distribution!r}"
+        )
     check_choice(guide, GUIDES, "guide")
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
+    resources = resources or Resources()
+
+    def host_cores() -> int | None:
+        return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
+
+    draw_threads, _ = resolve_threads(threads, host_cores, resources.environ)
 
     def footprint_for(name: str, budget: int) -> Footprint:
         on_host = name.split(":")[0] == HOST
         return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
-                                   on_host=on_host)
+                                   on_host=on_host, threads=draw_threads)
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   HOST, resources or Resources())
+                   HOST, resources)
 
 
 def estimate_predictive_memory_and_set_minibatch(

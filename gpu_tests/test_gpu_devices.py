@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from devicemem.backends import SystemProbe, device_memory
-from devicemem.backends.cuda import CudaBackend
+from devicemem.backends.cuda import CudaBackend, bare_uuid
 from devicemem.units import format_bytes
 from gpu_tests.support import GIB, MIB, release_cuda
 
@@ -23,14 +23,6 @@ def agreement_tolerance(total_bytes: int) -> int:
     """How far NVML and CUDA may differ: 1% of the device or 256 MiB, whichever is larger
     (NVML's total includes memory the driver reserves, CUDA's does not)."""
     return max(total_bytes // 100, 256 * MIB)
-
-
-def bare_uuid(uuid: object) -> str:
-    """A GPU or MIG UUID without its prefix, lower case: what ``str(props.uuid)`` prints."""
-    uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-    for prefix in ("GPU-", "MIG-"):
-        uuid = uuid.removeprefix(prefix)
-    return uuid.lower()
 
 
 def test_nvml_and_torch_agree_on_every_visible_device(figures):
@@ -59,25 +51,24 @@ def test_nvml_and_torch_agree_on_every_visible_device(figures):
         )
 
 
-# Runs in a child with CUDA_VISIBLE_DEVICES set: for each torch index, the UUID CUDA gives it,
-# the UUID of the NVML handle devicemem maps it to, and devicemem's record next to torch's.
+# Runs in a child with CUDA_VISIBLE_DEVICES (and CUDA_DEVICE_ORDER) set: for each torch index,
+# the UUID CUDA gives it, the UUID of the NVML handle devicemem reads for it, and its record.
 CHILD = r"""
-import dataclasses, json, os
+import dataclasses, json
 import pynvml, torch
 from devicemem.backends import device_memory
-from devicemem.backends.cuda import nvml_handle, visible_entries
+from devicemem.backends.cuda import nvml_handle
 
-entries = visible_entries(os.environ)
 rows = []
 for index in range(torch.cuda.device_count()):
+    torch_uuid = str(torch.cuda.get_device_properties(index).uuid)
+    memory = device_memory(f"cuda:{index}")  # before any context: NVML only
     free, total = torch.cuda.mem_get_info(index)
-    memory = device_memory(f"cuda:{index}")
     pynvml.nvmlInit()
-    mapped = pynvml.nvmlDeviceGetUUID(nvml_handle(pynvml, entries[index]))
+    mapped = pynvml.nvmlDeviceGetUUID(nvml_handle(pynvml, torch_uuid))
     pynvml.nvmlShutdown()
     rows.append({
-        "torch_uuid": str(torch.cuda.get_device_properties(index).uuid),
-        "mapped_uuid": mapped.decode() if isinstance(mapped, bytes) else mapped,
+        "torch_uuid": torch_uuid, "mapped_uuid": mapped.decode() if isinstance(mapped, bytes) else mapped,
         "torch_free": free, "torch_total": total, "record": dataclasses.asdict(memory),
     })
 print("ROWS " + json.dumps(rows))
@@ -111,12 +102,12 @@ def _visible_value(form: str) -> list[str]:
     return [str(index) for index, _ in gpus]
 
 
-@pytest.mark.parametrize("form", ["gpu-uuid", "uuid-prefix", "nvml-index"])
+@pytest.mark.parametrize("form", ["gpu-uuid", "uuid-prefix", "nvml-index", "fastest-first"])
 def test_cuda_visible_devices_maps_each_torch_index_to_its_nvml_device(form, figures):
     entries = _visible_value(form)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(entries)}
-    if form == "nvml-index":  # CUDA numbers fastest-first by default; NVML in PCI order
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if form == "fastest-first":  # CUDA's default order; NVML's is PCI order: only UUIDs agree
+        env["CUDA_DEVICE_ORDER"] = "FASTEST_FIRST"
     child = subprocess.run(
         [sys.executable, "-c", CHILD], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
     )

@@ -12,7 +12,7 @@ import torch
 import devicemem
 from bayesDREAM_ext.model import technical_model
 from devicemem.distributed import RayOptions
-from devicemem.runner import batch_seed
+from devicemem.results import batch_seed
 from gpu_tests.support import technical_problem
 
 ray = pytest.importorskip("ray", reason="Ray is not installed on this machine: pip install 'devicemem[ray]'")

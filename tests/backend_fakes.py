@@ -40,8 +40,10 @@ def fake_psutil(total: int, available: int, rss: int = 0, vms: int = 0) -> Any:
 
 
 def probe(root: Path, *, environ: Mapping[str, str] | None = None, rlimits: Mapping[int, int] | None = None,
-          psutil: Any = None, nvml: Any = None, torch: Any = None) -> SystemProbe:
-    """A probe over the tree at ``root``; ``rlimits`` maps resource -> soft limit (else none)."""
+          psutil: Any = None, nvml: Any = None, torch: Any = None, affinity: set[int] | None = None,
+          cpu_count: int | None = None) -> SystemProbe:
+    """A probe over the tree at ``root``; ``rlimits`` maps resource -> soft limit (else none);
+    ``affinity`` the CPUs the process may run on (None: the platform cannot say)."""
     limits = dict(rlimits or {})
     return SystemProbe(
         root=root,
@@ -50,6 +52,8 @@ def probe(root: Path, *, environ: Mapping[str, str] | None = None, rlimits: Mapp
         nvml=nvml,
         torch_loader=lambda: torch,
         getrlimit=lambda which: (limits.get(which, -1), -1),
+        affinity=None if affinity is None else (lambda: set(affinity)),
+        cpu_count=lambda: cpu_count,
     )
 
 
@@ -149,15 +153,22 @@ class FakeOutOfMemoryError(RuntimeError):
 
 
 class FakeCuda:
-    """torch.cuda as torch numbers the visible devices; records context-creating calls."""
+    """torch.cuda as torch numbers the visible devices; records context-creating calls and
+    allocator reads. ``uuids``: each device's UUID as torch prints it (no ``GPU-`` prefix);
+    ``contexts``: the devices this process has a CUDA context on; ``fraction``: what
+    ``get_per_process_memory_fraction`` answers."""
 
     def __init__(self, devices: list[tuple[str, int, int]], *, initialized: bool = False,
-                 reserved: int = 0, allocated: int = 0, current: int = 0) -> None:
+                 reserved: int = 0, allocated: int = 0, current: int = 0, uuids: list[str] | None = None,
+                 contexts: set[int] | None = None, fraction: float = 1.0) -> None:
         self.devices = devices  # (name, total, free) per torch index
         self.initialized = initialized
         self.reserved = reserved
         self.allocated = allocated
         self.current = current
+        self.uuids = uuids
+        self.contexts = set(range(len(devices)) if initialized and contexts is None else contexts or ())
+        self.fraction = fraction
         self.calls: list[tuple[str, Any]] = []
 
     def is_available(self) -> bool:
@@ -175,11 +186,17 @@ class FakeCuda:
     def mem_get_info(self, index: int) -> tuple[int, int]:
         self.calls.append(("mem_get_info", index))
         self.initialized = True
+        self.contexts.add(index)
         _, total, free = self.devices[index]
         return free, total
 
     def get_device_properties(self, index: int) -> Any:
-        return SimpleNamespace(name=self.devices[index][0])
+        self.initialized = True  # torch's lazy init: no context
+        uuid = self.uuids[index] if self.uuids is not None else f"00000000-0000-0000-0000-{index:012d}"
+        return SimpleNamespace(name=self.devices[index][0], total_memory=self.devices[index][1], uuid=uuid)
+
+    def get_per_process_memory_fraction(self, index: int) -> float:
+        return self.fraction
 
     def memory_reserved(self, index: int) -> int:
         self.calls.append(("memory_reserved", index))
@@ -189,12 +206,17 @@ class FakeCuda:
         self.calls.append(("memory_allocated", index))
         return self.allocated
 
-    def max_memory_allocated(self, index: int) -> int:
-        self.calls.append(("max_memory_allocated", index))
-        return self.allocated * 2
+    def max_memory_reserved(self, index: int) -> int:
+        self.calls.append(("max_memory_reserved", index))
+        return self.reserved * 2
 
     def reset_peak_memory_stats(self, index: int) -> None:
+        if not self.initialized:
+            raise RuntimeError("Invalid device argument : did you call init?")  # as torch does
         self.calls.append(("reset_peak_memory_stats", index))
+
+    def synchronize(self, index: int) -> None:
+        self.calls.append(("synchronize", index))
 
     def device(self, index: int) -> Any:
         calls = self.calls
@@ -213,8 +235,10 @@ class FakeCuda:
 
 
 def fake_torch(cuda: FakeCuda | None = None, mps: Any = None) -> Any:
+    cuda = cuda if cuda is not None else FakeCuda([])
     return SimpleNamespace(
-        cuda=cuda if cuda is not None else FakeCuda([]),
+        cuda=cuda,
+        _C=SimpleNamespace(_cuda_hasPrimaryContext=lambda index: index in cuda.contexts),
         backends=SimpleNamespace(mps=SimpleNamespace(is_available=lambda: mps is not None)),
         mps=mps,
         OutOfMemoryError=FakeOutOfMemoryError,

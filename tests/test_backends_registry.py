@@ -13,7 +13,7 @@ import devicemem.backends as registry
 from devicemem.backends import (
     Backend, DeviceMemory, device_memory, devices, get_backend, limit_source, parse_max_memory, register_backend,
 )
-from devicemem.backends.cuda import CudaBackend
+from devicemem.backends.cuda import CUDA_CONTEXT_BYTES, CudaBackend
 from backend_fakes import FakeCuda, FakeGpu, FakeNvml, GiB, fake_torch, meminfo, probe, write_tree
 
 GPUS = [FakeGpu("GPU-a", "NVIDIA A100", 80 * GiB, 70 * GiB), FakeGpu("GPU-b", "NVIDIA H100", 96 * GiB, 90 * GiB)]
@@ -24,7 +24,8 @@ MPS = SimpleNamespace(recommended_max_memory=lambda: 16 * GiB, driver_allocated_
 def machine(tmp_path: Path, *, gpus: int = 2, environ=None, mps=None, initialized: bool = False, current: int = 0):
     """A probe for a host with 48 GiB available, ``gpus`` CUDA devices and optionally MPS."""
     write_tree(tmp_path, {"proc/meminfo": meminfo(64 * GiB, 48 * GiB)})
-    cuda = FakeCuda([(g.name, g.total, g.free) for g in GPUS[:gpus]], initialized=initialized, current=current)
+    cuda = FakeCuda([(g.name, g.total, g.free) for g in GPUS[:gpus]], initialized=initialized, current=current,
+                    uuids=[g.uuid.removeprefix("GPU-") for g in GPUS[:gpus]])
     return probe(tmp_path, environ=environ, nvml=FakeNvml(GPUS[:gpus]), torch=fake_torch(cuda, mps=mps))
 
 
@@ -96,7 +97,7 @@ def test_environment_override_is_one_more_limit(tmp_path: Path) -> None:
     assert (cpu.limit_bytes, cpu.usable_bytes) == (8 * GiB, 8 * GiB)
     assert cpu.sources == ("/proc/meminfo", "override:DEVICEMEM_MAX_MEMORY")
     assert limit_source(cpu) == "override:DEVICEMEM_MAX_MEMORY"
-    assert (cuda0.limit_bytes, cuda0.usable_bytes) == (None, 70 * GiB)
+    assert (cuda0.limit_bytes, cuda0.usable_bytes) == (None, 70 * GiB - CUDA_CONTEXT_BYTES)  # no context yet
     assert (cuda1.limit_bytes, cuda1.usable_bytes) == (20 * 10**9, 20 * 10**9)
 
 

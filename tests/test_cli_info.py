@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import pytest
@@ -29,6 +30,8 @@ def test_json_keys_mirror_device_memory(capsys: pytest.CaptureFixture) -> None:
     for key in ("total_bytes", "free_bytes", "usable_bytes"):
         assert isinstance(cpu[key], int) and cpu[key] > 0
     assert isinstance(cpu["sources"], list) and cpu["sources"][0] == "psutil.virtual_memory"
+    assert 1 <= cpu["cores"] <= os.cpu_count() and cpu["cores_source"]
+    assert all(row["cores"] is None for row in rows[1:])
 
 
 def test_environment_override_shows_as_the_limit(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -38,9 +41,10 @@ def test_environment_override_shows_as_the_limit(capsys: pytest.CaptureFixture, 
     assert cpu["sources"][1] == "override:DEVICEMEM_MAX_MEMORY"
     assert main(["info"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["device", "name", "total", "free", "limit", "(from)", "usable"]
+    assert table[0].split() == ["device", "name", "total", "free", "limit", "(from)", "usable", "cores", "(from)"]
     assert table[1].startswith("cpu ") and "1.07 GB (override:DEVICEMEM_MAX_MEMORY)" in table[1]
-    assert table[1].endswith("1.07 GB")
+    assert table[1].split("(override:DEVICEMEM_MAX_MEMORY)")[1].split()[:2] == ["1.07", "GB"]
+    assert table[1].endswith(f"{cpu['cores']} ({cpu['cores_source']})")
 
 
 def test_max_memory_option_caps_like_the_environment(capsys: pytest.CaptureFixture) -> None:

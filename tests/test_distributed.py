@@ -9,7 +9,8 @@ import torch
 
 from bayesDREAM_ext.model import technical_model
 from devicemem.distributed import RayOptions, ShardError, split
-from devicemem.runner import Predictive, batch_seed
+from devicemem.predictive import Predictive
+from devicemem.results import batch_seed
 from devicemem.units import parse_bytes
 from tests.distributed_fakes import KillOnce, RegisterFakeGpus, indexed_model
 from tests.runner_fakes import expected_from_report, make_plan, technical_problem
@@ -92,9 +93,10 @@ def test_shards_fill_out_memmaps_and_merge_reducers(local_ray, tmp_path):
         assert torch.equal(on_disk[name], value), name
     assert set(reduced) == {"noise:mean", "noise:var", "index:var"}
     noise = stored["noise"].double()
-    torch.testing.assert_close(reduced["noise:mean"], noise.mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(reduced["noise:var"], noise.var(0), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(reduced["index:var"], stored["index"].double().var(0), rtol=1e-12, atol=1e-12)
+    # each batch is reduced where it was drawn, in the samples' float32: float32's resolution
+    torch.testing.assert_close(reduced["noise:mean"], noise.mean(0), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(reduced["noise:var"], noise.var(0), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(reduced["index:var"], stored["index"].double().var(0), rtol=1e-6, atol=1e-12)
 
 
 @needs_ray
@@ -147,7 +149,7 @@ def test_two_fake_gpus_each_plan_their_own_shard(local_ray):
 @needs_ray
 def test_a_device_without_its_ray_resource_fails_before_sampling(local_ray, problem):
     args, guide = problem
-    runner = Predictive(technical_model, guide=guide, num_samples=4, device=["cuda:7"], progress=False)
+    runner = Predictive(technical_model, guide=guide, num_samples=4, device=["cuda:7"], backend="ray", progress=False)
     with pytest.raises(ValueError, match=r"devicemem:cuda:7.*ray start --resources"):
         runner(*args)
 

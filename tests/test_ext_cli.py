@@ -79,3 +79,23 @@ def test_demo_prints_plan_lines_and_the_recovery(capsys):
     assert "[MEMORY] Will use one vectorised batch of 50 on cpu" in out
     assert "Recovered vs true log2 effect of group 1: Pearson r = " in out
     assert "ms/step" in out
+
+
+def test_plan_prints_the_training_and_predictive_plans_for_an_assumed_machine(capsys):
+    seed_size = ["plan", "--cells", "21761", "--features", "31467", "--groups", "2", "--quiet"]
+    assert main(seed_size + ["--assume", "cpu=16GiB"]) == 0
+    laptop = capsys.readouterr().out
+    assert "SVI on cpu (AutoNormal), exact chunked gradient" in laptop and "chunks per step" in laptop
+    assert "Predictive: 1000 samples on cpu" in laptop
+    assert main(seed_size + ["--assume", "cpu=16GiB,cuda:0=24GB", "--count-dtype", "int16", "--json"]) == 0
+    found = __import__("json").loads(capsys.readouterr().out)
+    training = found["training"]
+    assert training["device"] == "cuda:0" and training["data_dtype"] == "int16" and training["chunk_cells"] < 21761
+    assert training["chunks_per_step"] * training["chunk_cells"] >= 21761 and training["device_bytes"] <= training["budget_bytes"]
+    assert found["predictive"]["device"] == "cuda:0"
+
+
+def test_plan_rejects_a_malformed_assumption(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--cells", "10", "--features", "10", "--groups", "2", "--assume", "cuda:0"])
+    assert exited.value.code == 2 and "assume: expected DEVICE=SIZE" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from the trained guide when Predictive fails."""
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -149,7 +151,8 @@ class FailingPredictive:
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory (injected)")
 
 
-def test_a_failed_predictive_keeps_the_trained_guide_for_a_resume(monkeypatch):
+def test_a_failed_predictive_keeps_the_trained_guide_for_a_resume(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the recovery file goes
     data = synthetic_technical(100, 10, 2, seed=8)
     args = (data.counts, data.groups, data.sum_factors)
     options = dict(niters=25, nsamples=20, **QUIET)

@@ -64,12 +64,33 @@ def test_auto_trains_on_the_roomiest_gpu_when_it_fits():
     assert "SVI on cuda:1" in chosen.reasons[0]
 
 
-def test_auto_falls_back_to_the_cpu_and_says_why():
+def test_a_gpu_too_small_for_a_full_step_trains_in_chunks():
     need = training_footprint(2000, 1000, 2)
     chosen = plan(gpus=[memory("cuda:0", need)])
+    assert chosen.device == "cuda:0" and chosen.data_on_device
+    assert 1000 <= chosen.chunk_cells < 2000 and chosen.chunks_per_step == 2
+    assert chosen.predicted_peak_bytes <= chosen.budget_bytes
+    assert "chunked steps on cuda:0" in chosen.reasons[-1] and "2 chunk(s) per step" in chosen.reasons[-1]
+
+
+def test_counts_stay_on_the_host_when_they_do_not_fit_the_gpu():
+    counts = 20000 * 1000 * 4
+    chosen = plan(20000, 1000, gpus=[memory("cuda:0", 150 * 10**6)])
+    assert chosen.device == "cuda:0" and not chosen.data_on_device
+    assert chosen.host_bytes >= counts and chosen.predicted_peak_bytes <= chosen.budget_bytes
+    assert "counts kept on the host" in chosen.reasons[-1]
+
+
+def test_auto_falls_back_to_the_cpu_and_says_why():
+    chosen = plan(gpus=[memory("cuda:0", 50 * 10**6)])
     assert chosen.device == "cpu"
-    assert "does not fit cuda:0" in chosen.reasons[0]
+    assert "does not fit cuda:0 even one cell per chunk" in chosen.reasons[0]
     assert plan().reasons[0] == "no GPU visible; SVI on the CPU"
+
+
+def test_no_device_fits_one_cell_per_chunk_is_an_error_before_training():
+    with pytest.raises(ValueError, match="even one cell per chunk needs"):
+        plan(host=50 * 10**6)
 
 
 def test_explicit_device_is_used_or_rejected():

@@ -161,13 +161,15 @@ class Recorder:
     """A model whose vectorised runs record their batch size, and a backend whose peak is
     ``base + slope * batch`` for the batch the model last ran: a probe with known answers."""
 
-    def __init__(self, base: int, slope: int) -> None:
-        self.base, self.slope, self.batch, self.resets = base, slope, 0, 0
+    def __init__(self, base: int, slope: int, quad: int = 0) -> None:
+        self.base, self.slope, self.quad, self.batch, self.resets = base, slope, quad, 0, 0
+        self.batches: list[int] = []
 
     def model(self, data: torch.Tensor | None = None) -> None:
         with pyro.plate("items", 3, dim=-1):
             value = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
         self.batch = value.shape[0] if value.dim() > 1 else 1
+        self.batches.append(self.batch)
 
 
 class ScriptedBackend(Backend):
@@ -189,7 +191,8 @@ class ScriptedBackend(Backend):
         return 5_000
 
     def peak_bytes(self, device):
-        return 5_000 + self.recorder.base + self.recorder.slope * self.recorder.batch
+        batch = self.recorder.batch
+        return 5_000 + self.recorder.base + self.recorder.slope * batch + self.recorder.quad * batch * batch
 
     def empty_cache(self, device):
         pass
@@ -198,9 +201,9 @@ class ScriptedBackend(Backend):
         return False
 
 
-def scripted(base: int = 1_000_000, slope: int = 1_000) -> tuple[Recorder, ScriptedBackend, AutoNormal]:
+def scripted(base: int = 1_000_000, slope: int = 1_000, quad: int = 0) -> tuple[Recorder, ScriptedBackend, AutoNormal]:
     pyro.clear_param_store()
-    recorder = Recorder(base, slope)
+    recorder = Recorder(base, slope, quad)
     guide = AutoNormal(recorder.model)
     guide()
     return recorder, ScriptedBackend(recorder), guide
@@ -236,8 +239,8 @@ def test_probe_is_cached_per_model_guide_shapes_and_device():
 def test_probe_stops_early_when_everything_clearly_fits():
     recorder, backend, guide = scripted(base=1 * MB, slope=1_000)
     fp = probe_footprint(recorder.model, guide, max_batch_size=1000, max_probe_bytes=10**10, backend=backend)
-    # 1000 x (1 MB + 4 kB) / 4 = 251 MB, under a quarter of the 10 GB budget
-    assert fp.source == "probe on cpu at B=4, through the origin" and recorder.batch == 4
+    # three batches grew linearly; 1000 x (1 MB + 16 kB) / 16 = 63 MB, under a quarter of the 10 GB budget
+    assert fp.source == "probe on cpu at B=16, through the origin" and recorder.batch == 16
     assert fp.peak_bytes(1000, inputs_resident=True) >= 1 * MB + 1000 * 1_000
     # under a 20 MB budget the bound never leaves room: the usual climb, not the cached bound
     tight = probe_footprint(recorder.model, guide, max_batch_size=1000, max_probe_bytes=20 * MB, backend=backend)
@@ -246,11 +249,24 @@ def test_probe_stops_early_when_everything_clearly_fits():
 
 def test_probe_stays_within_max_probe_bytes():
     recorder, backend, guide = scripted(base=0, slope=10 * MB)
-    fp = probe_footprint(recorder.model, guide, max_probe_bytes=100 * MB, backend=backend)
-    assert fp.source == "probe on cpu at B=1,4" and recorder.batch == 4  # 16 x 10 MB would pass
+    fp = probe_footprint(recorder.model, guide, max_probe_bytes=200 * MB, backend=backend)
+    # before three batches show linear growth, the next is foreseen growing with B squared:
+    # 4 x 4 x 10 MB fits 200 MB, 16 x 16 x 10 MB would not
+    assert fp.source == "probe on cpu at B=1,4" and recorder.batch == 4
     one = probe_footprint(recorder.model, guide, max_probe_bytes=15 * MB, batch_sizes=(1, 2), backend=backend)
     assert one.source == "probe on cpu at B=1, through the origin" and recorder.batch == 1
     assert one.per_sample_bytes == pytest.approx(10 * MB * (1 + PROBE_MARGIN), rel=1e-6)
+
+
+def test_probe_fits_a_parabola_to_super_linear_growth_and_stays_within_the_budget():
+    recorder, backend, guide = scripted(base=2 * MB, slope=100_000, quad=40_000)
+    fp = probe_footprint(recorder.model, guide, max_batch_size=1000, max_probe_bytes=1 << 30, backend=backend)
+    assert fp.source == "probe on cpu at B=4,16,64, quadratic" and fp.measured_batch == 64
+    assert max(recorder.batches) == 64, "256 would need 2.6 GB of a 1 GiB budget: not probed"
+    for batch in (100, 160, 400):
+        truth = 2 * MB + 100_000 * batch + 40_000 * batch * batch
+        assert 1.0 <= fp.peak_bytes(batch, inputs_resident=True) / truth <= 1 + PROBE_MARGIN + 1e-6
+    assert fp.max_batch(1 << 30, inputs_resident=True) == 154
 
 
 class OomAbove(ScriptedBackend):
@@ -305,3 +321,12 @@ def test_probe_needs_a_guide_or_posterior_samples():
     recorder, backend, _ = scripted()
     with pytest.raises(ValueError, match="guide or posterior_samples"):
         probe_footprint(recorder.model, None, backend=backend)
+
+
+def test_saturation_grows_with_the_threads_that_draw_the_observation_site():
+    one = technical_footprint(512, 512, 2, with_obs=True).saturation_batch
+    four = technical_footprint(512, 512, 2, with_obs=True, threads=4)
+    assert four.saturation_batch == 4 * one == 32 and "4 draw threads" in four.source
+    assert technical_footprint(2000, 2000, 2, threads=4).saturation_batch is None
+    with pytest.raises(ValueError, match="threads"):
+        technical_footprint(2000, 2000, 2, threads=0)

@@ -1,10 +1,12 @@
 """gpu_tests/ without a GPU: collected and skipped with the reason; run.sh refuses before doing
-anything; the run's summary is judged right. (The GPU tests themselves need CUDA.)"""
+anything; its dry run rehearses the GPU node's set-up; the run's summary is judged right. (The GPU
+tests themselves need CUDA.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -18,6 +20,9 @@ from gpu_tests.support import cuda_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "gpu_tests" / "run.sh"
+
+WHEELS = REPO / "gpu_tests" / "wheels"
+CARRIED = ("pyro_ppl", "opt_einsum", "pyro_api", "pytest", "iniconfig", "pluggy", "packaging", "pygments")
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path; this machine has CUDA")
 
@@ -69,6 +74,55 @@ def test_run_sh_refuses_without_a_gpu_before_installing_anything(tmp_path):
     assert calls.read_text().split() == ["-"], "only the GPU check may run python"
     assert not out.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["python", "python-calls", "wheels"]
+
+
+def _carried_wheels(tmp_path: Path) -> Path:
+    """gpu_tests/wheels when it holds every carried wheel, else a fresh ``make gpu-wheels`` into
+    ``tmp_path`` (skips when PyPI cannot be reached)."""
+    if all(len(list(WHEELS.glob(f"{name}-*-py3-none-any.whl"))) == 1 for name in CARRIED):
+        return WHEELS
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+    except OSError as exc:
+        pytest.skip(f"gpu_tests/wheels is incomplete and PyPI is unreachable ({exc}): run make gpu-wheels")
+    wheels = tmp_path / "wheels"
+    make = subprocess.run(["make", "-C", str(REPO), "gpu-wheels", f"PYTHON={sys.executable}", f"GPU_WHEELS_DIR={wheels}"],
+                          capture_output=True, text=True, timeout=300)
+    assert make.returncode == 0, make.stdout[-2000:] + make.stderr[-2000:]
+    return wheels
+
+
+def _dry_run(out: Path, wheels: Path, tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICEMEM_WHEELS": str(wheels), "TMPDIR": str(tmp),
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run(["bash", str(RUN_SH), "--dry-run", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_dry_run_sets_up_as_on_the_gpu_node_and_collects_the_suite(tmp_path):
+    wheels = _carried_wheels(tmp_path)
+    assert sum(path.stat().st_size for path in wheels.glob("*.whl")) < 16 * 2**20, "carried wheels should stay small"
+    child = _dry_run(tmp_path / "out", wheels, tmp_path)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    # The node view hid this venv's pyro and pytest: every carried wheel was unpacked, none pip-installed.
+    unpacked = next(line for line in child.stderr.splitlines() if "unpacking" in line)
+    assert all(f"{name}-" in unpacked for name in CARRIED), unpacked
+    linked = {path.name for path in (tmp_path / "out" / "node-site").iterdir()}
+    assert {"torch", "numpy", "psutil", "tqdm"} <= linked and not {"pyro", "pytest", "_pytest", "scipy"} & linked
+    collected = (tmp_path / "out" / "collect.log").read_text()
+    assert "gpu_tests/test_gpu_runner.py::test_real_oom_bisects_the_batch_and_completes_on_the_gpu" in collected
+    assert "stopping before CUDA is needed" in child.stderr
+    assert not list(tmp_path.glob("devicemem-gpu-site.*")), "the scratch target is removed on exit"
+
+
+def test_dry_run_without_a_needed_wheel_says_how_to_make_them(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    child = _dry_run(tmp_path / "out", wheels, tmp_path)
+    assert child.returncode == 2, child.stdout + child.stderr
+    assert "pyro is not installed" in child.stderr and "make gpu-wheels" in child.stderr
+    assert not (tmp_path / "out" / "collect.log").exists()
 
 
 def _write_session(out: Path, outcomes: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -13,10 +14,12 @@ from devicemem.planner import (
     CONSERVATIVE_BATCH,
     DEFAULT_SAFETY_FACTOR,
     DEVICEMEM_SAFETY_FACTOR,
+    DEVICEMEM_THREADS,
     Resources,
     estimate_predictive_memory_and_set_minibatch,
     plan_predictive,
     plan_technical,
+    resolve_threads,
 )
 
 GB = 10**9
@@ -104,14 +107,23 @@ def test_saturation_caps_the_batch():
     assert any("no faster per sample" in r for r in result.reasons)
 
 
-def test_user_minibatch_is_respected_and_warned_when_over_budget(caplog):
+def test_user_minibatch_is_kept_without_a_probe(caplog):
     caplog.set_level(logging.INFO, logger="devicemem")
-    result, _ = plan([memory("cpu", 2 * GB)], {"cpu": fp(100 * MB, 4 * MB)}, safety_factor=0.5, minibatch_size=300)
-    assert (result.batch_size, result.n_batches, result.vectorized) == (250, 4, True)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "over the" in warnings[0].getMessage() and "largest batch that fits is 225" in warnings[0].getMessage()
-    quiet, _ = plan([memory("cpu", 2 * GB)], {"cpu": fp(100 * MB, 4 * MB)}, safety_factor=0.5, minibatch_size=100)
-    assert quiet.batch_size == 100 and not any("over the" in r for r in quiet.reasons)
+    result, probe = plan([memory("cpu", 2 * GB)], {"cpu": fp(100 * MB, 4 * MB)}, safety_factor=0.5, minibatch_size=300)
+    assert (result.batch_size, result.n_batches, result.vectorized, result.device) == (250, 4, True, "cpu")
+    assert probe.calls == [] and result.predicted_peak_bytes is None and result.budget_bytes is not None
+    assert "not probed" in caplog.text
+    gpu, probe = plan([memory("cuda:0", 8 * GB), memory("cpu", 2 * GB)], {}, minibatch_size=100)
+    assert (gpu.device, gpu.batch_size) == ("cuda:0", 100) and probe.calls == []
+
+
+def test_super_linear_footprints_ramp_up_from_the_largest_probed_batch():
+    quadratic = Footprint(0, 1 * MB, "fake", quadratic_bytes=0.1 * MB, measured_batch=64)
+    result, _ = plan([memory("cpu", 100 * GB)], {"cpu": quadratic}, safety_factor=0.5)
+    assert result.ramp_from == 64 and result.batch_size > 64
+    assert any("faster than linearly" in reason for reason in result.reasons)
+    linear, _ = plan([memory("cpu", 100 * GB)], {"cpu": fp(0, 1 * MB)}, safety_factor=0.5)
+    assert linear.ramp_from is None
 
 
 def test_streams_when_one_vectorised_sample_exceeds_the_budget_but_fits_usable(caplog):
@@ -213,7 +225,8 @@ def test_probe_gets_the_model_arguments_and_keywords():
     _, probe = plan([memory("cpu", 10 * GB)], {"cpu": fp(0, 1)}, observe=False)
     device, args, kwargs = probe.calls[0]
     assert device == "cpu" and args[0].shape == (3,)
-    assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None}
+    assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None,
+                      "reduce": ()}
 
 
 # --- safety factor -------------------------------------------------------------------------
@@ -318,3 +331,28 @@ def test_memory_lines_in_the_seeds_voice(caplog):
     assert lines[0] == "[MEMORY] Available CPU RAM: 20.00 GB usable (limit 24.00 GB from cgroup-v1:/job (memory.limit_in_bytes))"
     assert any(line.startswith("[MEMORY] Estimated peak for 1000 samples on cpu: ") for line in lines)
     assert lines[-1].startswith("[MEMORY] Will use one vectorised batch of 1000 on cpu")
+
+
+def test_resolve_threads_argument_then_environment_then_usable_cores():
+    cores = lambda: 6  # noqa: E731
+    assert resolve_threads(3, cores, {DEVICEMEM_THREADS: "2"}) == (3, "argument")
+    assert resolve_threads(None, cores, {DEVICEMEM_THREADS: " 2 "}) == (2, DEVICEMEM_THREADS)
+    assert resolve_threads(None, cores, {}) == (6, "usable cores")
+    assert resolve_threads(None, lambda: None, {}) == (1, "default")
+    with pytest.raises(ValueError, match="DEVICEMEM_THREADS: expected an integer >= 1; got '0'"):
+        resolve_threads(None, cores, {DEVICEMEM_THREADS: "0"})
+    with pytest.raises(ValueError, match="threads: expected an integer >= 1"):
+        resolve_threads(0, cores, {})
+
+
+def test_plan_technical_caps_host_batches_later_with_more_cores():
+    def host(cores):
+        return dataclasses.replace(memory("cpu", 100 * GB), cores=cores, cores_source="affinity")
+
+    sizes = {}
+    for cores in (1, 8):
+        res, _ = resources([host(cores)])
+        sizes[cores] = plan_technical(1000, 1000, 2, 200, with_obs=True, resources=res).batch_size
+    assert sizes[8] > sizes[1] * 4
+    res, _ = resources([host(8)], environ={DEVICEMEM_THREADS: "1"})
+    assert plan_technical(1000, 1000, 2, 200, with_obs=True, resources=res).batch_size == sizes[1]

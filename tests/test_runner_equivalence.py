@@ -7,7 +7,7 @@ import torch
 from pyro.infer.autoguide import AutoDiagonalNormal
 
 from bayesDREAM_ext.model import technical_model
-from devicemem.runner import Predictive
+from devicemem.predictive import Predictive
 from tests.runner_fakes import cell_model, cell_problem, expected_from_report, make_plan, technical_problem
 
 def _diagonal_problem():

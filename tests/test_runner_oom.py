@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
-from devicemem import placement, runner as runner_module
-from devicemem.runner import Predictive
+from devicemem import local, placement
+from devicemem.predictive import Predictive
 from tests.runner_fakes import CPU_OOM, Faulty, expected_from_report, fake_gpu, make_plan, technical_problem
 
 
@@ -43,7 +43,7 @@ def test_oom_at_batch_k_halves_and_keeps_the_size_that_worked(problem, device, e
     args, guide = problem
     faulty = Faulty(technical_model, error, fail_calls=(3,))
     with fake_gpu(watch=faulty) as gpu, caplog.at_level(logging.WARNING, logger="devicemem"):
-        runner = Predictive(faulty, guide=guide, num_samples=30, seed=8, plan=make_plan(30, 8, device), progress=False)
+        runner = Predictive(faulty, guide=guide, parallel=True, num_samples=30, seed=8, plan=make_plan(30, 8, device), progress=False)
         result = runner(*args)
     assert faulty.failed == [8]
     assert [(row.start, row.size, row.retries) for row in runner.report] == [
@@ -61,7 +61,7 @@ def test_bisects_down_to_what_the_gpu_holds(problem):
     with fake_gpu() as gpu:
         faulty = gpu.watch = Faulty(technical_model, lambda: torch.OutOfMemoryError("fake"),
                                     too_big=lambda size: gpu.active and size > 3)
-        runner = Predictive(faulty, guide=guide, num_samples=13, seed=2, plan=make_plan(13, 16, "cuda:0"),
+        runner = Predictive(faulty, guide=guide, parallel=True, num_samples=13, seed=2, plan=make_plan(13, 16, "cuda:0"),
                             progress=False)
         result = runner(*args)
     assert faulty.failed == [13, 6]
@@ -77,7 +77,7 @@ def test_falls_back_to_the_host_when_the_gpu_cannot_hold_one_sample(problem, cap
     with fake_gpu() as gpu, caplog.at_level(logging.WARNING, logger="devicemem"):
         faulty = gpu.watch = Faulty(technical_model, lambda: torch.OutOfMemoryError("fake"),
                                     too_big=lambda size: gpu.active)
-        runner = Predictive(faulty, guide=guide, num_samples=10, seed=3, plan=make_plan(10, 4, "cuda:0"),
+        runner = Predictive(faulty, guide=guide, parallel=True, num_samples=10, seed=3, plan=make_plan(10, 4, "cuda:0"),
                             progress=False)
         result = runner(*args)
     assert faulty.failed == [4, 2, 1]
@@ -88,19 +88,20 @@ def test_falls_back_to_the_host_when_the_gpu_cannot_hold_one_sample(problem, cap
     _assert_exact(technical_model, guide, runner, result, 3, args, 10)
 
 
-def test_host_oom_at_one_sample_is_raised(problem):
+def test_host_oom_at_one_sample_ends_in_a_memory_error_with_advice(problem):
     args, guide = problem
     faulty = Faulty(technical_model, lambda: RuntimeError(CPU_OOM), too_big=lambda size: True)
-    runner = Predictive(faulty, guide=guide, num_samples=4, plan=make_plan(4, 2), progress=False)
-    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+    runner = Predictive(faulty, guide=guide, parallel=True, num_samples=4, plan=make_plan(4, 2), progress=False)
+    with pytest.raises(MemoryError, match=r"out of host memory drawing one sample \(sample 0 of 4\).*out=DIR") as oom:
         runner(*args)
+    assert "DefaultCPUAllocator" in str(oom.value.__cause__)
     assert faulty.failed == [2, 1]
 
 
 def test_other_errors_are_not_retried(problem):
     args, guide = problem
     faulty = Faulty(technical_model, lambda: ValueError("a bug in the model"), fail_calls=(2,))
-    runner = Predictive(faulty, guide=guide, num_samples=9, plan=make_plan(9, 3), progress=False)
+    runner = Predictive(faulty, guide=guide, parallel=True, num_samples=9, plan=make_plan(9, 3), progress=False)
     with pytest.raises(ValueError, match="a bug in the model"):
         runner(*args)
     assert faulty.failed == [3] and len(runner.report) == 1
@@ -115,7 +116,7 @@ def test_guide_parameters_restored_after_an_escaping_exception(problem, monkeypa
         moves.append(device)
         return tensor.clone()
 
-    monkeypatch.setattr(runner_module, "parameters_on", lambda device, g: placement.parameters_on(device, g, mover=mover))
+    monkeypatch.setattr(local, "parameters_on", lambda device, g: placement.parameters_on(device, g, mover=mover))
     seen = []
 
     def model(*model_args):
@@ -125,7 +126,7 @@ def test_guide_parameters_restored_after_an_escaping_exception(problem, monkeypa
         return technical_model(*model_args)
 
     with fake_gpu():
-        runner = Predictive(model, guide=guide, num_samples=9, plan=make_plan(9, 3, "cuda:0"), progress=False)
+        runner = Predictive(model, guide=guide, parallel=True, num_samples=9, plan=make_plan(9, 3, "cuda:0"), progress=False)
         with pytest.raises(KeyError, match="escapes mid-run"):
             runner(*args)
     assert moves == [torch.device("cpu")] * len(before), "the guide's parameters went to the fake GPU's device"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
-from devicemem.runner import Predictive
+from devicemem.predictive import Predictive
 from tests.runner_fakes import make_plan, technical_problem
 
 
@@ -32,9 +32,10 @@ def test_reducers_agree_with_mean_and_var_of_the_stored_samples(problem):
     samples = stored["y_obs"].double()
     assert reduced["y_obs:mean"].dtype == torch.float64
     assert reduced["y_obs:mean"].shape == samples.shape[1:]
-    torch.testing.assert_close(reduced["y_obs:mean"], samples.mean(0), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(reduced["y_obs:var"], samples.var(0), rtol=1e-10, atol=1e-9)
-    torch.testing.assert_close(reduced["mu_ntc:mean"], stored["mu_ntc"].double().mean(0), rtol=1e-12, atol=1e-12)
+    # each batch is reduced where it was drawn, in the samples' float32: float32's resolution
+    torch.testing.assert_close(reduced["y_obs:mean"], samples.mean(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(reduced["y_obs:var"], samples.var(0), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(reduced["mu_ntc:mean"], stored["mu_ntc"].double().mean(0), rtol=1e-6, atol=1e-12)
     assert torch.equal(reduced["beta_o"], stored["beta_o"])
 
 

@@ -200,9 +200,10 @@ def device_memory(
     name = str(device)
     kind, index = _split(name, "device")
     backend = _BACKENDS.get(kind)
-    found = _find([kind], overrides, probe) if backend is not None else []
-    if index is None and hasattr(backend, "current_device"):
-        wanted = backend.current_device(probe)
+    current = backend.current_device(probe) if index is None and hasattr(backend, "current_device") else None
+    found = _find([kind], overrides, probe) if backend is not None else []  # may initialise torch's CUDA
+    if current is not None:
+        wanted = current
     elif index is None and found:
         wanted = found[0].device
     else:

@@ -23,6 +23,11 @@ class DeviceMemory:
     every limit, the one ``limit_bytes`` reports first, e.g. ``("psutil.virtual_memory",
     "cgroup-v1:/slurm/uid_1/job_2 (memory.limit_in_bytes)", "rlimit:RLIMIT_AS")``;
     ``devicemem.backends.limit_source`` picks out the limit's.
+
+    ``cores`` is how many CPU cores this process may keep busy (host only; None elsewhere or
+    when nothing could be read): the tightest of its CPU affinity, every cgroup CPU quota from
+    its own cgroup to the root and SLURM's CPU allocation; ``cores_source`` says which, e.g.
+    ``"affinity"``, ``"cgroup-v2:/slurm/job_2 (cpu.max)"``, ``"slurm:SLURM_CPUS_PER_TASK"``.
     """
 
     device: str
@@ -32,6 +37,8 @@ class DeviceMemory:
     limit_bytes: int | None
     usable_bytes: int | None
     sources: tuple[str, ...]
+    cores: int | None = None
+    cores_source: str | None = None
 
 
 class Backend(ABC):
@@ -67,7 +74,7 @@ class Backend(ABC):
 
     @abstractmethod
     def current_bytes(self, device: str) -> int | None:
-        """Memory this process holds on ``device`` now (RSS for the host, allocated for GPUs)."""
+        """Memory this process holds on ``device`` now (RSS for the host, reserved by the caching allocator for CUDA)."""
 
     @abstractmethod
     def peak_bytes(self, device: str) -> int | None:

@@ -1,4 +1,5 @@
-"""Host RAM: how much this process may still allocate, and its peak resident memory.
+"""Host RAM: how much this process may still allocate, and its peak resident memory (and,
+with it, how many cores the process may use: :mod:`devicemem.backends.cpus`).
 
 Usable host memory is the tightest of: free memory (psutil, else /proc/meminfo), every memory
 cgroup from this process's own up to the root (v1 and v2), the SLURM allocation, RLIMIT_AS /
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from devicemem.backends.base import Backend, DeviceMemory
+from devicemem.backends.cgroups import cgroup_levels
+from devicemem.backends.cpus import usable_cores
 from devicemem.backends.probe import SystemProbe, kib_field
 
 if TYPE_CHECKING:
@@ -74,56 +77,6 @@ def _free_memory(probe: SystemProbe) -> tuple[int | None, int | None, str | None
 # --- cgroups -----------------------------------------------------------------------------
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _cgroup_mounts(probe: SystemProbe) -> list[tuple[str, Path, str]]:
-    """(version, mount directory, mounted cgroup root) for the v1 memory and v2 hierarchies."""
-    text = probe.read_text(probe.proc("mountinfo"))
-    mounts: dict[str, tuple[str, Path, str]] = {}
-    for line in (text or "").splitlines():
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        fstype = fields[sep + 1] if len(fields) > sep + 1 else ""
-        options = fields[sep + 3].split(",") if len(fields) > sep + 3 else []
-        if fstype == "cgroup2":
-            version = "v2"
-        elif fstype == "cgroup" and "memory" in options:
-            version = "v1"
-        else:
-            continue
-        if version not in mounts:
-            mount = probe.root / _unescape(fields[4]).lstrip("/")
-            mounts[version] = (version, mount, _unescape(fields[3]))
-    if text is None:
-        v1 = probe.root / "sys/fs/cgroup/memory"
-        v2 = probe.root / "sys/fs/cgroup"
-        if v1.is_dir():
-            mounts["v1"] = ("v1", v1, "/")
-        if (v2 / "cgroup.controllers").exists():
-            mounts["v2"] = ("v2", v2, "/")
-    return list(mounts.values())
-
-
-def _own_cgroup_paths(probe: SystemProbe) -> dict[str, str]:
-    """This process's cgroup path in the v1 memory hierarchy and in the v2 hierarchy."""
-    paths: dict[str, str] = {}
-    for line in (probe.read_text(probe.proc("cgroup")) or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        if "memory" in controllers.split(","):
-            paths.setdefault("v1", path)
-        elif hierarchy == "0" and controllers == "":
-            paths.setdefault("v2", path)
-    return paths
-
-
 def _read_cap(probe: SystemProbe, path: Path) -> int | None:
     """A cgroup limit file as bytes; None for "max", absurdly large, absent or unreadable."""
     text = (probe.read_text(path) or "").strip()
@@ -148,31 +101,17 @@ def _read_usage(probe: SystemProbe, directory: Path, version: str) -> int | None
 def _cgroup_limits(probe: SystemProbe) -> list[Limit]:
     """The tightest memory cgroup limit per hierarchy, walking from this process's own cgroup
     up through every ancestor (SLURM limits the job's ancestor while the leaf says "max")."""
-    own = _own_cgroup_paths(probe)
-    limits: list[Limit] = []
-    for version, mount, mount_root in _cgroup_mounts(probe):
-        path = own.get(version)
-        if path is None:
-            continue
-        relative = path[len(mount_root):] if path.startswith(mount_root) else ""
-        parts = [p for p in relative.split("/") if p]
-        if ".." in parts:  # our cgroup lies outside this mount's namespace: start at its top
-            parts = []
+    tightest: dict[str, Limit] = {}
+    for version, level, directory in cgroup_levels(probe, "memory"):
         files = ("memory.limit_in_bytes",) if version == "v1" else ("memory.max", "memory.high")
-        tightest: Limit | None = None
-        for depth in range(len(parts), -1, -1):
-            directory = mount.joinpath(*parts[:depth])
-            caps = [(name, _read_cap(probe, directory / name)) for name in files]
-            caps = [(name, cap) for name, cap in caps if cap is not None]
-            used = _read_usage(probe, directory, version) if caps else None
-            for name, cap in caps:
-                level = "/" + "/".join(parts[:depth])
-                headroom = cap - (used or 0)
-                if tightest is None or headroom < tightest.headroom_bytes:
-                    tightest = Limit(f"cgroup-{version}:{level} ({name})", cap, headroom)
-        if tightest is not None:
-            limits.append(tightest)
-    return limits
+        caps = [(name, _read_cap(probe, directory / name)) for name in files]
+        caps = [(name, cap) for name, cap in caps if cap is not None]
+        used = _read_usage(probe, directory, version) if caps else None
+        for name, cap in caps:
+            headroom = cap - (used or 0)
+            if version not in tightest or headroom < tightest[version].headroom_bytes:
+                tightest[version] = Limit(f"cgroup-{version}:{level} ({name})", cap, headroom)
+    return list(tightest.values())
 
 
 # --- SLURM -------------------------------------------------------------------------------
@@ -335,6 +274,8 @@ class CpuBackend(Backend):
                 "[MEMORY] cpu: %s caps at %d bytes, %d bytes left", limit.source, limit.cap_bytes,
                 limit.headroom_bytes,
             )
+        cores, cores_source = usable_cores(probe)
+        logger.debug("[MEMORY] cpu: %s usable core(s) (%s)", cores, cores_source)
         return [
             DeviceMemory(
                 device="cpu",
@@ -344,6 +285,8 @@ class CpuBackend(Backend):
                 limit_bytes=limits[0].cap_bytes if limits else None,
                 usable_bytes=usable,
                 sources=tuple(sources),
+                cores=cores,
+                cores_source=cores_source,
             )
         ]
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 logger = logging.getLogger("devicemem.backends")
 
 
-def _no_torch() -> None:
+def _none() -> None:
     return None
 
 
@@ -46,15 +46,20 @@ class SystemProbe:
     - ``getrlimit``: ``resource.getrlimit``, or None where the platform has no rlimits.
     - ``pid``: the process to read in ``/proc`` and psutil; None means this process
       (``/proc/self``).
+    - ``affinity``: the CPUs this process may run on (``os.sched_getaffinity``), or None where
+      the platform cannot say.
+    - ``cpu_count``: the machine's logical CPUs (``os.cpu_count``), or None.
     """
 
     root: Path = Path("/")
     environ: Mapping[str, str] = field(default_factory=dict)
     psutil: Any = None
     nvml: Any = None
-    torch_loader: Callable[[], Any] = _no_torch
+    torch_loader: Callable[[], Any] = _none
     getrlimit: Callable[[int], tuple[int, int]] | None = None
     pid: int | None = None
+    affinity: Callable[[], set[int]] | None = None
+    cpu_count: Callable[[], int | None] = _none
 
     @classmethod
     def default(cls) -> SystemProbe:
@@ -134,4 +139,6 @@ def _default_probe() -> SystemProbe:
         nvml=_import_or_none("pynvml"),
         torch_loader=_load_torch,
         getrlimit=getrlimit,
+        affinity=(lambda: os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        cpu_count=os.cpu_count,
     )

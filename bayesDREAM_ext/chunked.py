@@ -1,0 +1,222 @@
+"""SVI over chunks of cells: the exact full-data gradient in a fraction of the memory.
+
+:class:`CellData` holds the cell-wise model arguments (counts, groups, sum factors,
+denominator) where the training plan puts them (on the training device, or on the host and
+copied one chunk at a time through pinned staging buffers) in the smallest exact dtype, and
+hands out chunks as the model's dtype on the training device. :class:`ChunkedELBO` plugs into
+``pyro.infer.SVI`` as its loss: each step draws the guide's latents once and computes the
+prior and guide terms once (the wrapped ELBO on the parameters-only model), then replays the
+model on one chunk of cells at a time with the draws held as detached leaves, calling backward
+per chunk so their gradients accumulate, and finally backpropagates the accumulated gradients
+into the guide in one pass. The result equals the full-data step's gradient up to the order of
+summation, so clipping, the optimiser and its schedule see what full-data SVI gives them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterator
+
+import pyro.poutine as poutine
+from pyro.poutine.util import prune_subsample_sites
+import torch
+from pyro.infer import ELBO
+from torch import Tensor
+
+logger = logging.getLogger("devicemem.bayesdream")
+
+# Exact integer ranges of the dtypes counts may be stored in, smallest first.
+COMPACT_DTYPES = ((torch.uint8, 255), (torch.int16, 32767), (torch.int32, 2**31 - 1))
+
+
+def compact_dtype(values: Tensor) -> torch.dtype:
+    """The smallest dtype that holds ``values`` exactly: uint8, int16 or int32 for
+    non-negative integers (checked in blocks, without a full-size temporary), else its own."""
+    if values.is_floating_point():
+        flat = values.reshape(-1)
+        block = 1 << 22
+        top = 0.0
+        for start in range(0, flat.numel(), block):
+            part = flat[start : start + block]
+            if bool((part < 0).any()) or not bool((part == part.round()).all()):
+                return values.dtype
+            top = max(top, float(part.max()) if part.numel() else 0.0)
+        for dtype, limit in COMPACT_DTYPES:
+            if top <= limit:
+                return dtype
+    return values.dtype
+
+
+class CellData:
+    """Cell-wise tensors ([N, ...] each) kept on ``storage`` ("cpu" or the training device)
+    in the smallest exact dtype, handed out per chunk on ``device`` as ``dtype``.
+
+    ``compact=False`` keeps the tensors as given (no copy; the CPU path uses the prepared
+    float32 counts in place). When the storage is the host and the device is CUDA, chunks go
+    through two pinned staging buffers, the next chunk's copy issued before the current one
+    is used.
+    """
+
+    def __init__(
+        self, tensors: dict[str, Tensor], *, device: torch.device, storage: torch.device, compact: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device, self.storage, self.dtype = device, storage, dtype
+        self.tensors = {
+            name: (value.to(compact_dtype(value)) if compact and value.is_floating_point() else value).to(storage)
+            for name, value in tensors.items()
+        }
+        self.n_cells = int(next(iter(self.tensors.values())).shape[0])
+        self._stream = storage.type == "cpu" and device.type == "cuda"
+        self._staging: list[dict[str, Tensor]] = []
+        self._events: list[Any] = []
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(value.numel() * value.element_size() for value in self.tensors.values())
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        return {name: str(value.dtype).removeprefix("torch.") for name, value in self.tensors.items()}
+
+    def _cast(self, name: str, value: Tensor) -> Tensor:
+        return value if name == "groups" else value.to(self.dtype)
+
+    def chunk(self, cells: slice | Tensor) -> dict[str, Tensor]:
+        """The tensors of ``cells`` (a slice or an index tensor) on the device, cast."""
+        return {name: self._cast(name, value[cells].to(self.device)) for name, value in self.tensors.items()}
+
+    def _staged(self, cells: slice | Tensor, slot: int, size: int) -> dict[str, Tensor]:
+        """Copy ``cells`` into pinned buffer ``slot`` and start its transfer to the device."""
+        if not self._staging:
+            self._staging = [
+                {name: torch.empty((size,) + value.shape[1:], dtype=value.dtype).pin_memory() for name, value in self.tensors.items()}
+                for _ in range(2)
+            ]
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._events[slot].synchronize()
+        out = {}
+        for name, value in self.tensors.items():
+            part = value[cells]
+            buffer = self._staging[slot][name][: part.shape[0]]
+            buffer.copy_(part)
+            out[name] = self._cast(name, buffer.to(self.device, non_blocking=True))
+        self._events[slot].record()
+        return out
+
+    def chunks(self, index: Tensor | None, size: int) -> Iterator[dict[str, Tensor]]:
+        """Successive chunks of at most ``size`` cells: of all cells in order, or of ``index``.
+        When streaming to CUDA, chunk k + 1's copy is under way while chunk k is used."""
+        total = self.n_cells if index is None else int(index.numel())
+        parts = [
+            slice(start, min(start + size, total)) if index is None else index[start : start + size]
+            for start in range(0, total, size)
+        ]
+        if not self._stream:
+            for cells in parts:
+                yield self.chunk(cells)
+            return
+        if self._staging and self._staging[0][next(iter(self.tensors))].shape[0] < size:
+            self._staging = []
+        ahead = self._staged(parts[0], 0, size)
+        for k in range(len(parts)):
+            current = ahead
+            if k + 1 < len(parts):
+                ahead = self._staged(parts[k + 1], (k + 1) % 2, size)
+            yield current
+
+
+class ChunkedELBO:
+    """The loss of ``elbo`` (TraceMeanField_ELBO or Trace_ELBO, one particle) with the
+    likelihood summed over chunks of ``chunk_cells`` cells of ``cells``.
+
+    Pass ``loss=chunked.loss, loss_and_grads=chunked.loss_and_grads`` to ``SVI`` and call
+    ``svi.step`` with the parameters-only model arguments (``observe=False``, no data): the
+    chunks supply the cell-wise arguments. ``minibatch``: each step uses that many cells drawn
+    at random without replacement (torch's generator), the likelihood scaled by N / B. On an
+    out-of-memory error inside a chunk (``is_oom``), ``release`` is called, the chunk halved
+    and the step's likelihood redone with the same draws (no progress lost); ``chunk_cells``
+    then holds the new size and ``shrinks`` the reasons.
+    """
+
+    def __init__(
+        self, elbo: ELBO, cells: CellData, chunk_cells: int, *, minibatch: int | None = None,
+        is_oom: Callable[[BaseException], bool] = lambda exc: False, release: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.elbo, self.cells, self.chunk_cells, self.minibatch = elbo, cells, chunk_cells, minibatch
+        self.is_oom, self.release = is_oom, release
+        self.shrinks: list[str] = []
+
+    def _cells_of_step(self) -> tuple[Tensor | None, float]:
+        if self.minibatch is None or self.minibatch >= self.cells.n_cells:
+            return None, 1.0
+        index = torch.randperm(self.cells.n_cells)[: self.minibatch].sort().values
+        return index, self.cells.n_cells / self.minibatch
+
+    def _likelihood(self, model: Callable, leaves: dict[str, Tensor], kwargs: dict[str, Any], index: Tensor | None, scale: float, backward: bool) -> float:
+        """-log p(data | draws) summed over the chunks; with ``backward`` its gradient is
+        accumulated into the leaves' ``.grad``."""
+        conditioned = poutine.scale(poutine.condition(model, data=leaves), scale=scale)
+
+        def is_likelihood(name: str, site: dict) -> bool:
+            return site["is_observed"] and name not in leaves and not site["infer"].get("_deterministic")
+
+        total = 0.0
+        for chunk in self.cells.chunks(index, self.chunk_cells):
+            trace = poutine.trace(conditioned).get_trace(**{**kwargs, **chunk, "observe": True})
+            trace.compute_log_prob(site_filter=is_likelihood)
+            loss = -sum(site["log_prob_sum"] for name, site in trace.nodes.items() if site["type"] == "sample" and is_likelihood(name, site))
+            if backward:
+                loss.backward()
+            total += float(loss.detach())
+            del trace, loss, chunk
+        return total
+
+    def _step(self, model: Callable, guide: Callable, kwargs: dict[str, Any], backward: bool) -> float:
+        recorder = poutine.trace(guide)
+        params_only = {**kwargs, "observe": False}
+        global_loss = self.elbo.differentiable_loss(model, recorder, **params_only)
+        draws = {
+            name: site["value"]
+            for name, site in prune_subsample_sites(recorder.trace).nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("is_auxiliary")
+        }
+        leaves = {name: value.detach().requires_grad_(backward) for name, value in draws.items()}
+        index, scale = self._cells_of_step()
+        while True:
+            try:
+                likelihood = self._likelihood(model, leaves, kwargs, index, scale, backward)
+                break
+            except Exception as exc:
+                if not self.is_oom(exc) or self.chunk_cells == 1:
+                    raise
+                failed = f"{type(exc).__name__}"
+            for leaf in leaves.values():
+                leaf.grad = None
+            self.release()
+            smaller = max(1, self.chunk_cells // 2)
+            reason = f"a chunk of {self.chunk_cells} cells ran out of memory ({failed}); redoing the step in chunks of {smaller}"
+            logger.warning("[MEMORY] %s", reason)
+            self.shrinks.append(reason)
+            self.chunk_cells = smaller
+        if backward:
+            surrogate = global_loss + sum((draws[name] * leaf.grad).sum() for name, leaf in leaves.items() if leaf.grad is not None)
+            if surrogate.requires_grad:
+                surrogate.backward()
+        return float(global_loss.detach()) + likelihood
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The loss of one step (no gradients)."""
+        with torch.no_grad():
+            return self._step(model, guide, kwargs, backward=False)
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The loss of one step; the parameters' ``.grad`` hold its full gradient."""
+        return self._step(model, guide, kwargs, backward=True)
+
+    def chunks_per_step(self) -> int:
+        cells = self.cells.n_cells if self.minibatch is None else min(self.minibatch, self.cells.n_cells)
+        return math.ceil(cells / self.chunk_cells)
+
