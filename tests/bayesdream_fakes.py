@@ -187,6 +187,8 @@ class FakeTransFitter:
     def _model_y(self, y_obs, x_true, alpha_y):
         device = self.model.device
         self.devices_seen.append(device)
+        if device == self.model.out_of_memory_on:
+            raise torch.OutOfMemoryError(f"fake: {device} is full")
         N, T = y_obs.shape
         with pyro.plate("features", T, dim=-1):
             phi_y = pyro.sample("phi_y", dist.Gamma(torch.full((), 5.0, device=device), torch.ones((), device=device)))
@@ -235,6 +237,7 @@ class FakeBayesDREAM:
         self.device = torch.device(device)
         self.alpha_x_prefit: Tensor | None = None
         self.alpha_x_type: str | None = None
+        self.out_of_memory_on: torch.device | None = None  # the trans model raises OOM there
         self._technical_fitter = FakeTechnicalFitter(self)
         self._cis_fitter = FakeCisFitter(self)
         self._trans_fitter = FakeTransFitter(self)

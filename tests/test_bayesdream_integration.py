@@ -10,6 +10,8 @@ import json
 import sys
 import types
 
+import tests.runner_fakes
+
 import pyro
 import pytest
 import torch
@@ -18,11 +20,13 @@ from bayesDREAM_ext.fit import fit_technical
 from devicemem.integrations.bayesdream import RULE, ObjectDevice, bayesdream_routing, one_planned_call
 from devicemem.testing import cgroup_unavailable_reason, run_child
 from tests.bayesdream_fakes import make_object
+from tests.runner_fakes import FakeGpu, fake_gpu
 
 needs_routing = pytest.mark.skipif(
     importlib.util.find_spec("devicemem.routes") is None, reason="devicemem.routing (issue 13) is not merged yet"
 )
 QUIET = dict(progress=False, seed=0)
+PYRO_PREDICTIVE = pyro.infer.Predictive
 
 
 def fitted_object():
@@ -58,7 +62,7 @@ def test_routed_stages_return_the_unrouted_keys_shapes_and_dtypes(stage):
     with bayesdream_routing(obj, **QUIET):
         routed = run(nsamples=30)
     assert signature(routed) == signature(plain)
-    assert pyro.infer.Predictive is pyro.infer.predictive.Predictive
+    assert pyro.infer.Predictive is PYRO_PREDICTIVE
 
 
 @needs_routing
@@ -72,6 +76,27 @@ def test_observed_sites_come_back_as_one_shared_copy():
     assert cis["x_obs"].stride(0) == 0 and cis["x_obs"].shape == (40, 120)
 
 
+class NumberedCpu(FakeGpu):
+    """A fake "cuda:0" whose torch device is ``cpu:0``: a device of its own name that runs."""
+
+    def torch_device(self, device: str) -> torch.device:
+        return torch.device("cpu", 0)
+
+
+@needs_routing
+def test_the_object_device_follows_the_batches_and_their_fall_back_to_the_host(monkeypatch):
+    obj = fitted_object()
+    obj.out_of_memory_on = torch.device("cpu", 0)
+    monkeypatch.setattr(tests.runner_fakes, "FakeGpu", NumberedCpu)
+    with fake_gpu():
+        with bayesdream_routing(obj, device="cuda:0", minibatch_size=4, **QUIET):
+            samples = obj.fit_trans(nsamples=12)
+    seen = obj._trans_fitter.devices_seen
+    on_gpu = [i for i, device in enumerate(seen) if device == torch.device("cpu", 0)]
+    assert on_gpu and set(seen[on_gpu[-1] + 1 :]) == {torch.device("cpu")} and len(seen) > on_gpu[-1] + 1
+    assert samples["slope"].shape == (12, 1, 29) and obj.device == torch.device("cpu")
+
+
 @needs_routing
 def test_everything_is_restored_when_a_stage_fails():
     obj = fitted_object()
@@ -80,7 +105,7 @@ def test_everything_is_restored_when_a_stage_fails():
         with bayesdream_routing(obj, **QUIET):
             obj.device = torch.device("cpu")
             1 / 0
-    assert pyro.infer.Predictive is pyro.infer.predictive.Predictive
+    assert pyro.infer.Predictive is PYRO_PREDICTIVE
     assert RULE not in vars(obj._technical_fitter) and obj.device == torch.device("cpu", 0)
 
 
@@ -104,7 +129,7 @@ def test_an_object_without_the_batch_rule_is_refused_before_anything_changes():
     with pytest.raises(RuntimeError, match="no _technical_fitter._estimate_predictive_memory_and_set_minibatch"):
         with bayesdream_routing(obj):
             pass
-    assert pyro.infer.Predictive is pyro.infer.predictive.Predictive
+    assert pyro.infer.Predictive is PYRO_PREDICTIVE
 
 
 @pytest.fixture

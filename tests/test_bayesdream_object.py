@@ -3,11 +3,13 @@ bayesDREAM's fit_cis / fit_trans read them (checked by the fakes' readers)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from bayesDREAM_ext.fit import fit_technical
-from tests.bayesdream_fakes import FLAGS, MissingTechnicalFit, make_object
+from tests.bayesdream_fakes import FLAGS, FakeModality, MissingTechnicalFit, make_object
 
 QUICK = dict(niters=20, nsamples=8, progress=False, seed=0)
 S, C, T = 8, 2, 30
@@ -128,3 +130,16 @@ def test_arrays_for_the_object_path_are_refused():
     obj = make_object()
     with pytest.raises(ValueError, match="groups: a bayesDREAM object brings its own"):
         fit_technical(obj, obj.meta["technical_group_code"], **QUICK)
+
+
+def test_an_additive_modality_gets_alpha_y_prefit_add():
+    obj = make_object()
+    values = np.random.default_rng(0).normal(5.0, 1.0, size=(6, 120))
+    obj.modalities["signal"] = FakeModality("signal", pd.DataFrame(values, columns=obj.meta["cell"]), "normal")
+    fit = fit_technical(obj, modality="signal", **QUICK)
+    signal = obj.get_modality("signal")
+    assert fit.distribution == "normal" and signal.alpha_y_prefit_mult is None
+    assert torch.equal(signal.alpha_y_prefit_add, fit.posterior_samples["alpha_y_add"])
+    assert signal.alpha_y_prefit_add.shape == (S, C, 6) and signal.posterior_samples_technical["alpha_y"] is signal.alpha_y_prefit_add
+    assert signal.feature_meta["technical_correction_applied"].all()
+    assert obj.alpha_x_prefit is None and obj.get_modality("gene").alpha_y_prefit_mult is None
