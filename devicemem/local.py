@@ -4,8 +4,10 @@ It asks the planner for a device and batch size, moves the guide's parameters an
 arguments there (restoring them afterwards), samples batch by batch into a
 :class:`~devicemem.results.Sink`, each batch one :meth:`devicemem.sampling.Sampler.draw`, and
 when a batch runs out of memory, halves the batch size, and as the last resort moves to the
-CPU. Draws are reproducible per (seed, plan): each batch is seeded from the seed and the
-index of its first sample, so a different plan gives different, equally valid draws.
+CPU. Draws are reproducible: closed-form latents (AutoNormal, AutoDelta) depend only on
+(seed, sample index), whatever the batches; the model's own draws (the likelihood) and other
+guides' draws come from a stream seeded from (seed, the batch's first sample index), so they
+are the same for the same plan, and a seeded plan does not depend on the probe's timings.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from devicemem.backends import Backend, get_backend
 from devicemem.checks import check_finite
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, BatchRecord, Sink, batch_seed, check_host, host_result_bytes, remedies
+from devicemem.results import (
+    HOST,
+    BatchRecord,
+    Sink,
+    batch_seed,
+    check_host,
+    host_result_bytes,
+    remedies,
+    sample_seeds,
+)
 from devicemem.sampling import Sampler, Site, select_sites
 from devicemem.units import format_bytes
 
@@ -54,6 +65,7 @@ class Request:
     plan: Plan | None = None
     validate: bool = False
     allow_nonfinite: bool = False
+    first_sample: int = 0  # index of this request's first sample in the whole run (a Ray shard's start)
 
 
 def choose_sites(request: Request, args: tuple, kwargs: dict) -> tuple[Sampler, dict[str, Site]]:
@@ -85,7 +97,7 @@ def _plan(
         request.model, request.guide, num_samples, *args, device=device, minibatch_size=request.minibatch_size,
         safety_factor=request.safety_factor, max_memory=request.max_memory,
         return_sites=list(request.return_sites) or None, posterior_samples=request.posterior_samples,
-        output_bytes=output_bytes, sampler=sampler, **kwargs,
+        output_bytes=output_bytes, sampler=sampler, reproducible=request.seed is not None, **kwargs,
     )
 
 
@@ -197,7 +209,7 @@ class _Run:
             began = time.perf_counter()
             failed = False
             try:
-                with _seeded(request.seed, self.start, where):
+                with _seeded(request.seed, request.first_sample + self.start, where):
                     self._draw(size, where, args, kwargs)
             except Exception as exc:
                 if not backend.is_oom(exc):
@@ -236,7 +248,10 @@ class _Run:
             if posterior is not None:
                 batch = to_device({n: v[first : first + count] for n, v in posterior.items()}, where)
             out = self.sink.slices(first, count) if where.type == HOST else None
-            samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out)
+            seeds = None if self.request.seed is None else sample_seeds(
+                self.request.seed, self.request.first_sample + first, count
+            )
+            samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out, seeds)
             if not self.request.allow_nonfinite:
                 check_finite(samples, first)
             self.sink.write(first, samples, non_blocking=where.type == "cuda")

@@ -219,6 +219,7 @@ def _decide(
     output_bytes: int | None,
     inputs_on: str,
     resources: Resources,
+    reproducible: bool = False,
 ) -> Plan:
     factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
     reasons = _Reasons()
@@ -268,7 +269,7 @@ def _decide(
             f"{format_bytes(footprint.peak_bytes(num_samples, resident))} ({footprint.source})"
         )
         return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
-                     factor, output_bytes, reasons)
+                     factor, output_bytes, reasons, reproducible)
     raise AssertionError("the host is always the last candidate")
 
 
@@ -293,6 +294,7 @@ def _conservative(
 def _size(
     device: str, footprint: Footprint, num_samples: int, minibatch_size: int | None, fit: int, budget: int,
     usable: int, resident: bool, factor: float, output_bytes: int | None, reasons: _Reasons,
+    reproducible: bool = False,
 ) -> Plan:
     """Batch size and mode on the chosen device."""
 
@@ -316,7 +318,13 @@ def _size(
 
     if fit >= 1:
         cap = min(fit, num_samples)
-        if footprint.saturation_batch is not None and footprint.saturation_batch < cap:
+        if reproducible and footprint.saturation_batch is not None and footprint.saturation_batch < cap:
+            reasons.add(
+                f"Not capping batches at {footprint.saturation_batch} samples, where the probe's timings say bigger "
+                "batches stop being faster: the run is seeded, timings vary from run to run, and the draws follow "
+                "the plan"
+            )
+        elif footprint.saturation_batch is not None and footprint.saturation_batch < cap:
             cap = footprint.saturation_batch
             reasons.add(
                 f"Capping batches at {cap} sample{'s' if cap > 1 else ''}: beyond that a bigger batch is no faster per "
@@ -397,6 +405,7 @@ def plan_predictive(
     output_bytes: int | None = None,
     resources: Resources | None = None,
     sampler: Sampler | None = None,
+    reproducible: bool = False,
     **kwargs: Any,
 ) -> Plan:
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
@@ -408,6 +417,8 @@ def plan_predictive(
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
     stop being faster; a user ``minibatch_size`` is kept (with a warning when over budget).
     ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with.
+    ``reproducible`` (a seeded run): the batch is not capped where the probe's timings say
+    bigger batches stop paying, as timings vary from run to run and the draws follow the plan.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
@@ -425,7 +436,7 @@ def plan_predictive(
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources)
+                   _inputs_device(args, kwargs), resources, reproducible)
 
 
 def plan_technical(

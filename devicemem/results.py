@@ -59,6 +59,18 @@ def batch_seed(seed: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, start]).generate_state(1, np.uint64)[0])
 
 
+LATENT_STREAM = 1  # tells sample_seeds' entropy from batch_seed's, so the two streams differ
+
+
+def sample_seeds(seed: int, first: int, count: int) -> list[int]:
+    """The seeds of samples ``first .. first + count - 1``'s latent draws: each depends on
+    (seed, sample index) only, never on the batch the sample is drawn in."""
+    return [
+        int(np.random.SeedSequence([seed, index, LATENT_STREAM]).generate_state(1, np.uint64)[0])
+        for index in range(first, first + count)
+    ]
+
+
 class Welford:
     """Streaming mean and unbiased variance over samples, float64 accumulators on the host."""
 
