@@ -114,8 +114,9 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
             plan.n_batches, "vectorised" if plan.vectorized else "sequential", plan.batch_size, plan.device,
         )
     on_host = get_backend(plan.device).kind == HOST
-    check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
-               (plan.predicted_peak_bytes or 0) if on_host else 0)
+    if request.plan is not None or not on_host:  # a host plan made here counted both in the planner's reading
+        check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
+                   (plan.predicted_peak_bytes or 0) if on_host else 0)
     pin = request.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
     sink = Sink(sites, request.reduce, request.num_samples, request.out, pin)
     _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report).execute()

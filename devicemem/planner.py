@@ -308,6 +308,13 @@ def _size(
         size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
         peak = footprint.peak_bytes(size, resident)
         reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} on {device}")
+        if peak > usable and device == HOST:  # over the host's limit an allocation can kill the process
+            raise ValueError(
+                f"[MEMORY] minibatch_size={minibatch_size} is predicted to need {format_bytes(peak)} on {device} "
+                f"({footprint.source}) but only {format_bytes(max(usable, 0))} is usable{_after(device, output_bytes)}; "
+                f"nothing was run. Pass a smaller minibatch_size (the largest within the budget is {fit}), or none "
+                "to let the planner choose"
+            )
         if peak > budget:
             reasons.add(
                 f"minibatch_size={minibatch_size} is predicted to peak at {format_bytes(peak)}, over the "
@@ -356,12 +363,17 @@ def _size(
             f"{format_bytes(usable + (output_bytes or 0))} is usable; nothing was run. Raise max_memory, draw "
             "fewer samples or return_sites, or write the results to disk (out=DIR, reduce=)"
         )
-    results = f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
+    counted = device == HOST and output_bytes
     raise ValueError(
         f"[MEMORY] one sample needs {format_bytes(one)} on {device} ({footprint.source}) but only "
-        f"{format_bytes(usable)} is usable{results}; nothing was run. Use a device with more "
-        "memory, fewer cells or features, fewer return_sites, or write the results to disk"
+        f"{format_bytes(usable)} is usable{_after(device, output_bytes)}; nothing was run. Use a device with more "
+        "memory, fewer cells or features, fewer return_sites" + (", or write the results to disk" if counted else "")
     )
+
+
+def _after(device: str, output_bytes: int | None) -> str:
+    """What an error adds when the results were counted against ``device``'s memory."""
+    return f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
 
 
 # --- public entry points -----------------------------------------------------------------
