@@ -12,6 +12,7 @@ are the same for the same plan, and a seeded plan does not depend on the probe's
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -32,9 +33,11 @@ from devicemem.planner import Plan
 from devicemem.results import (
     HOST,
     BatchRecord,
+    Manifest,
     Sink,
     batch_seed,
     check_host,
+    describe_sites,
     host_result_bytes,
     remedies,
     sample_seeds,
@@ -66,6 +69,7 @@ class Request:
     validate: bool = False
     allow_nonfinite: bool = False
     first_sample: int = 0  # index of this request's first sample in the whole run (a Ray shard's start)
+    resume: bool = False
 
 
 def choose_sites(request: Request, args: tuple, kwargs: dict) -> tuple[Sampler, dict[str, Site]]:
@@ -107,19 +111,26 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
     :class:`BatchRecord` per finished batch is appended to ``report`` as it finishes."""
     sampler, sites = choose_sites(request, args, kwargs)
     result_bytes = host_result_bytes(sites, request.reduce, request.num_samples, request.out)
-    plan = request.plan or _plan(request, request.device, request.num_samples, args, kwargs, result_bytes, sampler)
+    manifest = _resumed(request, sites) if request.resume else None
+    if manifest is not None:
+        plan = Plan(**manifest.fields["plan"])
+    else:
+        plan = request.plan or _plan(request, request.device, request.num_samples, args, kwargs, result_bytes, sampler)
     if request.plan is not None:
         logger.info(
             "[MEMORY] Using the given plan: %d %s batch(es) of %d on %s",
             plan.n_batches, "vectorised" if plan.vectorized else "sequential", plan.batch_size, plan.device,
         )
     on_host = get_backend(plan.device).kind == HOST
-    if request.plan is not None or not on_host:  # a host plan made here counted both in the planner's reading
+    if request.plan is not None or manifest is not None or not on_host:  # a host plan made here counted both
         check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
                    (plan.predicted_peak_bytes or 0) if on_host else 0)
     pin = request.out is None and get_backend(plan.device).torch_device(plan.device).type == "cuda"
-    sink = Sink(sites, request.reduce, request.num_samples, request.out, pin)
-    _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report).execute()
+    sink = Sink(sites, request.reduce, request.num_samples, request.out, pin, resume=manifest is not None)
+    if manifest is None and request.out is not None:
+        manifest = Manifest.begin(request.out, request.num_samples, request.seed, dataclasses.asdict(plan),
+                                  describe_sites(sites, request.reduce))
+    _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report, manifest).execute()
     working = [row.working_bytes for row in report if row.working_bytes is not None]
     logger.info(
         "[MEMORY] Drew %d samples in %d batch(es) on %s; largest batch needed %s (predicted %s)",
@@ -127,6 +138,26 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
         format_bytes(max(working) if working else None), format_bytes(plan.predicted_peak_bytes),
     )
     return sink.result(), plan
+
+
+def _resumed(request: Request, sites: dict[str, Site]) -> Manifest:
+    """The manifest of the run in ``request.out`` that this call continues; ValueError when it
+    is another run's (samples, seed or sites differ)."""
+    assert request.out is not None  # Predictive checks that resume comes with out
+    manifest = Manifest.load(request.out)
+    mine = {"num_samples": request.num_samples, "seed": request.seed, "sites": describe_sites(sites, request.reduce)}
+    for key, value in mine.items():
+        if manifest.fields.get(key) != value:
+            raise ValueError(
+                f"resume: {manifest.path} records a run with {key}={manifest.fields.get(key)!r:.200}; this call has "
+                f"{value!r:.200}"
+            )
+    done, step = manifest.fields["complete_samples"], manifest.fields["next_batch"]
+    logger.info(
+        "[MEMORY] Resuming the run in %s: samples 0-%d are on disk; continuing from %d in batches of %d on %s",
+        request.out, done - 1, done, step["batch_size"], step["device"],
+    )
+    return manifest
 
 
 @contextmanager
@@ -152,9 +183,10 @@ class _Run:
 
     def __init__(
         self, request: Request, plan: Plan, sink: Sink, sampler: Sampler, args: tuple, kwargs: dict,
-        result_bytes: int, report: list[BatchRecord],
+        result_bytes: int, report: list[BatchRecord], manifest: Manifest | None = None,
     ) -> None:
         self.request = request
+        self.manifest = manifest
         self.sampler = sampler
         self.result_bytes = result_bytes
         self.sink = sink
@@ -167,10 +199,15 @@ class _Run:
         self.vectorized = plan.vectorized
         self.start = 0
         self.retries = 0
+        if manifest is not None:  # where the run (perhaps an interrupted one) stands
+            step = manifest.fields["next_batch"]
+            self.start = manifest.fields["complete_samples"]
+            self.device, self.batch_size, self.vectorized = step["device"], step["batch_size"], step["vectorized"]
 
     def execute(self) -> None:
         total = self.request.num_samples
-        with tqdm(total=total, unit="sample", disable=not self.request.progress, desc="Predictive") as bar:
+        with tqdm(total=total, initial=self.start, unit="sample", disable=not self.request.progress,
+                  desc="Predictive") as bar:
             while self.start < total:
                 backend = get_backend(self.device)
                 moved = False
@@ -232,6 +269,8 @@ class _Run:
             self.report.append(record)
             self.start += size
             self.retries = 0
+            if self.manifest is not None:
+                self.manifest.record(self.start, self.device, self.batch_size, self.vectorized)
             bar.update(size)
             bar.set_postfix(
                 mem=format_bytes(backend.current_bytes(self.device)),

@@ -84,7 +84,12 @@ class Predictive:
     - ``seed``: each batch is seeded from (seed, index of its first sample) and the global RNG
       is left as it was; None draws from the global RNG like Pyro.
     - ``out``: a directory; results become numpy memmaps ``<site>.npy`` there (needed when
-      they exceed host memory; without ``out`` that case fails before sampling).
+      they exceed host memory; without ``out`` that case fails before sampling), with a
+      ``manifest.json`` rewritten after each batch (samples complete, seed, plan, sites;
+      ``"complete": false`` until the last batch is on disk).
+    - ``resume``: continue the interrupted run in ``out`` from its last complete batch, with its
+      plan and the batch size it had reached: with the same seed, the result equals an
+      uninterrupted run's. Single-device runs without ``reduce`` only.
     - ``reduce``: ``{"site": ("mean", "var")}`` returns ``"site:mean"`` and ``"site:var"``
       (float64, unbiased variance, streamed with Welford) instead of ``site``.
     - ``progress``: a tqdm bar over samples with device memory in use and peak vs budget.
@@ -126,6 +131,7 @@ class Predictive:
         backend: Any = None,
         validate: bool = False,
         allow_nonfinite: bool = False,
+        resume: bool = False,
     ) -> None:
         if guide is not None and posterior_samples is not None:
             raise ValueError("pass either guide or posterior_samples, not both")
@@ -141,11 +147,17 @@ class Predictive:
             if plan.num_samples != num_samples:
                 raise ValueError(f"plan is for {plan.num_samples} samples but num_samples is {num_samples}")
         self.sharding = distributed.check_backend(backend, device, plan)
+        if resume and (out is None or reduce or plan is not None or self.sharding is not None):
+            raise ValueError(
+                "resume: continues a single-device run written to out=DIR, with its own plan; it cannot be "
+                "combined with reduce=, plan= or sharding, and needs out="
+            )
         self.request = local.Request(
             model, guide, dict(posterior_samples) if posterior_samples is not None else None, num_samples,
             return_sites=sites, device=device, minibatch_size=minibatch_size,
             safety_factor=safety_factor, max_memory=max_memory, seed=seed, progress=progress, out=_check_out(out),
             reduce=_check_reduce(reduce), plan=plan, validate=bool(validate), allow_nonfinite=bool(allow_nonfinite),
+            resume=bool(resume),
         )
         self.model = model
         self.guide = guide
