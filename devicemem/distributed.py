@@ -4,8 +4,9 @@ Posterior samples are independent, so a run splits into contiguous shards of sam
 Each shard is one Ray task pinned to one device; inside it the single-device runner plans its
 own batches against that device's memory and returns its arrays; the driver writes each shard
 into the same preallocated host tensors (or ``out=`` memmaps) a single-device run fills, in
-sample order, and merges streaming reducers. Shard ``k`` starting at sample ``a`` is seeded
-from ``batch_seed(seed, a)``: the same seed and shard layout give the same samples.
+sample order, and merges streaming reducers. A shard runs its batches as a single-device run
+would, with the whole run's seed and sample indices: closed-form latents depend on (seed,
+sample index) only, the rest on (seed, each batch's first sample index).
 
 Where shards run (``device``):
 
@@ -45,7 +46,7 @@ from devicemem.backends import _split, device_memory, devices, get_backend, pars
 from devicemem import local
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, batch_seed, check_host
+from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, check_host
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.distributed")
@@ -411,7 +412,7 @@ def _run_shard(
         model, guide, posterior, shard.size, return_sites=job.return_sites, parallel=job.parallel,
         device=shard.slot.device, on_device=job.on_device, with_observed=False,
         minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
-        seed=None if job.seed is None else batch_seed(job.seed, shard.start), progress=False,
+        seed=job.seed, first_sample=shard.start, progress=False,
         reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
         allow_nonfinite=job.allow_nonfinite,
         threads=max(1, int(job.cpus_per_shard)),

@@ -558,9 +558,11 @@ def probe_footprint(
     (the runner's: it has already learnt the shapes), else one is made. Each site in ``reduce``
     is reduced to its mean and variance on the device inside each batch, as the runner does.
     """
-    from devicemem.sampling import PYRO_LOCK
+    from devicemem.backends import get_backend
+    from devicemem.sampling import PYRO_LOCK, rng_restored
 
-    with PYRO_LOCK:
+    backend = get_backend(device) if backend is None else backend
+    with PYRO_LOCK, rng_restored(backend.torch_device(device)):
         return _probe(model, guide, args, device, return_sites, batch_sizes, posterior_samples, max_batch_size,
                       max_probe_bytes, backend, sampler, tuple(reduce), kwargs)
 
@@ -571,8 +573,8 @@ def _probe(
     posterior_samples: Mapping[str, torch.Tensor] | None, max_batch_size: int | None, max_probe_bytes: int | None,
     backend: Any, sampler: Any, reduce: tuple[str, ...], kwargs: dict[str, Any],
 ) -> Footprint:
-    """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces."""
-    from devicemem.backends import get_backend
+    """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces and with its
+    own copy of the global RNGs, so that a probe never changes what later draws see."""
     from devicemem.placement import guide_tensors, parameters_on, to_device
     from devicemem.results import batch_moments
     from devicemem.sampling import Sampler, select_sites
@@ -584,7 +586,6 @@ def _probe(
         check_int(max_probe_bytes, "max_probe_bytes")
     if guide is None and posterior_samples is None:
         raise ValueError("probe_footprint: pass a guide or posterior_samples")
-    backend = get_backend(device) if backend is None else backend
     model_key, model_ref = _identity(model)
     guide_key, guide_ref = _identity(guide)
     key = (

@@ -4,12 +4,15 @@ It asks the planner for a device and batch size, moves the guide's parameters an
 arguments there (restoring them afterwards), samples batch by batch into a
 :class:`~devicemem.results.Sink`, each batch one :meth:`devicemem.sampling.Sampler.draw`, and
 when a batch runs out of memory, halves the batch size, and as the last resort moves to the
-CPU. Draws are reproducible per (seed, plan): each batch is seeded from the seed and the
-index of its first sample, so a different plan gives different, equally valid draws.
+CPU. Draws are reproducible: closed-form latents (AutoNormal, AutoDelta) depend only on
+(seed, sample index), whatever the batches; the model's own draws (the likelihood) and other
+guides' draws come from a stream seeded from (seed, the batch's first sample index), so they
+are the same for the same plan, and a seeded plan does not depend on the probe's timings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -29,7 +32,19 @@ from devicemem.backends import Backend, device_memory, get_backend
 from devicemem.checks import check_finite
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, STAGING_BYTES, BatchRecord, Sink, batch_seed, check_host, host_result_bytes, remedies
+from devicemem.results import (
+    HOST,
+    STAGING_BYTES,
+    BatchRecord,
+    Manifest,
+    Sink,
+    batch_seed,
+    check_host,
+    describe_sites,
+    host_result_bytes,
+    remedies,
+    sample_seeds,
+)
 from devicemem.sampling import Sampler, Site, select_sites
 from devicemem.units import format_bytes
 
@@ -64,6 +79,8 @@ class Request:
     threads: int | None = None
     on_device: Callable[[torch.device], None] | None = None
     with_observed: bool = True
+    first_sample: int = 0  # index of this request's first sample in the whole run (a Ray shard's start)
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,7 +136,8 @@ def _plan(
         request.model, request.guide, num_samples, *args, device=device, minibatch_size=request.minibatch_size,
         safety_factor=request.safety_factor, max_memory=request.max_memory,
         return_sites=list(request.return_sites or ()) or None, posterior_samples=request.posterior_samples,
-        output_bytes=output_bytes, sampler=sampler, reduce=tuple(request.reduce), **kwargs,
+        output_bytes=output_bytes, sampler=sampler, reduce=tuple(request.reduce), reproducible=request.seed is not None,
+        **kwargs,
     )
 
 
@@ -152,8 +170,11 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
     sampler, sites = selection.sampler, selection.drawn
     result_bytes = host_result_bytes(sites, request.reduce, request.num_samples, request.out)
     check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory)
+    manifest = _resumed(request, sites) if request.resume else None
     vectorised, why = _vectorises(request, selection, args, kwargs)
-    if request.plan is not None:
+    if manifest is not None:
+        plan = Plan(**manifest.fields["plan"])
+    elif request.plan is not None:
         plan = request.plan
         logger.info(
             "[MEMORY] Using the given plan: %d %s batch(es) of %d on %s%s",
@@ -169,10 +190,15 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
         )
     on_host = get_backend(plan.device).kind == HOST
     stage = get_backend(plan.device).torch_device(plan.device).type == "cuda"
-    check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
-               (plan.predicted_peak_bytes or 0) if on_host else STAGING_BYTES if stage else 0)
-    sink = Sink(sites, request.reduce, request.num_samples, request.out, stage, selection.constants)
-    _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report, vectorised).execute()
+    if request.plan is not None or manifest is not None or not on_host:  # a host plan made here counted both
+        check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
+                   (plan.predicted_peak_bytes or 0) if on_host else STAGING_BYTES if stage else 0)
+    sink = Sink(sites, request.reduce, request.num_samples, request.out, stage, selection.constants,
+                resume=manifest is not None)
+    if manifest is None and request.out is not None:
+        manifest = Manifest.begin(request.out, request.num_samples, request.seed, dataclasses.asdict(plan),
+                                  describe_sites(sites, request.reduce))
+    _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report, vectorised, manifest).execute()
     working = [row.working_bytes for row in report if row.working_bytes is not None]
     logger.info(
         "[MEMORY] Drew %d samples in %d batch(es) on %s; largest batch needed %s (predicted %s)",
@@ -187,6 +213,26 @@ def vectorized_trace(request: Request, args: tuple, kwargs: dict) -> Any:
     ``request.num_samples`` samples, conditioned on the posterior or the guide's draws."""
     sampler = Sampler(request.model, request.guide, args, kwargs, validate=request.validate)
     return sampler.trace(request.num_samples, args, kwargs, dict(request.posterior_samples) or None)
+
+
+def _resumed(request: Request, sites: dict[str, Site]) -> Manifest:
+    """The manifest of the run in ``request.out`` that this call continues; ValueError when it
+    is another run's (samples, seed or sites differ)."""
+    assert request.out is not None  # Predictive checks that resume comes with out
+    manifest = Manifest.load(request.out)
+    mine = {"num_samples": request.num_samples, "seed": request.seed, "sites": describe_sites(sites, request.reduce)}
+    for key, value in mine.items():
+        if manifest.fields.get(key) != value:
+            raise ValueError(
+                f"resume: {manifest.path} records a run with {key}={manifest.fields.get(key)!r:.200}; this call has "
+                f"{value!r:.200}"
+            )
+    done, step = manifest.fields["complete_samples"], manifest.fields["next_batch"]
+    logger.info(
+        "[MEMORY] Resuming the run in %s: samples 0-%d are on disk; continuing from %d in batches of %d on %s",
+        request.out, done - 1, done, step["batch_size"], step["device"],
+    )
+    return manifest
 
 
 @contextmanager
@@ -212,10 +258,11 @@ class _Run:
 
     def __init__(
         self, request: Request, plan: Plan, sink: Sink, sampler: Sampler, args: tuple, kwargs: dict,
-        result_bytes: int, report: list[BatchRecord], vectorised: bool,
+        result_bytes: int, report: list[BatchRecord], vectorised: bool, manifest: Manifest | None = None,
     ) -> None:
         self.request = request
         self.sequential = not vectorised
+        self.manifest = manifest
         self.sampler = sampler
         self.result_bytes = result_bytes
         self.sink = sink
@@ -229,10 +276,15 @@ class _Run:
         self.vectorized = plan.vectorized and vectorised
         self.start = 0
         self.retries = 0
+        if manifest is not None:  # where the run (perhaps an interrupted one) stands
+            step = manifest.fields["next_batch"]
+            self.start = manifest.fields["complete_samples"]
+            self.device, self.batch_size, self.vectorized = step["device"], step["batch_size"], step["vectorized"]
 
     def execute(self) -> None:
         total = self.request.num_samples
-        with tqdm(total=total, unit="sample", disable=not self.request.progress, desc="Predictive") as bar:
+        with tqdm(total=total, initial=self.start, unit="sample", disable=not self.request.progress,
+                  desc="Predictive") as bar:
             while self.start < total:
                 backend = get_backend(self.device)
                 moved = False
@@ -280,7 +332,7 @@ class _Run:
             began = time.perf_counter()
             failed = False
             try:
-                with _seeded(request.seed, self.start, where):
+                with _seeded(request.seed, request.first_sample + self.start, where):
                     self._draw(size, where, args, kwargs)
             except Exception as exc:  # a sequential sample is as small as a draw gets: no smaller batch helps
                 if not backend.is_oom(exc):
@@ -303,6 +355,8 @@ class _Run:
             self.start += size
             self.retries = 0
             self._grow(record)
+            if self.manifest is not None:
+                self.manifest.record(self.start, self.device, self.batch_size, self.vectorized)
             bar.update(size)
             bar.set_postfix(
                 mem=format_bytes(backend.current_bytes(self.device)),
@@ -318,12 +372,15 @@ class _Run:
         chunks = [(self.start, size)] if self.vectorized else [(i, 1) for i in range(self.start, self.start + size)]
         for first, count in chunks:
             batch = to_device({n: v[first : first + count] for n, v in posterior.items()}, where) or None
+            seeds = None if self.request.seed is None else sample_seeds(
+                self.request.seed, self.request.first_sample + first, count
+            )
             if self.sequential:
                 one = None if batch is None else {n: v[0] for n, v in batch.items()}
-                samples = self.sampler.draw_one(args, kwargs, self.sink.sites, one)
+                samples = self.sampler.draw_one(args, kwargs, self.sink.sites, one, None if seeds is None else seeds[0])
             else:
                 out = self.sink.slices(first, count) if where.type == HOST else None
-                samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out)
+                samples = self.sampler.draw(count, args, kwargs, self.sink.sites, batch, out, seeds)
             if not self.request.allow_nonfinite:
                 check_finite(samples, first)
             self.sink.write(first, samples)

@@ -249,6 +249,7 @@ def _decide(
     inputs_on: str,
     resources: Resources,
     probe_with_minibatch: bool = True,
+    reproducible: bool = False,
 ) -> Plan:
     factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
     reasons = _Reasons()
@@ -301,7 +302,7 @@ def _decide(
             f"{format_bytes(footprint.peak_bytes(num_samples, resident))} ({footprint.source})"
         )
         return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
-                     factor, output_bytes, reasons)
+                     factor, output_bytes, reasons, reproducible)
     raise AssertionError("the host is always the last candidate")
 
 
@@ -338,6 +339,7 @@ def _conservative(
 def _size(
     device: str, footprint: Footprint, num_samples: int, minibatch_size: int | None, fit: int, budget: int,
     usable: int, resident: bool, factor: float, output_bytes: int | None, reasons: _Reasons,
+    reproducible: bool = False,
 ) -> Plan:
     """Batch size and mode on the chosen device."""
 
@@ -351,6 +353,13 @@ def _size(
         size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
         peak = footprint.peak_bytes(size, resident)
         reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} on {device}")
+        if peak > usable and device == HOST:  # over the host's limit an allocation can kill the process
+            raise ValueError(
+                f"[MEMORY] minibatch_size={minibatch_size} is predicted to need {format_bytes(peak)} on {device} "
+                f"({footprint.source}) but only {format_bytes(max(usable, 0))} is usable{_after(device, output_bytes)}; "
+                f"nothing was run. Pass a smaller minibatch_size (the largest within the budget is {fit}), or none "
+                "to let the planner choose"
+            )
         if peak > budget:
             reasons.add(
                 f"minibatch_size={minibatch_size} is predicted to peak at {format_bytes(peak)}, over the "
@@ -361,7 +370,13 @@ def _size(
 
     if fit >= 1:
         cap = min(fit, num_samples)
-        if footprint.saturation_batch is not None and footprint.saturation_batch < cap:
+        if reproducible and footprint.saturation_batch is not None and footprint.saturation_batch < cap:
+            reasons.add(
+                f"Not capping batches at {footprint.saturation_batch} samples, where the probe's timings say bigger "
+                "batches stop being faster: the run is seeded, timings vary from run to run, and the draws follow "
+                "the plan"
+            )
+        elif footprint.saturation_batch is not None and footprint.saturation_batch < cap:
             cap = footprint.saturation_batch
             reasons.add(
                 f"Capping batches at {cap} sample{'s' if cap > 1 else ''}: beyond that a bigger batch is no faster per "
@@ -400,12 +415,17 @@ def _size(
             f"{format_bytes(usable + (output_bytes or 0))} is usable; nothing was run. Raise max_memory, draw "
             "fewer samples or return_sites, or write the results to disk (out=DIR, reduce=)"
         )
-    results = f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
+    counted = device == HOST and output_bytes
     raise ValueError(
         f"[MEMORY] one sample needs {format_bytes(one)} on {device} ({footprint.source}) but only "
-        f"{format_bytes(usable)} is usable{results}; nothing was run. Use a device with more "
-        "memory, fewer cells or features, fewer return_sites, or write the results to disk"
+        f"{format_bytes(usable)} is usable{_after(device, output_bytes)}; nothing was run. Use a device with more "
+        "memory, fewer cells or features, fewer return_sites" + (", or write the results to disk" if counted else "")
     )
+
+
+def _after(device: str, output_bytes: int | None) -> str:
+    """What an error adds when the results were counted against ``device``'s memory."""
+    return f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
 
 
 # --- public entry points -----------------------------------------------------------------
@@ -450,6 +470,7 @@ def plan_predictive(
     resources: Resources | None = None,
     sampler: Sampler | None = None,
     reduce: Sequence[str] = (),
+    reproducible: bool = False,
     **kwargs: Any,
 ) -> Plan:
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
@@ -465,6 +486,8 @@ def plan_predictive(
     without one the probe draws with a Sampler on :func:`resolve_threads`'s threads, as
     :class:`devicemem.Predictive` does by default, so its timings (and the cap) see the cores.
     ``reduce``: the sites reduced to mean and variance on the device, which the probe counts.
+    ``reproducible`` (a seeded run): the batch is not capped where the probe's timings say
+    bigger batches stop paying, as timings vary from run to run and the draws follow the plan.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
     where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
@@ -488,7 +511,8 @@ def plan_predictive(
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False)
+                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False,
+                   reproducible=reproducible)
 
 
 def plan_sequential(

@@ -110,7 +110,12 @@ class Predictive(torch.nn.Module):
     - ``seed``: each batch is seeded from (seed, index of its first sample) and the global RNG
       is left as it was; None draws from the global RNG like Pyro.
     - ``out``: a directory; results become numpy memmaps ``<site>.npy`` there (needed when
-      they exceed host memory; without ``out`` that case fails before sampling).
+      they exceed host memory; without ``out`` that case fails before sampling), with a
+      ``manifest.json`` rewritten after each batch (samples complete, seed, plan, sites;
+      ``"complete": false`` until the last batch is on disk).
+    - ``resume``: continue the interrupted run in ``out`` from its last complete batch, with its
+      plan and the batch size it had reached: with the same seed, the result equals an
+      uninterrupted run's. Single-device runs without ``reduce`` only.
     - ``reduce``: ``{"site": ("mean", "var")}`` returns ``"site:mean"`` and ``"site:var"``
       instead of ``site`` (float64, unbiased variance; each batch is reduced on its device,
       which the plan counts, and batches are merged on the host).
@@ -163,6 +168,7 @@ class Predictive(torch.nn.Module):
         allow_nonfinite: bool = False,
         threads: int | None = None,
         on_device: Callable[[torch.device], None] | None = None,
+        resume: bool = False,
     ) -> None:
         super().__init__()
         if posterior_samples is None and num_samples is None:
@@ -190,6 +196,11 @@ class Predictive(torch.nn.Module):
             if plan.num_samples != num_samples:
                 raise ValueError(f"plan is for {plan.num_samples} samples but num_samples is {num_samples}")
         self.sharding = distributed.check_backend(backend, device, plan)
+        if resume and (out is None or reduce or plan is not None or self.sharding is not None):
+            raise ValueError(
+                "resume: continues a single-device run written to out=DIR, with its own plan; it cannot be "
+                "combined with reduce=, plan= or sharding, and needs out="
+            )
         self.model = model
         self.posterior_samples = dict(posterior_samples)
         self.num_samples = num_samples
@@ -200,6 +211,7 @@ class Predictive(torch.nn.Module):
             device=device, minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory,
             seed=seed, progress=progress, out=_check_out(out), reduce=_check_reduce(reduce), plan=plan,
             validate=bool(validate), allow_nonfinite=bool(allow_nonfinite), threads=threads, on_device=on_device,
+            resume=bool(resume),
         )
         self.plan = plan
         self.report: list[BatchRecord | distributed.ShardRecord] = []

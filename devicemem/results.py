@@ -6,14 +6,16 @@ buffer, since torch's pinned allocator rounds every block up to a power of two a
 the process's life) and the streaming reducers: :class:`Moments` reduces each batch where it
 was drawn (:func:`batch_moments`) and merges batches, and shards, with Chan et al.'s formula.
 :class:`BatchRecord` describes a finished batch and :func:`batch_seed` seeds it, so every
-executor draws the same samples for the same (seed, first sample).
+executor draws the same samples for the same (seed, first sample). Under ``out=`` a :class:`Manifest` says how far the run got.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 import numpy as np
@@ -72,6 +74,19 @@ def batch_moments(batch: Tensor) -> tuple[Tensor, Tensor]:
     values = batch if batch.is_floating_point() else batch.double()
     var, mean = torch.var_mean(values, dim=0, correction=0)
     return mean, var.mul_(values.shape[0])
+
+
+LATENT_STREAM = 1  # tells sample_seeds' entropy from batch_seed's, so the two streams differ
+
+
+def sample_seeds(seed: int, first: int, count: int) -> list[int]:
+    """The seeds of samples ``first .. first + count - 1``'s latent draws: each depends on
+    (seed, sample index) only, never on the batch the sample is drawn in."""
+    return [
+        int(np.random.SeedSequence([seed, index, LATENT_STREAM]).generate_state(1, np.uint64)[0])
+        for index in range(first, first + count)
+    ]
+
 
 
 class Moments:
@@ -159,8 +174,10 @@ class Sink:
         out: Path | None,
         stage: bool,
         constants: Mapping[str, Tensor] | None = None,
+        resume: bool = False,
     ) -> None:
         self.sites = sites
+        self.resume = resume
         self.reduce = reduce
         self.num_samples = num_samples
         self.constants = dict(constants or {})
@@ -182,7 +199,13 @@ class Sink:
             np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         except TypeError as exc:
             raise ValueError(f"out: site {name!r} has dtype {dtype}, which numpy memmaps cannot hold") from exc
-        array = np.lib.format.open_memmap(out / f"{quote(name, safe='')}.npy", mode="w+", dtype=np_dtype, shape=shape)
+        path = out / f"{quote(name, safe='')}.npy"
+        if self.resume:
+            array = np.lib.format.open_memmap(path, mode="r+")
+            if array.shape != shape or array.dtype != np_dtype:
+                raise ValueError(f"resume: {path} holds {array.shape} {array.dtype}; this run writes {shape} {np_dtype}")
+        else:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
         self.memmaps.append(array)
         return torch.from_numpy(array)
 
@@ -233,6 +256,62 @@ class Sink:
             return self.reducers[name].result(statistic)
         value = self.constants[name].to(torch.float64)
         return _statistic(statistic, self.num_samples, value, torch.zeros_like(value))
+
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "devicemem.out/1"
+
+
+def describe_sites(sites: Mapping[str, Site], reduce: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """The stored sites as a manifest lists them: name -> shape per sample and dtype."""
+    return {name: {"shape": list(site.shape), "dtype": str(site.dtype)} for name, site in sites.items() if name not in reduce}
+
+
+class Manifest:
+    """``out=DIR/manifest.json``: what a run draws (samples, seed, plan, sites) and how far it
+    got (``complete_samples``, the batch that comes next), rewritten atomically after every
+    batch; ``complete`` turns true only when the last batch is on disk. An interrupted run
+    therefore says it is incomplete, and ``Predictive(..., out=DIR, resume=True)`` continues it.
+    """
+
+    def __init__(self, out: Path, fields: dict[str, Any]) -> None:
+        self.path = out / MANIFEST
+        self.fields = fields
+
+    @classmethod
+    def begin(cls, out: Path, num_samples: int, seed: int | None, plan: dict[str, Any], sites: dict[str, Any]) -> Manifest:
+        fields = {
+            "format": MANIFEST_FORMAT, "num_samples": num_samples, "seed": seed, "plan": plan, "sites": sites,
+            "complete_samples": 0, "complete": False,
+            "next_batch": {"device": plan["device"], "batch_size": plan["batch_size"], "vectorized": plan["vectorized"]},
+        }
+        manifest = cls(out, fields)
+        manifest._write()
+        return manifest
+
+    @classmethod
+    def load(cls, out: Path) -> Manifest:
+        """The manifest in ``out``; ValueError naming the file when it is missing or not one."""
+        path = out / MANIFEST
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"resume: cannot read {path} ({type(exc).__name__}: {exc}); nothing to resume") from exc
+        if not isinstance(fields, dict) or fields.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"resume: {path} is not a devicemem manifest")
+        return cls(out, fields)
+
+    def record(self, complete_samples: int, device: str, batch_size: int, vectorized: bool) -> None:
+        """After a batch: samples ``0 .. complete_samples - 1`` are on disk; the next batch."""
+        self.fields["complete_samples"] = complete_samples
+        self.fields["next_batch"] = {"device": device, "batch_size": batch_size, "vectorized": vectorized}
+        self.fields["complete"] = complete_samples == self.fields["num_samples"]
+        self._write()
+
+    def _write(self) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.fields, indent=1))
+        os.replace(partial, self.path)
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:

@@ -12,16 +12,19 @@ For :class:`~pyro.infer.autoguide.AutoNormal` and :class:`~pyro.infer.autoguide.
 posterior is known in closed form (one Normal per site in unconstrained space; a point), so the
 guide's run is replaced by drawing ``loc + scale * eps`` in place, which skips the
 distributions' broadcasting temporaries and argument checks. The draws follow the same
-distribution as Pyro's, but consume the random stream in a different order than Pyro.
+distribution as Pyro's, but consume the random stream in a different order than Pyro. Given
+one seed per sample, each sample's ``eps`` comes from its own generator, so its latents do not
+depend on the batch it is drawn in; the model's own draws (the likelihood) and other guides'
+draws come from the batch's stream, so they do.
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyro
@@ -83,12 +86,22 @@ class Site:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
+@contextmanager
+def rng_restored(device: torch.device | None = None) -> Iterator[None]:
+    """Run with the global RNGs put back as they were on exit: the host's, each CUDA device's
+    already initialised, and ``device``'s when it is a CUDA device."""
+    cuda = set(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else set()
+    if device is not None and device.type == "cuda":
+        cuda.add(device.index or 0)
+    with torch.random.fork_rng(devices=sorted(cuda)):
+        yield
+
+
 def _unvectorised_trace(fn: Callable[..., Any], args: tuple, kwargs: dict, seed: int | None = None) -> poutine.Trace:
     """One run of ``fn`` as Pyro traces it to learn shapes (under ``init_to_sample``, so that
     sites without ``.sample()``, such as ``ImproperUniform``, get values as in Pyro), drawing
     from ``seed`` when given; the global RNG is left as it was."""
-    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda), torch.no_grad(), poutine.block():
+    with rng_restored(), torch.no_grad(), poutine.block():
         if seed is not None:
             torch.manual_seed(seed)
         initialised = InitMessenger(init_to_sample)(poutine.mask(fn, mask=False))
@@ -198,19 +211,27 @@ def _same_shape(value: Tensor, *operands: Any) -> bool:
     return True
 
 
-def _draw_normal(
-    loc: Tensor, scale: Tensor, support: constraints.Constraint, num: int, out: Tensor | None = None
-) -> Tensor:
-    """``num`` draws of ``biject_to(support)(Normal(loc, scale))``, in place where possible;
-    into ``out`` (``num`` x ``loc``'s elements, contiguous) when given."""
-    shape = (num,) + tuple(loc.shape)
-    if out is None:
-        value = torch.empty(shape, dtype=loc.dtype, device=loc.device)
-    else:
-        value = out.view(shape)
-    value.normal_().mul_(scale).add_(loc)
+def _standard_normals(values: Sequence[Tensor], sample_seeds: Sequence[int] | None) -> None:
+    """Fill ``values`` (each [num, ...]) with standard normals: from the global RNG, or, given
+    one seed per sample, row by row from a generator seeded with that sample's seed (a sample's
+    rows of every site in turn), so that they do not depend on the batch."""
+    if sample_seeds is None or not values:
+        for value in values:
+            value.normal_()
+        return
+    generator = torch.Generator(device=values[0].device)
+    for row, seed in enumerate(sample_seeds):
+        generator.manual_seed(seed)
+        for value in values:
+            value[row].normal_(generator=generator)
+
+
+def _from_normal(value: Tensor, loc: Tensor, scale: Tensor, support: constraints.Constraint, in_place: bool) -> Tensor:
+    """``biject_to(support)(loc + scale * value)`` for standard normal ``value``, computed in
+    ``value`` where possible (and always, when ``in_place``: it is the caller's buffer)."""
+    value.mul_(scale).add_(loc)
     result = _in_place(biject_to(support), value)
-    return result if out is None or result is value else value.copy_(result)
+    return value.copy_(result) if in_place and result is not value else result
 
 
 def _fits(buffer: Tensor, loc: Tensor, value_shape: torch.Size, num: int) -> bool:
@@ -284,22 +305,29 @@ class Sampler:
                 name: _site_shape(guide_trace.nodes[name], self.guide_nesting) for name in guide_trace.stochastic_nodes
             }
 
-    def _guide_draws(self, num: int, args: tuple, kwargs: dict, out: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``num`` vectorised draws of each guide site, shaped ``[num, *guide shape]``."""
+    def _guide_draws(
+        self, num: int, args: tuple, kwargs: dict, out: Mapping[str, Tensor], sample_seeds: Sequence[int] | None
+    ) -> dict[str, Tensor]:
+        """``num`` vectorised draws of each guide site, shaped ``[num, *guide shape]``; closed-form
+        draws sample by sample from ``sample_seeds`` when given."""
         guide = self.guide
         if self.closed_form:
-            draws = {}
+            draws, normals = {}, []
             for name, site in guide.prototype_trace.iter_stochastic_nodes():
                 if isinstance(guide, AutoDelta):
                     point = attrgetter(name)(guide)  # how AutoDelta itself reads its point
-                    value = point.expand((num,) + tuple(point.shape))
-                else:
-                    loc, scale = guide._get_loc_and_scale(name)
-                    buffer = out.get(name)
-                    if buffer is not None and not _fits(buffer, loc, site["value"].shape, num):
-                        buffer = None
-                    value = _draw_normal(loc, scale, site["fn"].support, num, buffer)
-                draws[name] = value.reshape((num,) + self.guide_shapes[name])
+                    draws[name] = point.expand((num,) + tuple(point.shape)).reshape((num,) + self.guide_shapes[name])
+                    continue
+                loc, scale = guide._get_loc_and_scale(name)
+                buffer = out.get(name)
+                if buffer is not None and not _fits(buffer, loc, site["value"].shape, num):
+                    buffer = None
+                shape = (num,) + tuple(loc.shape)
+                value = torch.empty(shape, dtype=loc.dtype, device=loc.device) if buffer is None else buffer.view(shape)
+                normals.append((name, value, loc, scale, site["fn"].support, buffer is not None))
+            _standard_normals([entry[1] for entry in normals], sample_seeds)
+            for name, value, loc, scale, support, in_place in normals:
+                draws[name] = _from_normal(value, loc, scale, support, in_place).reshape((num,) + self.guide_shapes[name])
             return draws
         plate = pyro.plate(PLATE_NAME, num, dim=-self.guide_nesting - 1)
         trace = poutine.trace(plate(poutine.mask(guide, mask=False))).get_trace(*args, **kwargs)
@@ -318,13 +346,14 @@ class Sampler:
         kwargs: dict,
         posterior: Mapping[str, Tensor] | None = None,
         out: Mapping[str, Tensor] | None = None,
+        sample_seeds: Sequence[int] | None = None,
     ) -> poutine.Trace:
         """The model's trace under a sample plate of ``num``, conditioned on ``posterior`` (else
         on the guide's draws), with log-densities masked off, as Pyro's vectorised Predictive."""
         with torch.no_grad(), pyro.validation_enabled(self.validate), self._block_draws():
             latent = dict(posterior) if posterior is not None else {}
             if self.guide is not None:
-                latent.update(self._guide_draws(num, args, kwargs, out or {}))
+                latent.update(self._guide_draws(num, args, kwargs, out or {}, sample_seeds))
             condition = {name: self._condition(value, num) for name, value in latent.items()}
             plate = pyro.plate(PLATE_NAME, num, dim=-self.nesting - 1)
             masked = poutine.mask(self.model, mask=False)
@@ -338,20 +367,23 @@ class Sampler:
         returned: Collection[str],
         posterior: Mapping[str, Tensor] | None = None,
         out: Mapping[str, Tensor] | None = None,
+        sample_seeds: Sequence[int] | None = None,
     ) -> dict[str, Tensor]:
         """``num`` vectorised samples of each site in ``returned``; ``posterior`` holds ``num``
         posterior samples per latent site (instead of drawing them from the guide). ``out``
         offers buffers [num, *shape] that closed-form draws are written into directly (the
-        returned values then share their memory); the others are left alone. Raises
-        :class:`NotVectorised` when a sampled site's value is not one per sample."""
-        trace = self.trace(num, args, kwargs, posterior, out)
+        returned values then share their memory); the others are left alone.
+        ``sample_seeds`` (one per sample) seed the closed-form latent draws sample by sample.
+        Raises :class:`NotVectorised` when a sampled site's value is not one per sample."""
+        trace = self.trace(num, args, kwargs, posterior, out, sample_seeds)
         for name, site in self.sites.items():
             if name != "_RETURN" and not site.observed and name in trace.nodes:
                 _check_vectorised(name, trace.nodes[name]["value"], (num,) + site.shape)
         return {name: _reshape(trace.nodes[name]["value"], (num,) + self.sites[name].shape) for name in returned}
 
     def draw_one(
-        self, args: tuple, kwargs: dict, returned: Collection[str], posterior: Mapping[str, Tensor] | None = None
+        self, args: tuple, kwargs: dict, returned: Collection[str], posterior: Mapping[str, Tensor] | None = None,
+        sample_seed: int | None = None,
     ) -> dict[str, Tensor]:
         """One sample of each site in ``returned``, ``[1, *shape]``, as Pyro's sequential mode
         draws it: the model unvectorised (no sample plate), conditioned on ``posterior`` (one
@@ -359,7 +391,7 @@ class Sampler:
         with torch.no_grad(), pyro.validation_enabled(self.validate), self._block_draws():
             latent = dict(posterior) if posterior is not None else {}
             if self.guide is not None:
-                latent.update(self._guide_one(args, kwargs))
+                latent.update(self._guide_one(args, kwargs, sample_seed))
             masked = poutine.mask(self.model, mask=False)
             trace = poutine.trace(poutine.condition(masked, latent)).get_trace(*args, **kwargs)
         drawn = {}
@@ -378,9 +410,10 @@ class Sampler:
         sampler)."""
         return BlockDraws(self.threads) if self.threads is not None else nullcontext()
 
-    def _guide_one(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+    def _guide_one(self, args: tuple, kwargs: dict, sample_seed: int | None) -> dict[str, Tensor]:
         if self.closed_form:
-            return {name: value[0] for name, value in self._guide_draws(1, args, kwargs, {}).items()}
+            seeds = None if sample_seed is None else [sample_seed]
+            return {name: value[0] for name, value in self._guide_draws(1, args, kwargs, {}, seeds).items()}
         trace = poutine.trace(poutine.mask(self.guide, mask=False)).get_trace(*args, **kwargs)
         return {name: trace.nodes[name]["value"].reshape(shape) for name, shape in self.guide_shapes.items()}
 

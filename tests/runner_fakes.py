@@ -18,7 +18,7 @@ from devicemem.backends import DeviceMemory, get_backend, register_backend
 from devicemem.backends.base import Backend
 from devicemem.backends.host import CpuBackend
 from devicemem.planner import Plan
-from devicemem.results import batch_seed
+from devicemem.results import batch_seed, sample_seeds
 from devicemem.sampling import PLATE_NAME, Sampler, select_sites
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000 bytes."
@@ -174,11 +174,12 @@ def fake_gpu(watch: Faulty | None = None) -> Iterator[FakeGpu]:
 
 def expected_from_report(model, guide, report, seed, args, return_sites=()) -> dict[str, torch.Tensor]:
     """What a correct run must return for the batches in ``report``: one Sampler draw per batch
-    (the runner's unit of work) seeded from (seed, its first sample), concatenated in order."""
+    (the runner's unit of work) seeded from (seed, its first sample), its latents from each
+    sample's own seed, concatenated in order."""
     sampler = Sampler(model, guide, args, {})
     returned = select_sites(sampler.sites, return_sites, True, None)
     parts: list[dict[str, torch.Tensor]] = []
     for row in report:
         torch.manual_seed(batch_seed(seed, row.start))
-        parts.append(sampler.draw(row.size, args, {}, returned))
+        parts.append(sampler.draw(row.size, args, {}, returned, sample_seeds=sample_seeds(seed, row.start, row.size)))
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}

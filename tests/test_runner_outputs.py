@@ -45,7 +45,7 @@ def test_out_writes_numpy_memmaps_with_the_same_draws(problem, tmp_path):
                            progress=False)(*args)
     on_disk = Predictive(technical_model, guide=guide, num_samples=11, seed=1, plan=make_plan(11, 4),
                          progress=False, out=tmp_path / "draws")(*args)
-    assert sorted(path.name for path in (tmp_path / "draws").iterdir()) == sorted(f"{name}.npy" for name in in_memory)
+    assert sorted(path.name for path in (tmp_path / "draws").iterdir()) == sorted([f"{name}.npy" for name in in_memory] + ["manifest.json"])
     for name, value in in_memory.items():
         assert torch.equal(on_disk[name], value)
         saved = np.load(Path(tmp_path / "draws" / f"{name}.npy"), mmap_mode="r")
