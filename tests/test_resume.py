@@ -31,7 +31,7 @@ def manifest(path):
 
 def test_an_interrupted_run_is_marked_incomplete_and_resumes_to_the_uninterrupted_draws(problem, tmp_path):
     args, guide = problem
-    options = dict(guide=guide, num_samples=NUM, seed=3, progress=False)
+    options = dict(guide=guide, num_samples=NUM, seed=3, progress=False, parallel=True)  # no vectorising check
     whole = Predictive(technical_model, plan=make_plan(NUM, BATCH), out=tmp_path / "whole", **options)
     expected = {name: value.clone() for name, value in whole(*args).items()}
     done = manifest(tmp_path / "whole")
