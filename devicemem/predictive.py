@@ -115,7 +115,8 @@ class Predictive(torch.nn.Module):
     - ``validate``: keep Pyro's argument checks inside the draws. By default only the first,
       unbatched run of the model checks them (they cost ~20% of a likelihood draw).
     - ``on_device``: called with the ``torch.device`` before batches run on it, and again
-      when the run moves to the host.
+      when the run moves to the host (sharded runs call it in each shard's worker: it must
+      pickle).
     - ``device="all"``, a list of devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
       device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
