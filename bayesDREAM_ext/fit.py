@@ -483,8 +483,8 @@ def fit_technical(
         trained_guide = _restore_guide(inputs, guide_state, data)
         losses, rates, svi_seconds = guide_state.losses, guide_state.learning_rates, guide_state.training_s
     trained = time.perf_counter()
-    predictive = Predictive(
-        inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=_site_names(inputs),
+    predictive = Predictive(  # parallel=True: the technical models vectorise, no need to check
+        inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=_site_names(inputs), parallel=True,
         max_memory=max_memory, seed=seed, progress=progress, plan=predictive_plan,
     )
     try:

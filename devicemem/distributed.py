@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from devicemem.backends import _split, device_memory, devices, get_backend, parse_max_memory
 from devicemem import local
+from devicemem.backends import _split, device_memory, devices, get_backend, parse_max_memory
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
 from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, check_host

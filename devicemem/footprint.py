@@ -8,7 +8,7 @@ Two estimators, one record (:class:`Footprint`):
   peak RSS in fresh child processes
   (bench/w3_accuracy.py checks them on a grid).
 - :func:`probe_footprint`, for any Pyro model and guide: runs at least three vectorised draws
-  on the target device (each foreseen to fit the budget, assuming up to quadratic growth),
+  on the target device (each foreseen to fit the budget, allowing for quadratic growth),
   measures each one's peak through the device's backend, fits a line through the two largest,
   or a parabola through the last three when they grow faster than linearly, and adds
   :data:`PROBE_MARGIN`. Results are cached per (model, guide, argument shapes, device).
@@ -415,13 +415,17 @@ def _quadratic(measures: list[_Measure]) -> tuple[float, float, float]:
 
 
 def _predicted(measures: list[_Measure], batch: int) -> float:
-    """A batch's peak as the probe can foresee it: the parabola through the last three batches
-    once they show super-linear growth, the line through the last two once three show none;
-    with fewer, the last batch's peak grown with the square of the batch (no faster growth
-    is assumed anywhere)."""
+    """A larger batch's peak as the probe can foresee it: the parabola through the last three
+    batches once they show super-linear growth, the line through the last two once three show
+    none; after two, ``a + c B^2`` through both (above any growth up to quadratic from there
+    on); after one, its peak per sample (the one step quadratic growth can outrun)."""
     last = measures[-1]
-    if len(measures) < 3:
-        return last.delta_bytes * (batch / last.batch_size) ** 2
+    if len(measures) == 1:
+        return last.delta_bytes * batch / last.batch_size
+    if len(measures) == 2:
+        first = measures[0]
+        curvature = (last.delta_bytes - first.delta_bytes) / (last.batch_size**2 - first.batch_size**2)
+        return last.delta_bytes + max(curvature, 0.0) * (batch**2 - last.batch_size**2)
     if _superlinear(measures):
         intercept, slope, curvature = _quadratic(measures)
         return intercept + slope * batch + curvature * batch * batch
@@ -487,16 +491,25 @@ def _climb(
             if not attempt(batch):
                 break
         return climb
+    def clearly_fits() -> _Climb | None:
+        bound = _bound(measures, cap)
+        if limit is not None and bound is not None and 4 * bound <= limit:
+            return _Climb(measures[-1:], min_limit=4 * bound)
+        return None
+
     for batch in ladder:
         # the first batch also warms up (and is the noisiest): it ends the climb only when big
         big = measures and measures[-1].delta_bytes >= PROBE_TARGET_BYTES * (4 if len(measures) == 1 else 1)
         if big and (len(measures) >= 3 or measures[-1].delta_bytes >= 4 * PROBE_TARGET_BYTES):
             break
-        bound = _bound(measures, cap)
-        if limit is not None and bound is not None and 4 * bound <= limit:
-            return _Climb(measures[-1:], min_limit=4 * bound)
+        early = clearly_fits()
+        if early is not None:
+            return early
         if not attempt(batch):
             return climb
+    early = clearly_fits()
+    if early is not None:
+        return early
     if 2 * measures[-1].batch_size < cap:
         attempt(2 * measures[-1].batch_size)
     return climb

@@ -130,7 +130,8 @@ class Predictive(torch.nn.Module):
       (:mod:`devicemem.blockdraw`), with the same values for any number; default
       ``DEVICEMEM_THREADS``, else the cores this process may use (``devicemem info``).
     - ``on_device``: called with the ``torch.device`` before batches run on it, and again
-      when the run moves to the host.
+      when the run moves to the host (sharded runs call it in each shard's worker: it must
+      pickle).
     - ``device``: a name ("auto", "cpu", "cuda:1"...) or a ``torch.device``. ``"all"``, a list of
       several devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one

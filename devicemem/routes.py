@@ -11,7 +11,9 @@ the outer one back. Options override the routed call's own arguments of the same
 ``parallel=True``).
 
 Only lookups made while routed see the change: a ``from pyro.infer import Predictive`` that
-ran before routing keeps Pyro's class.
+ran before routing keeps Pyro's class. A routed call that leaves ``parallel`` out gets
+devicemem's default, None (vectorise when the model does, else Pyro's sequential mode), not
+Pyro's False.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Vectorised posterior draws with ``pyro.infer.Predictive(parallel=True)``'s semantics, traced once.
+"""Posterior draws with ``pyro.infer.Predictive``'s semantics, the model traced once.
 
 Every call of ``pyro.infer.Predictive`` first runs the guide and the model unvectorised, twice
 each, to guess the plate nesting and the sites' shapes (``pyro.infer.predictive._predictive``).
@@ -6,7 +6,8 @@ With an observation site each of those runs costs a whole sample, and a batched 
 once per batch. A :class:`Sampler` learns the shapes once (:func:`model_sites`) and then each
 :meth:`Sampler.draw` is what Pyro's vectorised part does: the guide under an outer plate of
 ``num`` samples, then the model conditioned on the guide's draws under the same plate, both
-with ``torch.no_grad`` and log-densities masked off.
+with ``torch.no_grad`` and log-densities masked off. :meth:`Sampler.draw_one` is Pyro's
+sequential mode (``parallel=False``) for one sample: the model without a sample plate.
 
 For :class:`~pyro.infer.autoguide.AutoNormal` and :class:`~pyro.infer.autoguide.AutoDelta` the
 posterior is known in closed form (one Normal per site in unconstrained space; a point), so the
@@ -123,15 +124,10 @@ def _site_shape(node: dict, nesting: int) -> tuple[int, ...]:
     return (1,) * (nesting - len(node["fn"].batch_shape)) + tuple(node["value"].shape)
 
 
-def model_sites(model: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, dict[str, Site]]:
-    """(max plate nesting, every site ``pyro.infer.Predictive`` can return for ``model``), each
-    shaped as Pyro returns it per sample: plate dims padded to the nesting. Runs the model once."""
-    nesting, sites, _ = _model_trace(model, args, kwargs)
-    return nesting, sites
-
-
-def _model_trace(model: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, dict[str, Site], poutine.Trace]:
-    """(nesting, sites, one unvectorised trace). A site counts as observed data when it is
+def model_sites(model: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, dict[str, Site], poutine.Trace]:
+    """(max plate nesting, every site ``pyro.infer.Predictive`` can return for ``model``, each
+    shaped as Pyro returns it per sample: plate dims padded to the nesting, one unvectorised
+    trace). A site counts as observed data when it is
     observed, not a ``pyro.deterministic``, and has the same value in a second run that draws
     other latents (a reparameterised site, observed but computed from latents, does not)."""
     trace = _unvectorised_trace(model, args, kwargs)
@@ -280,7 +276,7 @@ class Sampler:
         self.guide = guide
         self.validate = validate
         self.threads = threads
-        self.nesting, self.sites, trace = _model_trace(model, args, dict(kwargs))
+        self.nesting, self.sites, trace = model_sites(model, args, dict(kwargs))
         self.observed = {
             name: trace.nodes[name]["value"].detach().reshape(site.shape)
             for name, site in self.sites.items() if site.observed

@@ -270,9 +270,12 @@ def test_sequential_mode_moves_to_the_host_when_the_device_runs_out_of_memory(ca
                 raise torch.OutOfMemoryError("fake")
             return item_model()
 
+        seen = []
         with caplog.at_level(logging.WARNING, logger="devicemem"):
-            predictive = Predictive(model, num_samples=40, parallel=False, device="cuda:0", seed=0, progress=False)
+            predictive = Predictive(model, num_samples=40, parallel=False, device="cuda:0", seed=0, progress=False,
+                                    on_device=seen.append)
             samples = predictive()
+    assert len(seen) == 2, "on_device: once before the fake GPU's batches, once on the move to the host"
     assert samples["y"].shape == (40, G) and bool(torch.all(samples["y"] != 0))
     devices = [row.device for row in predictive.report]
     assert devices[0] == "cuda:0" and devices[-1] == "cpu" and sum(row.size for row in predictive.report) == 40
