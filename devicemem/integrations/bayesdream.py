@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from devicemem.routing import routing
+
 logger = logging.getLogger("devicemem.integrations.bayesdream")
 
 RULE = "_estimate_predictive_memory_and_set_minibatch"
@@ -118,8 +120,6 @@ def bayesdream_routing(model_obj: Any = None, **predictive_options: Any) -> Iter
     changed, if that bayesDREAM has no such rule. Everything is restored on exit, error or not.
     """
     owner = _rule_owner(model_obj)
-    from devicemem.routing import routing
-
     options = dict(predictive_options)
     with ExitStack() as stack:
         if owner is not None:
