@@ -59,6 +59,15 @@ def test_routed_stages_return_the_unrouted_keys_shapes_and_dtypes(stage):
     assert pyro.infer.Predictive is PYRO_PREDICTIVE
 
 
+def test_the_cis_minibatch_path_runs_routed_though_its_model_cannot_be_vectorised():
+    obj = fitted_object()
+    with pytest.raises(RuntimeError, match="expand"):
+        obj.fit_cis(nsamples=10, minibatch_size=4)
+    with bayesdream_routing(obj, **QUIET):
+        samples = obj.fit_cis(nsamples=10, minibatch_size=4)
+    assert samples["log2_x_eff_g"].shape == (12, 5)
+
+
 def test_observed_sites_come_back_as_one_shared_copy():
     obj = fitted_object()
     with bayesdream_routing(obj, **QUIET):
