@@ -84,12 +84,14 @@ def _is_frame(values: Any) -> bool:
     return hasattr(values, "columns") and hasattr(values, "index") and hasattr(values, "to_numpy")
 
 
-def _dense(values: Any) -> np.ndarray:
-    values = values.to_numpy() if _is_frame(values) else values
-    return values.toarray() if sparse.issparse(values) else np.asarray(values)
+def _array(values: Any) -> Any:
+    """A DataFrame's values, a sparse matrix as it is, anything else as a numpy array."""
+    if _is_frame(values):
+        return values.to_numpy()
+    return values if sparse.issparse(values) else np.asarray(values)
 
 
-def _source(model_obj: Any, name: str, modality: Any) -> tuple[np.ndarray, list[str], int, bool]:
+def _source(model_obj: Any, name: str, modality: Any) -> tuple[Any, list[str], int, bool]:
     """(counts, their cell names, cells axis, whether they are the object's own ``counts``).
 
     Like bayesDREAM, the primary modality is fitted from the object's ``counts`` (which keep
@@ -99,15 +101,19 @@ def _source(model_obj: Any, name: str, modality: Any) -> tuple[np.ndarray, list[
     if name == getattr(model_obj, "primary_modality", None) and getattr(model_obj, "counts", None) is not None:
         counts = model_obj.counts
         cells = list(counts.columns) if _is_frame(counts) else meta_cells[: counts.shape[1]]
-        return _dense(counts), cells, 1, True
+        return _array(counts), cells, 1, True
     axis = 1 if np.ndim(modality.counts) == 3 else getattr(modality, "cells_axis", 1)
     cells = getattr(modality, "cell_names", None)
     cells = list(cells) if cells is not None else meta_cells[: modality.counts.shape[axis]]
-    return _dense(modality.counts), cells, axis, False
+    return _array(modality.counts), cells, axis, False
 
 
-def _features_first(values: np.ndarray, cells: list[int], axis: int) -> np.ndarray:
-    """The ``cells`` of ``values`` (cells on ``axis``), features first: [T, N] or [T, N, K]."""
+def _features_first(values: Any, cells: list[int], axis: int) -> np.ndarray:
+    """The ``cells`` of ``values`` (cells on ``axis``; sparse matrices densified only for
+    those), features first: [T, N] or [T, N, K]."""
+    if sparse.issparse(values):
+        values = (values.tocsc()[:, cells] if axis == 1 else values.tocsr()[cells, :]).toarray()
+        return values if axis == 1 else values.T
     return np.moveaxis(np.take(values, cells, axis=axis), axis, 1)
 
 
@@ -158,7 +164,7 @@ def read_inputs(model_obj: Any, sum_factor_col: str | None, modality: str | None
         counts=_features_first(counts, ntc, axis),
         groups=groups.astype(np.int64),
         sum_factors=sum_factors,
-        denominator=None if denominator is None else _features_first(_dense(denominator), ntc, axis),
+        denominator=None if denominator is None else _features_first(_array(denominator), ntc, axis),
         cis_index=cis_index,
         from_object_counts=from_object,
     )

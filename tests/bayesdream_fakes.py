@@ -10,7 +10,8 @@ Patterns reproduced (../shared/REFERENCE.md section 7):
   minibatch and ``use_parallel``; one ``pyro.infer.Predictive`` per caller-made batch (a new
   one for a smaller last batch), ``parallel=use_parallel``, filled into CPU buffers;
 - cis: ``Predictive(model, guide=AutoNormalMessenger, num_samples=S)`` with no ``parallel``;
-  the model does ``mu.expand(G)``, which fails under any sample plate;
+  the model does ``mu.expand(G)``, which fails under any sample plate; with ``minibatch_size``,
+  one ``parallel=True`` Predictive called ceil(S / minibatch) times (so it overshoots S);
 - trans: the same call; under a sample plate ``phi_y.unsqueeze(-2)`` makes the likelihood's
   parameters [B, B, N, T]; the observed ``y_obs`` comes back too.
 ``fit_cis`` / ``fit_trans`` first read what a technical fit leaves on the object and raise
@@ -153,7 +154,7 @@ class FakeCisFitter:
         with pyro.plate("cells", x_obs.shape[0], dim=-1):
             pyro.sample("x_obs", dist.Normal(log2_x_eff_g[..., guides] + alpha_x, 1.0), obs=x_obs)
 
-    def fit_cis(self, nsamples: int = 50) -> dict[str, Tensor]:
+    def fit_cis(self, nsamples: int = 50, minibatch_size: int | None = None) -> dict[str, Tensor]:
         obj = self.model
         meta = obj.meta
         C = int(meta["technical_group_code"].nunique())
@@ -173,7 +174,11 @@ class FakeCisFitter:
         args = (x_obs, guides, alpha_x, int(guides.max()) + 1)
         guide = AutoNormalMessenger(self._model_x)
         guide(*args)
-        return pyro.infer.Predictive(self._model_x, guide=guide, num_samples=nsamples)(*args)
+        if minibatch_size is None:
+            return pyro.infer.Predictive(self._model_x, guide=guide, num_samples=nsamples)(*args)
+        predictive = pyro.infer.Predictive(self._model_x, guide=guide, num_samples=minibatch_size, parallel=True)
+        parts = [predictive(*args) for _ in range(0, nsamples, minibatch_size)]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 class FakeTransFitter:

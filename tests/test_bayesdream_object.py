@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import sparse
 
 from bayesDREAM_ext.fit import fit_technical
 from tests.bayesdream_fakes import FLAGS, FakeModality, MissingTechnicalFit, make_object
@@ -143,3 +144,13 @@ def test_an_additive_modality_gets_alpha_y_prefit_add():
     assert signal.alpha_y_prefit_add.shape == (S, C, 6) and signal.posterior_samples_technical["alpha_y"] is signal.alpha_y_prefit_add
     assert signal.feature_meta["technical_correction_applied"].all()
     assert obj.alpha_x_prefit is None and obj.get_modality("gene").alpha_y_prefit_mult is None
+
+
+def test_a_sparse_modality_matches_its_dense_twin():
+    dense, stored = make_object(), make_object()
+    del dense.counts, stored.counts
+    gene = stored.get_modality("gene")
+    gene.counts = sparse.csr_matrix(gene.counts)
+    fits = [fit_technical(obj, modality="gene", **QUICK) for obj in (dense, stored)]
+    for name, value in fits[0].posterior_samples.items():
+        torch.testing.assert_close(fits[1].posterior_samples[name], value, equal_nan=True)

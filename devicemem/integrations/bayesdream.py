@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from devicemem.routes import routing
+
 logger = logging.getLogger("devicemem.integrations.bayesdream")
 
 RULE = "_estimate_predictive_memory_and_set_minibatch"
@@ -110,7 +112,10 @@ def bayesdream_routing(model_obj: Any = None, **predictive_options: Any) -> Iter
     """Route every ``pyro.infer.Predictive`` that bayesDREAM builds through devicemem.
 
     ``predictive_options`` go to every devicemem Predictive (``device``, ``max_memory``,
-    ``minibatch_size``, ``seed``, ``progress``, ...). With ``model_obj`` (the bayesDREAM
+    ``minibatch_size``, ``seed``, ``progress``, ...) and win over bayesDREAM's own arguments;
+    ``parallel`` defaults to None (vectorise where the model allows it, else one sample at a
+    time), so that its cis minibatch path, which asks for ``parallel=True`` on a model that
+    cannot be vectorised, runs. With ``model_obj`` (the bayesDREAM
     object) its ``device`` follows the batches, so ``device`` defaults to "auto"; without it
     the batches stay where devicemem is told, by default the host, where bayesDREAM's
     technical step runs Predictive. The technical batch rule is replaced on ``model_obj``'s
@@ -118,8 +123,6 @@ def bayesdream_routing(model_obj: Any = None, **predictive_options: Any) -> Iter
     changed, if that bayesDREAM has no such rule. Everything is restored on exit, error or not.
     """
     owner = _rule_owner(model_obj)
-    from devicemem.routes import routing
-
     options = dict(predictive_options)
     with ExitStack() as stack:
         if owner is not None:
@@ -129,5 +132,6 @@ def bayesdream_routing(model_obj: Any = None, **predictive_options: Any) -> Iter
             options["on_device"] = ObjectDevice(model_obj, options.get("on_device"))
         else:
             options.setdefault("device", "cpu")
+        options.setdefault("parallel", None)
         stack.enter_context(routing(**options))
         yield
