@@ -263,6 +263,15 @@ def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None,
     return None
 
 
+def _iaf_layout(shape: _Shape, memory: DeviceMemory, budget: int, chunk_cells: int | None, minibatch: int | None, itemsize: int) -> _Layout | None:
+    """AutoIAFNormal's layout on ``memory.device``, or None when its weights leave no room
+    (an over-budget forced chunk is no error here: AutoNormal is the fallback)."""
+    try:
+        return _layout(shape, "iaf", memory, budget, chunk_cells, minibatch, itemsize)
+    except ValueError:
+        return None
+
+
 def _one_cell_message(shape: _Shape, guide: str, device: str, budget: int | None) -> str:
     need = guide_bytes(guide, shape.latent()) + STEP_FIXED_BYTES + chunk_cell_bytes(shape.n_features, shape.n_categories, distribution=shape.distribution)
     return (f"SVI cannot fit {device}: even one cell per chunk needs {format_bytes(need)} (guide + optimizer state + "
@@ -330,10 +339,11 @@ def plan_training(
     kind = "normal"
     if guide in ("iaf", "auto"):
         iaf_need = shape.full_need("iaf", shape.n_cells)
-        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)}, budget {format_bytes(budget)} on {memory.device}"
-        if layout.chunk_cells is None and _fits(iaf_need, budget) and budget is not None:
-            kind, layout = "iaf", replace(layout, need=iaf_need)
-            reasons.append(f"{verdict}: using it")
+        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)} in full-data steps, budget {format_bytes(budget)} on {memory.device}"
+        iaf_layout = None if budget is None else _iaf_layout(shape, memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
+        if iaf_layout is not None:
+            kind, layout = "iaf", iaf_layout
+            reasons.append(f"{verdict}: using it" + ("" if iaf_layout.chunk_cells is None else f", in chunks ({iaf_layout.reason})"))
         elif guide == "iaf":
             raise ValueError(f"guide: {verdict}; it does not fit. Use guide='normal' or 'auto'")
         else:
