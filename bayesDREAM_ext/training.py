@@ -396,7 +396,12 @@ def _current_lr(optimizer: pyro.optim.PyroLRScheduler) -> float:
 
 
 class _DoesNotFit(Exception):
-    """The first step on a GPU ran out of memory or exceeded the budget (auto may retry on CPU)."""
+    """The first full-data step on a GPU ran out of memory or exceeded the budget; ``fraction``
+    is the share of the step that would have fitted (a half after an OOM)."""
+
+    def __init__(self, problem: str, fraction: float) -> None:
+        super().__init__(problem)
+        self.fraction = fraction
 
 
 @dataclass(frozen=True)
@@ -436,8 +441,10 @@ def train(
 ) -> TrainResult:
     """Run SVI on ``plan.device``, in full-data steps or chunks as planned. With
     ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
-    memory or measures above the budget restarts training on the CPU (planned again there with
-    ``max_memory``). Clears Pyro's global param store first, as bayesDREAM does.
+    memory or measures above the budget restarts training on that GPU in chunks (half the
+    cells after an OOM, else in proportion to the overshoot), and only when that too runs out
+    of memory on the CPU (planned again there with ``max_memory``). Clears Pyro's global param
+    store first, as bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
     ``tolerance`` x |EWMA| per step over its own window (W = 1 / alpha_ewma steps).
@@ -450,13 +457,25 @@ def train(
     bit-identically on the same device and layout.
     """
     options = SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume)
+    backend = get_backend(plan.device)
     try:
         return _train_on(inputs, plan, options, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
     except _DoesNotFit as exc:
-        reason = f"{exc}; restarting SVI on the CPU"
+        n_cells = _value_shape(inputs)[0]
+        chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
+        reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
         logger.warning("[MEMORY] %s", reason)
     pyro.clear_param_store()
-    get_backend(plan.device).empty_cache(plan.device)
+    backend.empty_cache(plan.device)
+    try:
+        return _train_on(inputs, replace(plan, chunk_cells=chunk, reasons=plan.reasons + (reason,)), options, check_first_step=False)
+    except Exception as exc:
+        if not backend.is_oom(exc):
+            raise
+        reason = f"SVI ran out of memory on {plan.device} even in chunks ({type(exc).__name__}); restarting SVI on the CPU"
+        logger.warning("[MEMORY] %s", reason)
+    pyro.clear_param_store()
+    backend.empty_cache(plan.device)
     n_cells, n_features, n_categories = _value_shape(inputs)
     host_plan = plan_training(
         n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
@@ -595,13 +614,14 @@ def _first_step(svi: SVI, kwargs: dict[str, Any], backend: Backend, plan: Traini
     except Exception as exc:
         if not (check and backend.is_oom(exc)):
             raise
-        problem = f"the first SVI step ran out of memory on {plan.device} ({type(exc).__name__})"
+        problem, fraction = f"the first SVI step ran out of memory on {plan.device} ({type(exc).__name__})", 0.5
     else:
         peak = _peak_over(backend, plan.device, baseline)
         if not (check and plan.budget_bytes is not None and peak is not None and peak > plan.budget_bytes):
             return loss
         problem = f"the first SVI step on {plan.device} peaked at {format_bytes(peak)}, over the budget {format_bytes(plan.budget_bytes)}"
-    raise _DoesNotFit(problem)
+        fraction = 0.9 * plan.budget_bytes / peak
+    raise _DoesNotFit(problem, fraction)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
