@@ -9,7 +9,8 @@ with the counts on the device or kept on the host, from shapes alone and before 
 max_lr = 10 x lr and 10% warm-up, stepped every iteration; gradient clipping at norm 10;
 TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss), checks the first
 step's measured peak against the budget (a chunked step over it shrinks the chunk; a full
-GPU step over it moves to the CPU on ``device="auto"``), and saves and resumes checkpoints.
+GPU step over it restarts in chunks on that GPU on ``device="auto"``, and on the CPU only when
+chunks run out of memory too), and saves and resumes checkpoints.
 """
 
 from __future__ import annotations
