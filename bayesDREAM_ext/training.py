@@ -252,7 +252,7 @@ def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None,
             need = resident + fixed + size * per_cell
         else:
             continue
-        where = "counts on the device" if on_device else "counts kept on the host, each chunk copied to the device"
+        where = f"counts on {device}" if on_device else "counts kept on the host, each chunk copied to the device"
         why = (f"forced by svi_chunk={chunk_cells}" if chunk_cells is not None else
                f"a {'minibatch' if minibatch else 'full-data'} step needs {format_bytes(full)}, budget {format_bytes(budget)}")
         reason = (f"chunked steps on {device}: {size} cells per chunk, {math.ceil(cells / size)} chunk(s) per step ({why}); "
