@@ -176,7 +176,7 @@ class ChunkedELBO:
     likelihood summed over chunks of ``chunk_cells`` cells of ``cells``.
 
     Pass ``loss=chunked.loss, loss_and_grads=chunked.loss_and_grads`` to ``SVI`` and call
-    ``svi.step`` with the parameters-only model arguments (``observe=False``, no data): the
+    ``svi.step`` with the model's keyword arguments, the cell-wise ones None: the
     chunks supply the cell-wise arguments. ``minibatch``: each step uses that many cells drawn
     at random without replacement (torch's generator), the likelihood scaled by N / B. On an
     out-of-memory error inside a chunk (``is_oom``), ``release`` is called, the chunk halved
@@ -235,7 +235,7 @@ class ChunkedELBO:
             except Exception as exc:
                 if not self.is_oom(exc) or self.chunk_cells == 1:
                     raise
-                failed = f"{type(exc).__name__}"
+                failed = type(exc).__name__
             for leaf in leaves.values():
                 leaf.grad = None
             self.release()
@@ -260,6 +260,7 @@ class ChunkedELBO:
         return self._step(model, guide, kwargs, backward=True)
 
     def chunks_per_step(self) -> int:
+        """Chunks one step runs now."""
         cells = self.cells.n_cells if self.minibatch is None else min(self.minibatch, self.cells.n_cells)
         return math.ceil(cells / self.chunk_cells)
 

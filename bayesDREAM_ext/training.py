@@ -9,7 +9,8 @@ with the counts on the device or kept on the host, from shapes alone and before 
 max_lr = 10 x lr and 10% warm-up, stepped every iteration; gradient clipping at norm 10;
 TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss), checks the first
 step's measured peak against the budget (a chunked step over it shrinks the chunk; a full
-GPU step over it moves to the CPU on ``device="auto"``), and saves and resumes checkpoints.
+GPU step over it restarts in chunks on that GPU on ``device="auto"``, and on the CPU only when
+chunks run out of memory too), and saves and resumes checkpoints.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None,
             need = resident + fixed + size * per_cell
         else:
             continue
-        where = "counts on the device" if on_device else "counts kept on the host, each chunk copied to the device"
+        where = f"counts on {device}" if on_device else "counts kept on the host, each chunk copied to the device"
         why = (f"forced by svi_chunk={chunk_cells}" if chunk_cells is not None else
                f"a {'minibatch' if minibatch else 'full-data'} step needs {format_bytes(full)}, budget {format_bytes(budget)}")
         reason = (f"chunked steps on {device}: {size} cells per chunk, {math.ceil(cells / size)} chunk(s) per step ({why}); "
@@ -261,6 +262,15 @@ def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None,
     if chunk_cells is not None:
         raise ValueError(f"svi_chunk: chunks of {chunk_cells} cells are predicted not to fit {device} (budget {format_bytes(budget)})")
     return None
+
+
+def _iaf_layout(shape: _Shape, memory: DeviceMemory, budget: int, chunk_cells: int | None, minibatch: int | None, itemsize: int) -> _Layout | None:
+    """AutoIAFNormal's layout on ``memory.device``, or None when its weights leave no room
+    (an over-budget forced chunk is no error here: AutoNormal is the fallback)."""
+    try:
+        return _layout(shape, "iaf", memory, budget, chunk_cells, minibatch, itemsize)
+    except ValueError:
+        return None
 
 
 def _one_cell_message(shape: _Shape, guide: str, device: str, budget: int | None) -> str:
@@ -330,10 +340,11 @@ def plan_training(
     kind = "normal"
     if guide in ("iaf", "auto"):
         iaf_need = shape.full_need("iaf", shape.n_cells)
-        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)}, budget {format_bytes(budget)} on {memory.device}"
-        if layout.chunk_cells is None and _fits(iaf_need, budget) and budget is not None:
-            kind, layout = "iaf", replace(layout, need=iaf_need)
-            reasons.append(f"{verdict}: using it")
+        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)} in full-data steps, budget {format_bytes(budget)} on {memory.device}"
+        iaf_layout = None if budget is None else _iaf_layout(shape, memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
+        if iaf_layout is not None:
+            kind, layout = "iaf", iaf_layout
+            reasons.append(f"{verdict}: using it" + ("" if iaf_layout.chunk_cells is None else f", in chunks ({iaf_layout.reason})"))
         elif guide == "iaf":
             raise ValueError(f"guide: {verdict}; it does not fit. Use guide='normal' or 'auto'")
         else:
@@ -386,7 +397,12 @@ def _current_lr(optimizer: pyro.optim.PyroLRScheduler) -> float:
 
 
 class _DoesNotFit(Exception):
-    """The first step on a GPU ran out of memory or exceeded the budget (auto may retry on CPU)."""
+    """The first full-data step on a GPU ran out of memory or exceeded the budget; ``fraction``
+    is the share of the step that would have fitted (a half after an OOM)."""
+
+    def __init__(self, problem: str, fraction: float) -> None:
+        super().__init__(problem)
+        self.fraction = fraction
 
 
 @dataclass(frozen=True)
@@ -426,8 +442,10 @@ def train(
 ) -> TrainResult:
     """Run SVI on ``plan.device``, in full-data steps or chunks as planned. With
     ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
-    memory or measures above the budget restarts training on the CPU (planned again there with
-    ``max_memory``). Clears Pyro's global param store first, as bayesDREAM does.
+    memory or measures above the budget restarts training on that GPU in chunks (half the
+    cells after an OOM, else in proportion to the overshoot), and only when that too runs out
+    of memory on the CPU (planned again there with ``max_memory``). Clears Pyro's global param
+    store first, as bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
     ``tolerance`` x |EWMA| per step over its own window (W = 1 / alpha_ewma steps).
@@ -440,13 +458,25 @@ def train(
     bit-identically on the same device and layout.
     """
     options = SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume)
+    backend = get_backend(plan.device)
     try:
         return _train_on(inputs, plan, options, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
     except _DoesNotFit as exc:
-        reason = f"{exc}; restarting SVI on the CPU"
+        n_cells = _value_shape(inputs)[0]
+        chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
+        reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
         logger.warning("[MEMORY] %s", reason)
     pyro.clear_param_store()
-    get_backend(plan.device).empty_cache(plan.device)
+    backend.empty_cache(plan.device)
+    try:
+        return _train_on(inputs, replace(plan, chunk_cells=chunk, reasons=plan.reasons + (reason,)), options, check_first_step=False)
+    except Exception as exc:
+        if not backend.is_oom(exc):
+            raise
+        reason = f"SVI ran out of memory on {plan.device} even in chunks ({type(exc).__name__}); restarting SVI on the CPU"
+        logger.warning("[MEMORY] %s", reason)
+    pyro.clear_param_store()
+    backend.empty_cache(plan.device)
     n_cells, n_features, n_categories = _value_shape(inputs)
     host_plan = plan_training(
         n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
@@ -586,13 +616,14 @@ def _first_step(svi: SVI, kwargs: dict[str, Any], backend: Backend, plan: Traini
     except Exception as exc:
         if not (check and backend.is_oom(exc)):
             raise
-        problem = f"the first SVI step ran out of memory on {plan.device} ({type(exc).__name__})"
+        problem, fraction = f"the first SVI step ran out of memory on {plan.device} ({type(exc).__name__})", 0.5
     else:
         peak = _peak_over(backend, plan.device, baseline)
         if not (check and plan.budget_bytes is not None and peak is not None and peak > plan.budget_bytes):
             return loss
         problem = f"the first SVI step on {plan.device} peaked at {format_bytes(peak)}, over the budget {format_bytes(plan.budget_bytes)}"
-    raise _DoesNotFit(problem)
+        fraction = 0.9 * plan.budget_bytes / peak
+    raise _DoesNotFit(problem, fraction)
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ inside a 16 GiB cgroup.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import sys
@@ -63,6 +64,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("checkpoint"):  # a line with its time on stderr after every step, readable even if the child is stopped
+        logging.basicConfig(level=logging.INFO, format="%(created).3f %(message)s")
     began = time.perf_counter()
     counts, groups, factors = _synthetic(spec["N"], spec["T"], spec.get("C", 2))
     data = prepare_technical(counts, groups, factors)
@@ -70,13 +73,23 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     inputs = build_model_inputs(data)
     prepared_s = time.perf_counter() - began
     plan = plan_training(data.n_cells, data.n_features, data.n_groups, device="cpu", safety_factor=0.8, chunk_cells=spec.get("chunk"))
-    result = train(inputs, plan, niters=spec["steps"], lr=1e-3, tolerance=0.0, alpha_ewma=0.05, seed=0, progress=False)
+    result = train(inputs, plan, niters=spec["steps"], lr=1e-3, tolerance=0.0, alpha_ewma=0.05, seed=0, progress=False,
+                   checkpoint=spec.get("checkpoint"), checkpoint_every=1)
     return {
         "ms_per_step": result.steady_ms_per_step, "first_step_s": result.first_step_s, "steps": len(result.losses), "chunk_cells": result.plan.chunk_cells,
         "chunks_per_step": result.plan.chunks_per_step, "training_peak_bytes": result.plan.measured_peak_bytes,
         "predicted_bytes": result.plan.predicted_peak_bytes, "budget_bytes": result.plan.budget_bytes,
         "data_bytes": data.counts.numel() * 4, "prepare_s": prepared_s, "last_loss": result.losses[-1],
     }
+
+
+def steps_from_log(stderr: str) -> dict[str, Any]:
+    """Steps done and steady ms/step from a checkpointing child's timed log lines (what is
+    known of a child stopped before it could report)."""
+    times = [float(line.split()[0]) for line in stderr.splitlines() if "[MEMORY] checkpoint after step" in line]
+    first_peak = next((line.split("measured peak ")[1].split(" (")[0] for line in stderr.splitlines() if "First SVI step" in line), None)
+    steady = 1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    return {"steps": len(times), "ms_per_step": steady, "training_peak": first_peak}
 
 
 def run_spec(spec: dict[str, Any], cap_bytes: int | None = None, timeout: float = 1800) -> dict[str, Any]:
@@ -87,7 +100,8 @@ def run_spec(spec: dict[str, Any], cap_bytes: int | None = None, timeout: float 
     payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines() if line.startswith(MARKER)), None)
     status = "ok" if child.ok and payload else "killed" if child.killed else "timeout" if child.timed_out else "failed"
     error = None if status == "ok" else (child.stderr.strip().splitlines() or ["?"])[-1][:300]
-    return {**(payload or {}), "status": status, "peak_rss_bytes": child.peak_rss_bytes, "cap_method": child.cap_method,
+    logged = steps_from_log(child.stderr) if spec.get("checkpoint") and payload is None else {}
+    return {**logged, **(payload or {}), "status": status, "peak_rss_bytes": child.peak_rss_bytes, "cap_method": child.cap_method,
             "wall_s": child.wall_s, "error": error}
 
 

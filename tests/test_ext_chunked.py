@@ -9,13 +9,14 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from bayesDREAM_ext.chunked import CellData, ChunkedELBO, compact_dtype
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
 from bayesDREAM_ext.training import make_guide, plan_training, train
+from devicemem.footprint import technical_latent_size
 
 DISTRIBUTIONS = ["negbinom", "normal", "studentt", "binomial", "multinomial"]
 CPU = torch.device("cpu")
@@ -36,12 +37,13 @@ def in_double(inputs: ModelInputs) -> ModelInputs:
     )
 
 
-def one_step_gradients(inputs: ModelInputs, chunk: int | None, dtype=torch.float32):
+def one_step_gradients(inputs: ModelInputs, chunk: int | None, dtype=torch.float32, guide_kind: str = "normal"):
     """Loss and parameter gradients of one step (seed 0): Pyro's full-data ELBO, or chunked."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = make_guide(inputs, "normal", 0, CPU)
-    elbo = TraceMeanField_ELBO(max_plate_nesting=inputs.max_plate_nesting)
+    latent = technical_latent_size(inputs.kwargs["counts"].shape[1], inputs.kwargs["n_groups"])
+    guide = make_guide(inputs, guide_kind, latent, CPU)  # the latent size matters only to AutoIAFNormal (negbinom here)
+    elbo = (TraceMeanField_ELBO if guide_kind == "normal" else Trace_ELBO)(max_plate_nesting=inputs.max_plate_nesting)
     if chunk is None:
         loss = elbo.loss_and_grads(inputs.model, guide, **inputs.kwargs)
     else:
@@ -62,6 +64,19 @@ def test_one_chunked_step_has_the_full_data_gradient(distribution):
     for name in full:
         torch.testing.assert_close(chunked[name], full[name], rtol=1e-5, atol=1e-9, msg=name)
         assert full[name].abs().max() > 0, name
+
+
+def test_one_chunked_step_of_an_iaf_guide_has_the_full_data_gradient():
+    torch.set_default_dtype(torch.float64)  # AutoIAFNormal's weights follow the default dtype
+    try:
+        inputs = in_double(inputs_for("negbinom", n_features=5))
+        full_loss, full = one_step_gradients(inputs, None, guide_kind="iaf")
+        chunk_loss, chunked = one_step_gradients(inputs, 10, torch.float64, guide_kind="iaf")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert chunk_loss == pytest.approx(full_loss, rel=1e-10) and len(full) >= 4
+    for name in full:
+        torch.testing.assert_close(chunked[name], full[name], rtol=1e-5, atol=1e-9, msg=name)
 
 
 def cpu_plan(inputs: ModelInputs, distribution: str, chunk: int | None = None, minibatch: int | None = None):

@@ -3,6 +3,7 @@ what a child process measures, the OneCycle schedule, early stop, and the GPU->C
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -195,16 +196,22 @@ def _gpu_plan(data, budget: int) -> TrainingPlan:
     return TrainingPlan("cuda:0", "normal", technical_latent_size(data.n_features, 2), need, budget, 0.8, ("fake",))
 
 
-def test_a_first_gpu_step_over_budget_moves_training_to_the_cpu(fake_gpu):
+def test_a_first_gpu_step_over_budget_moves_training_to_chunks_on_the_gpu(fake_gpu):
     data, inputs = inputs_for()
-    fake_gpu.peak = 10**9
+    fake_gpu.peak = 4 * 10**6
     result = train(inputs, _gpu_plan(data, budget=10**6), niters=5, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
                    progress=False, fallback_to_host=True)
-    assert result.plan.device == "cpu" and len(result.losses) == 5
-    assert "over the budget" in result.plan.reasons[-1] and fake_gpu.emptied_after_release == [True]
+    assert result.plan.device == "cuda:0" and len(result.losses) == 5
+    assert "over the budget" in result.plan.reasons[-2] and "in chunks of 45 cells" in result.plan.reasons[-2]  # 200 x 0.9 / 4
+    assert result.plan.chunk_cells == 10 and "chunks of 10 cells from now on" in result.plan.reasons[-1]  # measured again
+    assert fake_gpu.emptied_after_release == [True]
 
 
-def test_a_first_gpu_step_out_of_memory_moves_training_to_the_cpu(fake_gpu):
+def _observed_cells(kwargs) -> int | None:
+    return kwargs["counts"].shape[0] if kwargs.get("observe", True) and kwargs.get("counts") is not None else None
+
+
+def test_a_first_gpu_step_out_of_memory_moves_training_to_chunks_on_the_gpu(fake_gpu):
     data, inputs = inputs_for()
     calls = []
 
@@ -214,10 +221,29 @@ def test_a_first_gpu_step_out_of_memory_moves_training_to_the_cpu(fake_gpu):
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         return inputs.model(*args, **kwargs)
 
-    failing = type(inputs)(runs_out_once, inputs.kwargs, inputs.init_values, inputs.max_plate_nesting, inputs.data_keys)
+    failing = dataclasses.replace(inputs, model=runs_out_once)
     result = train(failing, _gpu_plan(data, budget=10**12), niters=3, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
                    progress=False, fallback_to_host=True)
-    assert result.plan.device == "cpu" and "ran out of memory on cuda:0" in result.plan.reasons[-1]
+    assert result.plan.device == "cuda:0" and result.plan.chunk_cells == 100
+    assert "ran out of memory on cuda:0" in result.plan.reasons[-1] and "chunks of 100 cells" in result.plan.reasons[-1]
+
+
+def test_a_gpu_out_of_memory_even_in_one_cell_chunks_moves_training_to_the_cpu(fake_gpu):
+    data, inputs = inputs_for()
+    full_steps = []
+
+    def gpu_always_runs_out(*args, **kwargs):
+        cells = _observed_cells(kwargs)
+        if cells == data.n_cells:
+            full_steps.append(1)
+        if cells is not None and (cells < data.n_cells or len(full_steps) == 1):  # the CPU's full steps succeed
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return inputs.model(*args, **kwargs)
+
+    result = train(dataclasses.replace(inputs, model=gpu_always_runs_out), _gpu_plan(data, budget=10**12), niters=2, lr=1e-3,
+                   tolerance=0.0, alpha_ewma=0.05, progress=False, fallback_to_host=True)
+    assert result.plan.device == "cpu" and len(result.losses) == 2
+    assert "even in chunks" in result.plan.reasons[-1]
 
 
 def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
