@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy import sparse
 from torch import Tensor
 
 from bayesDREAM_ext.data import exclusion_masks
+from bayesDREAM_ext.sparsity import issparse
 
 if TYPE_CHECKING:
     from bayesDREAM_ext.fit import TechnicalFit
@@ -88,7 +88,7 @@ def _array(values: Any) -> Any:
     """A DataFrame's values, a sparse matrix as it is, anything else as a numpy array."""
     if _is_frame(values):
         return values.to_numpy()
-    return values if sparse.issparse(values) else np.asarray(values)
+    return values if issparse(values) else np.asarray(values)
 
 
 def _source(model_obj: Any, name: str, modality: Any) -> tuple[Any, list[str], int, bool]:
@@ -111,7 +111,7 @@ def _source(model_obj: Any, name: str, modality: Any) -> tuple[Any, list[str], i
 def _features_first(values: Any, cells: list[int], axis: int) -> np.ndarray:
     """The ``cells`` of ``values`` (cells on ``axis``; sparse matrices densified only for
     those), features first: [T, N] or [T, N, K]."""
-    if sparse.issparse(values):
+    if issparse(values):
         values = (values.tocsc()[:, cells] if axis == 1 else values.tocsr()[cells, :]).toarray()
         return values if axis == 1 else values.T
     return np.moveaxis(np.take(values, cells, axis=axis), axis, 1)

@@ -16,27 +16,31 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 from pyro.poutine.util import prune_subsample_sites
-from scipy import sparse
 from torch import Tensor
+
+from bayesDREAM_ext.sparsity import issparse
+
+if TYPE_CHECKING:
+    from scipy.sparse import spmatrix
 
 logger = logging.getLogger("devicemem.bayesdream")
 
 # Exact integer ranges of the dtypes counts may be stored in, smallest first.
 COMPACT_DTYPES = ((torch.uint8, 255), (torch.int16, 32767), (torch.int32, 2**31 - 1))
-CellValues = Union[Tensor, sparse.spmatrix]
+CellValues = Union[Tensor, "spmatrix"]
 
 
 def compact_dtype(values: CellValues) -> torch.dtype:
     """The smallest dtype that holds ``values`` (a tensor, or a sparse matrix's stored values)
     exactly: uint8, int16 or int32 for non-negative integers (checked in blocks, without a
     full-size temporary), else its own."""
-    if sparse.issparse(values):
+    if issparse(values):
         values = torch.from_numpy(values.data)
     if values.is_floating_point():
         flat = values.reshape(-1)
@@ -55,12 +59,12 @@ def compact_dtype(values: CellValues) -> torch.dtype:
 
 def as_tensor(values: CellValues) -> Tensor:
     """A dense tensor: ``values`` itself, or a sparse matrix densified."""
-    return torch.from_numpy(values.toarray()) if sparse.issparse(values) else values
+    return torch.from_numpy(values.toarray()) if issparse(values) else values
 
 
 def _rows(values: CellValues, cells: slice | Tensor) -> Tensor:
     """Rows ``cells`` of ``values`` as a dense tensor on ``values``' device."""
-    if sparse.issparse(values):
+    if issparse(values):
         return as_tensor(values[cells if isinstance(cells, slice) else cells.cpu().numpy()])
     return values[cells]
 
@@ -68,7 +72,7 @@ def _rows(values: CellValues, cells: slice | Tensor) -> Tensor:
 def _compacted(values: CellValues, storage: torch.device) -> CellValues:
     """``values`` in its smallest exact dtype on ``storage`` (a sparse matrix stays on the host)."""
     dtype = compact_dtype(values)
-    if sparse.issparse(values):
+    if issparse(values):
         return values.astype(torch.empty((), dtype=dtype).numpy().dtype)
     return values.to(storage, dtype)
 
@@ -90,7 +94,7 @@ class CellData:
     ) -> None:
         self.device, self.storage, self.dtype = device, storage, dtype
         self.tensors = {
-            name: _compacted(value, storage) if compact and name != "groups" else (value if sparse.issparse(value) else value.to(storage))
+            name: _compacted(value, storage) if compact and name != "groups" else (value if issparse(value) else value.to(storage))
             for name, value in tensors.items()
         }
         self.n_cells = int(next(iter(self.tensors.values())).shape[0])
@@ -103,14 +107,14 @@ class CellData:
     def nbytes(self) -> int:
         """Bytes of the stored values."""
         return sum(
-            value.data.nbytes + value.indices.nbytes + value.indptr.nbytes if sparse.issparse(value) else value.numel() * value.element_size()
+            value.data.nbytes + value.indices.nbytes + value.indptr.nbytes if issparse(value) else value.numel() * value.element_size()
             for value in self.tensors.values()
         )
 
     @property
     def dtypes(self) -> dict[str, str]:
         return {
-            name: f"{value.dtype} sparse" if sparse.issparse(value) else str(value.dtype).removeprefix("torch.")
+            name: f"{value.dtype} sparse" if issparse(value) else str(value.dtype).removeprefix("torch.")
             for name, value in self.tensors.items()
         }
 

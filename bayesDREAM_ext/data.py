@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy import sparse
 from torch import Tensor
+
+from bayesDREAM_ext.sparsity import issparse
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_matrix, spmatrix
 
 logger = logging.getLogger("devicemem.bayesdream")
 
@@ -116,7 +120,7 @@ def _is_anndata(obj: Any) -> bool:
     return all(hasattr(obj, name) for name in ("X", "obs_names", "var_names"))
 
 
-def _as_array(values: Any, what: str) -> tuple[np.ndarray | sparse.spmatrix, tuple[tuple[str, ...] | None, tuple[str, ...] | None]]:
+def _as_array(values: Any, what: str) -> tuple[np.ndarray | spmatrix, tuple[tuple[str, ...] | None, tuple[str, ...] | None]]:
     """(dense array or CSR matrix, (row names, column names) where the container has them)."""
     names: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None)
     if _is_anndata(values):
@@ -125,13 +129,15 @@ def _as_array(values: Any, what: str) -> tuple[np.ndarray | sparse.spmatrix, tup
     elif hasattr(values, "to_numpy") and hasattr(values, "columns"):
         names = tuple(map(str, values.index)), tuple(map(str, values.columns))
         if any(hasattr(dtype, "sparse") for dtype in values.dtypes):
-            values = sparse.csr_matrix(values.sparse.to_coo())
+            from scipy.sparse import csr_matrix
+
+            values = csr_matrix(values.sparse.to_coo())
         else:
             values = values.to_numpy()
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
-    if sparse.issparse(values):
-        return sparse.csr_matrix(values), names
+    if issparse(values):
+        return values.tocsr(), names
     try:
         array = np.asarray(values)
     except Exception as exc:
@@ -141,12 +147,12 @@ def _as_array(values: Any, what: str) -> tuple[np.ndarray | sparse.spmatrix, tup
     return array, names
 
 
-def _stored_values(matrix: np.ndarray | sparse.spmatrix) -> np.ndarray:
+def _stored_values(matrix: np.ndarray | spmatrix) -> np.ndarray:
     """The explicitly stored values (all of a dense array), for value checks without densifying."""
-    return matrix.data if sparse.issparse(matrix) else np.asarray(matrix).ravel()
+    return matrix.data if issparse(matrix) else np.asarray(matrix).ravel()
 
 
-def _check_values(matrix: np.ndarray | sparse.spmatrix, what: str, integer: bool, non_negative: bool) -> None:
+def _check_values(matrix: np.ndarray | spmatrix, what: str, integer: bool, non_negative: bool) -> None:
     """ValueError for NaN/inf, negative or fractional values, checked in chunks so that the
     temporaries stay small next to the data."""
     values = _stored_values(matrix)
@@ -166,11 +172,11 @@ def _check_values(matrix: np.ndarray | sparse.spmatrix, what: str, integer: bool
                 raise ValueError(f"{what}: has {problem} (e.g. {part[first]:g} at stored position {start + first})")
 
 
-def _orient(matrix: np.ndarray | sparse.spmatrix, cells_axis: int, ndim: int) -> np.ndarray | sparse.spmatrix:
+def _orient(matrix: np.ndarray | spmatrix, cells_axis: int, ndim: int) -> np.ndarray | spmatrix:
     """Cells first: [N, T] or [N, T, K]."""
     if cells_axis == 0:
         return matrix
-    return matrix.T.tocsr() if sparse.issparse(matrix) else np.swapaxes(matrix, 0, 1)
+    return matrix.T.tocsr() if issparse(matrix) else np.swapaxes(matrix, 0, 1)
 
 
 def _group_codes(groups: Any, n_cells: int) -> tuple[np.ndarray, tuple[Any, ...]]:
@@ -199,7 +205,7 @@ def _sum_factors(
     if sum_factors is None:
         if distribution != "negbinom":
             return np.ones(n_cells, dtype=np.float32)
-        totals = np.asarray(counts.sum(axis=1)).ravel() if sparse.issparse(counts) else counts.reshape(n_cells, -1).sum(axis=1)
+        totals = np.asarray(counts.sum(axis=1)).ravel() if issparse(counts) else counts.reshape(n_cells, -1).sum(axis=1)
         if (totals <= 0).any():
             raise ValueError(
                 f"sum_factors: not given, and {int((totals <= 0).sum())} cell(s) have no counts, so their "
@@ -243,7 +249,7 @@ def exclusion_masks(
             "zero std": _constant(ratios).all(axis=-1),
             "<= 1 category present in every group": present.sum(axis=-1) <= 1,
         }
-    if sparse.issparse(counts):
+    if issparse(counts):
         top, bottom = (np.asarray(m.toarray()).ravel() for m in (counts.max(axis=0), counts.min(axis=0)))
         return {"zero NTC counts": (top == 0) & (bottom == 0), "zero std": top == bottom}
     reasons = {"zero NTC counts": ~counts.any(axis=0), "zero std": _constant(counts)}
@@ -276,7 +282,7 @@ def prepare_technical(
     if cells_axis not in (0, 1) or isinstance(cells_axis, bool):
         raise ValueError(f"cells_axis: expected 0 (cells x features) or 1 (features x cells); got {cells_axis!r}")
     matrix, axis_names = _as_array(counts, "counts")
-    ndim = 2 if sparse.issparse(matrix) else matrix.ndim
+    ndim = 2 if issparse(matrix) else matrix.ndim
     expected_ndim = 3 if distribution == "multinomial" else 2
     if ndim != expected_ndim:
         form = "[cells, features, categories]" if expected_ndim == 3 else "[cells, features]"
@@ -288,8 +294,8 @@ def prepare_technical(
         raise ValueError(f"counts: empty matrix of shape {tuple(matrix.shape)}")
     if _stored_values(matrix).size == 0 or not _stored_values(matrix).any():
         raise ValueError("counts: every value is zero; nothing to fit")
-    keep_sparse = sparse.issparse(matrix) and distribution != "binomial"
-    values = matrix.astype(np.float32) if keep_sparse else (matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)).astype(np.float32, copy=False)
+    keep_sparse = issparse(matrix) and distribution != "binomial"
+    values = matrix.astype(np.float32) if keep_sparse else (matrix.toarray() if issparse(matrix) else np.asarray(matrix)).astype(np.float32, copy=False)
 
     codes, levels = _group_codes(groups, n_cells)
     sizes = np.bincount(codes, minlength=len(levels))
@@ -304,7 +310,7 @@ def prepare_technical(
         denom_matrix, _ = _as_array(denominator, "denominator")
         _check_values(denom_matrix, "denominator", integer=True, non_negative=True)
         denom_matrix = _orient(denom_matrix, cells_axis, 2)
-        denom = (denom_matrix.toarray() if sparse.issparse(denom_matrix) else np.asarray(denom_matrix)).astype(np.float32, copy=False)
+        denom = (denom_matrix.toarray() if issparse(denom_matrix) else np.asarray(denom_matrix)).astype(np.float32, copy=False)
         if denom.shape != values.shape:
             raise ValueError(f"denominator: shape {denom.shape} (cells first) differs from counts' {values.shape}")
         if (denom < values).any():
@@ -340,10 +346,10 @@ def prepare_technical(
     )
 
 
-def _kept(values: np.ndarray | sparse.csr_matrix, keep: np.ndarray) -> Tensor | sparse.csr_matrix:
+def _kept(values: np.ndarray | csr_matrix, keep: np.ndarray) -> Tensor | csr_matrix:
     """The kept features of [N, T, ...] ``values`` as a contiguous tensor (no copy when all are
     kept and ``values`` is already contiguous); a CSR matrix stays one."""
-    if sparse.issparse(values):
+    if issparse(values):
         return values if keep.all() else values[:, keep].tocsr()
     return torch.from_numpy(np.ascontiguousarray(values if keep.all() else values[:, keep]))
 

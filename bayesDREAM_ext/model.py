@@ -22,10 +22,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from scipy import sparse
 from torch import Tensor
 
+from bayesDREAM_ext.sparsity import issparse
+
 if TYPE_CHECKING:
+    from scipy.sparse import spmatrix
+
     from bayesDREAM_ext.data import TechnicalData
 
 MAX_PLATE_NESTING = 2
@@ -93,12 +96,12 @@ def _feature_blocks(n_cells: int, n_features: int) -> Iterator[slice]:
         yield slice(start, start + width)
 
 
-def _block(values: Tensor | sparse.spmatrix, block: slice) -> Tensor:
+def _block(values: Tensor | spmatrix, block: slice) -> Tensor:
     """Features ``block`` of [N, T] ``values`` as a dense tensor (a sparse matrix densified)."""
-    return torch.from_numpy(values[:, block].toarray()) if sparse.issparse(values) else values[:, block]
+    return torch.from_numpy(values[:, block].toarray()) if issparse(values) else values[:, block]
 
 
-def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Tensor | sparse.spmatrix) -> tuple[Tensor, ...]:
+def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Tensor | spmatrix) -> tuple[Tensor, ...]:
     """``fn`` over blocks of features (axis 1 of each [N, T] argument, dense or sparse), its
     results joined on their last axis: statistics over cells whose temporaries stay block-sized."""
     parts = [fn(*(_block(c, block) for c in columns)) for block in _feature_blocks(*columns[0].shape[:2])]
