@@ -544,6 +544,7 @@ def probe_footprint(
     backend: Any = None,
     sampler: Any = None,
     reduce: Sequence[str] = (),
+    on_device: Callable[[torch.device], None] | None = None,
     **kwargs: Any,
 ) -> Footprint:
     """Measure a Predictive's footprint on ``device`` by running small vectorised batches.
@@ -570,6 +571,8 @@ def probe_footprint(
     ``sampler`` is a :class:`~devicemem.sampling.Sampler` of this model and guide to draw with
     (the runner's: it has already learnt the shapes), else one is made. Each site in ``reduce``
     is reduced to its mean and variance on the device inside each batch, as the runner does.
+    ``on_device`` is called with the device before the model first runs there (an integration
+    whose model builds tensors on a device of its own follows it, as it follows the runner).
     """
     from devicemem.backends import get_backend
     from devicemem.sampling import PYRO_LOCK, rng_restored
@@ -577,14 +580,15 @@ def probe_footprint(
     backend = get_backend(device) if backend is None else backend
     with PYRO_LOCK, rng_restored(backend.torch_device(device)):
         return _probe(model, guide, args, device, return_sites, batch_sizes, posterior_samples, max_batch_size,
-                      max_probe_bytes, backend, sampler, tuple(reduce), kwargs)
+                      max_probe_bytes, backend, sampler, tuple(reduce), on_device, kwargs)
 
 
 def _probe(
     model: Callable[..., Any], guide: Callable[..., Any] | None, args: tuple, device: str,
     return_sites: Sequence[str] | None, batch_sizes: Sequence[int] | None,
     posterior_samples: Mapping[str, torch.Tensor] | None, max_batch_size: int | None, max_probe_bytes: int | None,
-    backend: Any, sampler: Any, reduce: tuple[str, ...], kwargs: dict[str, Any],
+    backend: Any, sampler: Any, reduce: tuple[str, ...], on_device: Callable[[torch.device], None] | None,
+    kwargs: dict[str, Any],
 ) -> Footprint:
     """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces and with its
     own copy of the global RNGs, so that a probe never changes what later draws see."""
@@ -611,6 +615,8 @@ def _probe(
         return cached[3]
 
     where = backend.torch_device(device)
+    if on_device is not None:
+        on_device(where)
     moved_args, moved_kwargs = to_device((args, kwargs), where)
     posterior = to_device(dict(posterior_samples), where) if posterior_samples is not None else None
     cap = min(

@@ -137,7 +137,7 @@ def _plan(
         safety_factor=request.safety_factor, max_memory=request.max_memory,
         return_sites=list(request.return_sites or ()) or None, posterior_samples=request.posterior_samples,
         output_bytes=output_bytes, sampler=sampler, reduce=tuple(request.reduce), reproducible=request.seed is not None,
-        **kwargs,
+        on_device=request.on_device, **kwargs,
     )
 
 

@@ -471,6 +471,7 @@ def plan_predictive(
     sampler: Sampler | None = None,
     reduce: Sequence[str] = (),
     reproducible: bool = False,
+    on_device: Callable[[torch.device], None] | None = None,
     **kwargs: Any,
 ) -> Plan:
     """Plan a ``Predictive(model, guide, num_samples)`` call on ``*args, **kwargs``.
@@ -486,6 +487,8 @@ def plan_predictive(
     without one the probe draws with a Sampler on :func:`resolve_threads`'s threads, as
     :class:`devicemem.Predictive` does by default, so its timings (and the cap) see the cores.
     ``reduce``: the sites reduced to mean and variance on the device, which the probe counts.
+    ``on_device``: called with each device before the model is probed there (as the runner calls
+    it before batches run there).
     ``reproducible`` (a seeded run): the batch is not capped where the probe's timings say
     bigger batches stop paying, as timings vary from run to run and the draws follow the plan.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
@@ -507,7 +510,7 @@ def plan_predictive(
         return probe(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
             max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, reduce=reduce,
-            **kwargs,
+            on_device=on_device, **kwargs,
         )
 
     return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,

@@ -226,7 +226,7 @@ def test_probe_gets_the_model_arguments_and_keywords():
     device, args, kwargs = probe.calls[0]
     assert device == "cpu" and args[0].shape == (3,)
     assert kwargs == {"observe": False, "max_batch_size": 1000, "max_probe_bytes": int(0.8 * 10 * GB), "sampler": None,
-                      "reduce": ()}
+                      "reduce": (), "on_device": None}
 
 
 # --- safety factor -------------------------------------------------------------------------

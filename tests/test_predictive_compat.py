@@ -233,7 +233,7 @@ def test_improper_uniform_sites_of_a_split_reparam():
 def test_on_device_is_called_with_the_device_before_batches():
     seen = []
     Predictive(plated_model, num_samples=3, device="cpu", progress=False, on_device=seen.append)()
-    assert seen == [torch.device("cpu")]
+    assert seen == [torch.device("cpu")] * 2, "once before the planner's probe, once before the batches"
 
 
 def test_routing_makes_pyro_infer_predictive_devicemems_and_restores_it():
@@ -289,3 +289,22 @@ def test_routing_names_stay_functions_after_their_module_is_imported():
     importlib.import_module("devicemem.routes")
     for name in ("routing", "route", "unroute"):
         assert not isinstance(getattr(devicemem, name), types.ModuleType), name
+
+
+def test_on_device_is_called_before_the_planner_probes_the_model_on_a_device():
+    from pyro.infer.autoguide import AutoNormal
+
+    events = []
+
+    def model(y=None):
+        events.append("model")
+        return plated_model(y)
+
+    guide = AutoNormal(plated_model)
+    guide()
+    Predictive(model, guide=guide, num_samples=64, device="cpu", progress=False,
+               on_device=lambda device: events.append("on_device"))()
+    first = events.index("on_device")
+    # before it only the shape-learning trace and the two-sample vectorisation check; the probe's
+    # batches (two or more) and the run's batches come after
+    assert first <= 2 and events.count("model") - first >= 3, events
