@@ -3,6 +3,8 @@
 ``run(quick)`` measures in one fresh child (``python -m bench.w11_threads '<spec>'``, under W2a's
 memory cap) and returns ``{"status", "params", "points", "figures", "notes"}``:
 
+- ``control``: the NB draw split into k parts, one per thread with its own generator, torch's
+  kernels only (the issue's 1.9x on 2 idle cores): how many cores the machine gives right now.
 - ``raw NB``: one negative-binomial draw of N x T elements (N=T=2000: 4M) shaped as the
   technical model's ``y_obs`` ([N, T] logits, [1, T] dispersion): the distribution's own
   ``sample`` with one torch thread, then :func:`devicemem.blockdraw.block_sample` on 1 and on
@@ -35,7 +37,7 @@ from bench.data import DataSpec
 from bench.harness import REPO_ROOT, _error_line, ensure_dataset
 
 SIZES = {
-    "quick": dict(N=1000, T=1000, C=2, S=20, reps=3, w2a_reps=1, cap="4GiB"),
+    "quick": dict(N=500, T=500, C=2, S=8, reps=1, w2a_reps=1, cap="4GiB"),
     "full": dict(N=2000, T=2000, C=2, S=100, reps=5, w2a_reps=2, cap="4GiB"),
 }
 
@@ -99,6 +101,26 @@ def measure(spec: dict) -> dict[str, Any]:
 
     pools = {1: ThreadPoolExecutor(1), cores: ThreadPoolExecutor(cores)}
     n, t = spec["N"], spec["T"]
+
+    # control: the measurement of what this machine's cores give right now: k threads,
+    # each a k-th of the NB draw with its own generator, torch's gamma and Poisson kernels only
+    nb = _distributions(n, t)["NegativeBinomial"]
+
+    def halves(k: int) -> None:
+        def part(total_count: Any, logits: Any) -> Any:
+            g = torch.Generator().manual_seed(0)
+            rate = torch._standard_gamma(total_count, generator=g).div_(logits.neg().exp())
+            return torch.poisson(rate, generator=g)
+
+        torch.set_num_threads(1)
+        try:
+            list(pools[k].map(part, nb.total_count.chunk(k), nb.logits.chunk(k)))
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    control = _round_robin({k: (lambda k=k: halves(k)) for k in pools}, reps)
+    points.append({"measure": f"control: NB in {cores} parts on {cores} threads vs 1 (the machine's free cores now)",
+                   "speedup": control[1] / control[cores]})
     per_element: dict[str, dict[str, float]] = {}
     for name, d in _distributions(n, t).items():
         elements = d.batch_shape.numel() * d.event_shape.numel()
@@ -149,6 +171,7 @@ def measure(spec: dict) -> dict[str, Any]:
         "points": points, "cores": cores, "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "figures": {
             "usable_cores": cores,
+            "control_parallel_speedup_of_the_machine_now": control[1] / control[cores],
             "raw_nb_speedup_all_cores_vs_own": nb["own, 1 torch thread"] / nb[f"blocks, {cores} thread(s)"],
             "raw_nb_speedup_all_cores_vs_1_thread_blocks": nb["blocks, 1 thread(s)"] / nb[f"blocks, {cores} thread(s)"],
             "w2a_speedup_all_cores_vs_threads_1": walls[1] / walls[cores],
