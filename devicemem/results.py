@@ -70,10 +70,16 @@ def batch_seed(seed: int, start: int) -> int:
 
 def batch_moments(batch: Tensor) -> tuple[Tensor, Tensor]:
     """(mean, sum of squared deviations) along the batch's first dim, computed where the batch is,
-    in one pass with no batch-sized temporary: two sample-sized tensors on its device."""
+    in two passes (the mean, then each sample's squared deviation added in) with sample-sized
+    temporaries only. ``torch.var_mean`` over the leading dim takes ~0.9 s per 4M elements on
+    the CPU whatever the batch size, 10-30x this."""
     values = batch if batch.is_floating_point() else batch.double()
-    var, mean = torch.var_mean(values, dim=0, correction=0)
-    return mean, var.mul_(values.shape[0])
+    mean = values.mean(dim=0)
+    m2 = torch.zeros_like(mean)
+    for sample in values:
+        deviation = sample - mean
+        m2.addcmul_(deviation, deviation)
+    return mean, m2
 
 
 LATENT_STREAM = 1  # tells sample_seeds' entropy from batch_seed's, so the two streams differ
