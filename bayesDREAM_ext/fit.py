@@ -78,16 +78,7 @@ class GuideState:
             "svi_plan": dataclasses.asdict(self.svi_plan),
             "training_s": self.training_s,
         }
-        torch.save(
-            {
-                "state_dict": self.state_dict,
-                "feature_mask": torch.from_numpy(self.feature_mask),
-                "losses": torch.tensor(self.losses, dtype=torch.float64),
-                "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64),
-                "metadata": json.dumps(meta),
-            },
-            path,
-        )
+        _save(path, {"state_dict": self.state_dict, "feature_mask": torch.from_numpy(self.feature_mask)}, self, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> GuideState:
@@ -185,16 +176,7 @@ class TechnicalFit:
             "predictive_plan": dataclasses.asdict(self.predictive_plan),
             "timings": self.timings,
         }
-        torch.save(
-            {
-                "posterior_samples": self.posterior_samples,
-                "feature_mask": self.feature_mask,
-                "losses": torch.tensor(self.losses, dtype=torch.float64),
-                "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64),
-                "metadata": json.dumps(meta),
-            },
-            path,
-        )
+        _save(path, {"posterior_samples": self.posterior_samples, "feature_mask": self.feature_mask}, self, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> TechnicalFit:
@@ -213,6 +195,20 @@ class TechnicalFit:
             predictive_plan=_record(Plan, meta["predictive_plan"]),
             timings=meta["timings"],
         ))
+
+
+def _save(path: str | Path, tensors: dict[str, Any], record: Any, meta: dict[str, Any]) -> None:
+    """``tensors``, ``record``'s losses and learning rates, and ``meta`` as a JSON string, in one
+    file that ``torch.load(weights_only=True)`` reads back (:func:`_load`)."""
+    torch.save(
+        {
+            **tensors,
+            "losses": torch.tensor(record.losses, dtype=torch.float64),
+            "learning_rates": torch.tensor(record.learning_rates, dtype=torch.float64),
+            "metadata": json.dumps(meta),
+        },
+        path,
+    )
 
 
 def _load(path: str | Path, format_name: str, what: str, build: Callable[[dict[str, Any], dict[str, Any]], Any]) -> Any:
