@@ -38,7 +38,7 @@ def _reset_cuda_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _technical_setup(spec: dict) -> tuple[Callable, Any, tuple, dict, Any]:
+def technical_setup(spec: dict) -> tuple[Callable, Any, tuple, dict, Any]:
     """Model, an initialised AutoNormal guide, args, kwargs and the data (kept alive)."""
     import pyro
     import torch
@@ -68,7 +68,7 @@ def run_predictive(spec: dict) -> dict:
 
     from bench.baselines import run_baseline
 
-    model, guide, args, kwargs, data = _technical_setup(spec)
+    model, guide, args, kwargs, data = technical_setup(spec)
     if spec["baseline"] == "devicemem-auto":  # imported before the clock starts, as pyro is for the others
         importlib.import_module("devicemem.predictive")
         importlib.import_module("devicemem.distributed")

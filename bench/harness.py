@@ -111,7 +111,7 @@ class ConfigResult:
         }
 
 
-def _error_line(stderr: str) -> str | None:
+def error_line(stderr: str) -> str | None:
     """The exception line of a traceback in ``stderr`` (else its last line), shortened."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
@@ -126,7 +126,7 @@ def classify(child: ChildResult) -> tuple[str, str | None, dict[str, Any] | None
     for line in child.stdout.splitlines():
         if line.startswith(MARKER):
             payload = json.loads(line[len(MARKER):])
-    error = _error_line(child.stderr)
+    error = error_line(child.stderr)
     if child.timed_out:
         return "timeout", error, payload
     if child.killed:
@@ -190,5 +190,5 @@ def ensure_dataset(spec: DataSpec, cache_dir: Path) -> Path:
                 str(spec.n_groups), str(spec.seed), str(path)]
         child = run_child(argv, cwd=REPO_ROOT)
         if not child.ok:
-            raise RuntimeError(f"generating {spec.key} failed: {_error_line(child.stderr)}")
+            raise RuntimeError(f"generating {spec.key} failed: {error_line(child.stderr)}")
     return path

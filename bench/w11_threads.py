@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from bench.child import MARKER
 from bench.data import DataSpec
-from bench.harness import REPO_ROOT, _error_line, ensure_dataset
+from bench.harness import REPO_ROOT, error_line, ensure_dataset
 
 SIZES = {
     "quick": dict(N=500, T=500, C=2, S=8, reps=1, w2a_reps=1, cap="4GiB"),
@@ -80,7 +80,7 @@ def measure(spec: dict) -> dict[str, Any]:
     import torch
 
     import devicemem
-    from bench.child import _technical_setup
+    from bench.child import technical_setup
     from devicemem.backends import device_memory
     from devicemem.blockdraw import BLOCK_ELEMENTS, block_sample
     from devicemem.sampling import Sampler
@@ -141,7 +141,7 @@ def measure(spec: dict) -> dict[str, Any]:
     for pool in pools.values():
         pool.shutdown()
 
-    model, guide, args, kwargs, data = _technical_setup({**spec, "observe": True})
+    model, guide, args, kwargs, data = technical_setup({**spec, "observe": True})
     common = dict(guide=guide, num_samples=spec["S"], return_sites=["y_obs"], seed=0, progress=False,
                   reduce={"y_obs": ("mean", "var")}, device="cpu")
     runners = {k: devicemem.Predictive(model, threads=k, **common) for k in sorted({1, cores})}
@@ -194,7 +194,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines()
                     if line.startswith(MARKER)), None)
     if not child.ok or payload is None:
-        return {"status": "failed", "params": size, "notes": [f"failed: {_error_line(child.stderr)}"]}
+        return {"status": "failed", "params": size, "notes": [f"failed: {error_line(child.stderr)}"]}
     return {
         "status": "done", "params": {**size, "cores": payload["cores"]}, "points": payload["points"],
         "figures": payload["figures"],

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from bench.child import MARKER
-from bench.harness import REPO_ROOT, _error_line
+from bench.harness import REPO_ROOT, error_line
 
 RANGE = (0.9, 1.25)
 
@@ -190,7 +190,7 @@ def _technical_points(rows: list[tuple]) -> tuple[list[dict[str, Any]], list[str
         name = f"technical {distribution}/{guide}{' +obs' if with_obs else ''} N={n} T={t} C={c} B={b}"
         payload, child = _child(spec)
         if payload is None:
-            failures.append(f"{name}: {_error_line(child.stderr)}")
+            failures.append(f"{name}: {error_line(child.stderr)}")
             continue
         footprint = technical_footprint(payload["n_cells"], payload["n_features"], payload["n_groups"],
                                         payload["n_categories"], distribution, guide, with_obs)
@@ -205,14 +205,14 @@ def _probe_points(shapes: dict, batches: tuple[int, ...]) -> tuple[list[dict[str
     label = f"probe: {what} +obs N={shapes['N']} T={shapes['T']}"
     probed, child = _child(dict(shapes, probe=True))
     if probed is None:
-        return [], [f"{label}: {_error_line(child.stderr)}"]
+        return [], [f"{label}: {error_line(child.stderr)}"]
     footprint = Footprint(**probed["footprint"])
     points, failures = [], []
     for b in batches:
         payload, child = _child(dict(shapes, B=b))
         name = f"{label} B={b} ({footprint.source}, {probed['seconds']:.1f} s)"
         if payload is None:
-            failures.append(f"{name}: {_error_line(child.stderr)}")
+            failures.append(f"{name}: {error_line(child.stderr)}")
             continue
         points.append(_point(name, footprint.peak_bytes(b, inputs_resident=True), payload, child))
     return points, failures

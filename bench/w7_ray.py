@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.child import MARKER
 from bench.data import DataSpec
-from bench.harness import REPO_ROOT, _error_line, ensure_dataset
+from bench.harness import REPO_ROOT, error_line, ensure_dataset
 
 SIZES = {
     "quick": dict(N=500, T=500, C=2, S=32, reps=1),
@@ -50,10 +50,10 @@ def measure(spec: dict) -> dict[str, Any]:
     import torch
 
     import devicemem
-    from bench.child import _technical_setup
+    from bench.child import technical_setup
     from devicemem.distributed import RayOptions
 
-    model, guide, args, kwargs, data = _technical_setup({**spec, "observe": True})
+    model, guide, args, kwargs, data = technical_setup({**spec, "observe": True})
     n_cells, n_features = data["counts"].shape
     common = dict(guide=guide, num_samples=spec["S"], return_sites=["y_obs"], seed=0, progress=False)
     reduce = {"y_obs": ("mean", "var")}
@@ -126,7 +126,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines()
                     if line.startswith(MARKER)), None)
     if not child.ok or payload is None:
-        return {"status": "failed", "params": size, "notes": [f"failed: {_error_line(child.stderr)}"]}
+        return {"status": "failed", "params": size, "notes": [f"failed: {error_line(child.stderr)}"]}
     return {
         "status": "done", "params": size, "points": payload["points"], "figures": _figures(payload["points"]),
         "notes": [

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from bench.child import MARKER
-from bench.harness import REPO_ROOT, _error_line
+from bench.harness import REPO_ROOT, error_line
 
 SIZES = {
     "quick": dict(N=200, G=500, S=(50, 200)),
@@ -82,7 +82,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines()
                             if line.startswith(MARKER)), None)
             if not child.ok or payload is None:
-                points.append({"config": config, "S": num_samples, "outcome": _error_line(child.stderr) or "failed"})
+                points.append({"config": config, "S": num_samples, "outcome": error_line(child.stderr) or "failed"})
                 continue
             points.append({"config": config, "S": num_samples, "outcome": "ok", "wall_s": payload["wall_s"],
                            "peak_rss_bytes": child.peak_rss_bytes})

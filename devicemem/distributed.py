@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from devicemem import local
-from devicemem.backends import _split, device_memory, devices, get_backend, parse_max_memory
+from devicemem.backends import device_memory, devices, get_backend, parse_max_memory, split_device
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
 from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, check_host
@@ -244,7 +244,7 @@ def _requested(device: Any) -> list[str]:
         raise ValueError(f"device: {device!r} names a device twice")
     for name in cleaned:
         if name not in ("auto", "all"):
-            _split(name, "device")
+            split_device(name, "device")
     if len(cleaned) > 1 and {"auto", "all"} & set(cleaned):
         raise ValueError(f"device: 'auto' and 'all' stand alone, not in a list; got {device!r}")
     return cleaned
@@ -571,9 +571,9 @@ def _submit(
         task_options: dict[str, Any] = {"num_cpus": slot.num_cpus, "max_retries": options.max_retries}
         if slot.named:
             task_options["resources"] = dict(slot.resources)
-            if _split(slot.device, "device")[0] == "cuda":
+            if split_device(slot.device, "device")[0] == "cuda":
                 task_options["runtime_env"] = _NOSET_CUDA
-        remote = _remote(ray, slot.num_gpus > 0, _split(slot.device, "device")[0] != HOST).options(**task_options)
+        remote = _remote(ray, slot.num_gpus > 0, split_device(slot.device, "device")[0] != HOST).options(**task_options)
         ref = remote.remote(job, model_ref, [guide_ref], params_ref, args_ref, kwargs_ref, posterior)
         pending[ref] = shard
     return pending

@@ -66,7 +66,7 @@ def _kind_forms() -> str:
     return f"expected a kind ({', '.join(_BACKENDS)}) or kind:index, e.g. cuda:0"
 
 
-def _split(device: str, what: str) -> tuple[str, int | None]:
+def split_device(device: str, what: str) -> tuple[str, int | None]:
     """("cuda", 1) for "cuda:1", ("cpu", None) for "cpu"; ValueError naming ``what``."""
     match = _DEVICE.fullmatch(device.strip().lower())
     if match is None:
@@ -77,7 +77,7 @@ def _split(device: str, what: str) -> tuple[str, int | None]:
 def get_backend(device: Any) -> Backend:
     """The backend for ``device`` ("cuda:1", "cpu", a ``torch.device``...), by its kind."""
     name = str(device)
-    kind, _ = _split(name, "device")
+    kind, _ = split_device(name, "device")
     backend = _BACKENDS.get(kind)
     if backend is None:
         raise ValueError(
@@ -118,7 +118,7 @@ def parse_max_memory(max_memory: MaxMemory, environ: Mapping[str, str]) -> Overr
         named += [(str(key), value, "max_memory") for key, value in max_memory.items()]
     overrides: Overrides = {}
     for key, value, origin in named:
-        kind, index = _split(key, origin)
+        kind, index = split_device(key, origin)
         if kind not in _BACKENDS:
             raise ValueError(f"{origin}: unknown device {key!r}; {_kind_forms()}")
         size = parse_bytes(value, f"{origin}[{key!r}]")
@@ -198,7 +198,7 @@ def device_memory(
     probe = probe if probe is not None else SystemProbe.default()
     overrides = parse_max_memory(max_memory, probe.environ)
     name = str(device)
-    kind, index = _split(name, "device")
+    kind, index = split_device(name, "device")
     backend = _BACKENDS.get(kind)
     current = backend.current_device(probe) if index is None and hasattr(backend, "current_device") else None
     found = _find([kind], overrides, probe) if backend is not None else []  # may initialise torch's CUDA
