@@ -2,7 +2,6 @@
 
 import sys
 
-import pyro
 import pytest
 import torch
 
@@ -11,7 +10,7 @@ from devicemem.distributed import RayOptions, ShardError, split
 from devicemem.predictive import Predictive
 from devicemem.units import parse_bytes
 from tests.distributed_fakes import KillOnce, RegisterFakeGpus, indexed_model
-from tests.runner_fakes import expected_from_report, make_plan, technical_problem
+from tests.runner_fakes import expected_from_report, make_plan
 
 try:
     import ray
@@ -31,13 +30,6 @@ def local_ray():
     )
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
 
 
 def _layout(samples):

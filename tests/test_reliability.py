@@ -19,14 +19,7 @@ from devicemem.checks import check_finite
 from devicemem.cli import main as devicemem_main
 from devicemem.planner import Plan, plan_technical
 from devicemem.predictive import Predictive
-from tests.runner_fakes import make_plan, technical_problem
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
+from tests.runner_fakes import make_plan
 
 
 def vector_model(n: int = 3):

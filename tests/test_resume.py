@@ -7,22 +7,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyro
 import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
 from devicemem.predictive import Predictive
-from tests.runner_fakes import Faulty, make_plan, technical_problem
+from tests.runner_fakes import Faulty, make_plan
 
 NUM, BATCH = 20, 6
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
 
 
 def manifest(path):

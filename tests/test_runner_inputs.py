@@ -2,20 +2,12 @@
 
 import os
 
-import pyro
 import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
 from devicemem.predictive import Predictive
-from tests.runner_fakes import CPU_OOM, Faulty, make_plan, technical_problem
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
+from tests.runner_fakes import CPU_OOM, Faulty, make_plan
 
 
 @pytest.mark.parametrize("num_samples", [0, -3, 2.5, True])

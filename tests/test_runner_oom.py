@@ -3,21 +3,13 @@ results; guide parameters restored whatever escapes."""
 
 import logging
 
-import pyro
 import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
 from devicemem import local, placement
 from devicemem.predictive import Predictive
-from tests.runner_fakes import CPU_OOM, Faulty, expected_from_report, fake_gpu, make_plan, technical_problem
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
+from tests.runner_fakes import CPU_OOM, Faulty, expected_from_report, fake_gpu, make_plan
 
 
 def _assert_exact(model, guide, runner, result, seed, args, num_samples):

@@ -4,20 +4,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyro
-import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
 from devicemem.predictive import Predictive
-from tests.runner_fakes import make_plan, technical_problem
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
+from tests.runner_fakes import make_plan
 
 
 def test_reducers_agree_with_mean_and_var_of_the_stored_samples(problem):

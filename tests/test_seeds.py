@@ -16,18 +16,10 @@ import torch
 from bayesDREAM_ext.model import technical_model
 from devicemem.planner import plan_predictive
 from devicemem.predictive import Predictive
-from tests.runner_fakes import technical_problem
 from tests.test_planner import GB, fp, memory, resources
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENTS = ("log2_alpha_y", "o_y", "mu_ntc", "beta_o")
-
-
-@pytest.fixture
-def problem():
-    args, guide = technical_problem()
-    yield args, guide
-    pyro.clear_param_store()
 
 
 def fresh_model(*args, **kwargs):
