@@ -56,7 +56,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _point(spec: dict[str, Any]) -> dict[str, Any]:
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     child = run_child([sys.executable, "-m", "bench.w10_bayesdream", json.dumps(spec)], cap_bytes=spec["cap_bytes"],
                       timeout=1800, cwd=REPO_ROOT)

@@ -161,7 +161,7 @@ def measure(spec: dict) -> dict[str, Any]:
 
 
 def _child(spec: dict) -> tuple[dict | None, Any]:
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     child = run_child([sys.executable, "-m", "bench.w3_accuracy", json.dumps(spec)], cap_bytes=CAP_BYTES,
                       timeout=900, cwd=REPO_ROOT)

@@ -1,7 +1,7 @@
 """W8: memory-aware SVI (the exact chunked gradient) against full-data SVI on the CPU.
 
 ``run(quick)`` measures, each configuration in a fresh child (``python -m bench.w8_svi
-'<spec>'``, started by ``devicemem.testing.run_child``):
+'<spec>'``, started by ``tests.support.child.run_child``):
 
 * speed: full-data steps vs chunked steps at a size where both fit, repetitions round-robin;
   ms/step is the training loop's wall time over its steps after the first (the first is
@@ -94,7 +94,7 @@ def steps_from_log(stderr: str) -> dict[str, Any]:
 
 def run_spec(spec: dict[str, Any], cap_bytes: int | None = None, timeout: float = 1800) -> dict[str, Any]:
     """One child; its payload with the child's peak RSS and outcome (status "ok", "killed", ...)."""
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     child = run_child([sys.executable, "-m", "bench.w8_svi", json.dumps(spec)], cap_bytes=cap_bytes, timeout=timeout, cwd=REPO_ROOT)
     payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines() if line.startswith(MARKER)), None)

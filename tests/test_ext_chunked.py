@@ -197,7 +197,7 @@ def test_a_fit_predicted_at_twice_the_cap_trains_in_chunks_inside_it(tmp_path):
 
     from bayesDREAM_ext.synthetic import synthetic_technical
     from bayesDREAM_ext.training import training_footprint
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     n_cells, n_features, cap = 4000, 4000, 550 * 2**20
     assert training_footprint(n_cells, n_features, 2) > 2 * cap

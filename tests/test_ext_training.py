@@ -26,7 +26,7 @@ from bayesDREAM_ext.training import (
 )
 from devicemem.backends import DeviceMemory, get_backend, register_backend
 from devicemem.footprint import technical_latent_size
-from devicemem.testing import run_child
+from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
 
 GB = 10**9
@@ -256,7 +256,7 @@ def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
 @pytest.mark.slow
 @pytest.mark.parametrize("n_cells, n_features, n_groups, guide", [(3000, 3000, 2, "normal"), (200, 400, 2, "iaf")])
 def test_footprint_covers_the_measured_peak_of_training(tmp_path, n_cells, n_features, n_groups, guide):
-    """A fresh child (devicemem.testing.run_child) trains 3 steps; the CPU backend measures
+    """A fresh child (tests.support.child.run_child) trains 3 steps; the CPU backend measures
     what training added to its RSS (VmHWM after clear_refs, exact). The footprint less the
     data, which was resident before, must cover it without being wildly high. (The child's
     ru_maxrss is no use here: it starts from this, much larger, process's high-water mark.)"""
