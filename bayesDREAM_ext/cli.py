@@ -26,9 +26,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from bayesDREAM_ext.data import DISTRIBUTIONS, check_fraction, check_positive, check_positive_int, check_seed
+from bayesDREAM_ext.data import DISTRIBUTIONS
 from bayesDREAM_ext.training import DTYPE_BYTES, plan_training
 from devicemem.backends import DeviceMemory, device_memory, parse_max_memory
+from devicemem.checks import check_fraction, check_int, check_positive, check_seed
 from devicemem.units import format_bytes, parse_bytes
 
 COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
@@ -122,13 +123,13 @@ def _check_out(path: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the option for any bad value, before any file is read or training."""
-    check_positive_int(args.nsamples, "--nsamples")
+    check_int(args.nsamples, "--nsamples")
     check_fraction(args.safety_factor, "--safety-factor", allow_none=True)
     if args.command == "plan":  # plans may name another machine's devices (--assume)
         parse_max_memory(args.max_memory, {})
         return
-    check_positive_int(args.niters, "--niters", allow_none=True)
-    check_positive_int(args.threads, "--threads", allow_none=True)
+    check_int(args.niters, "--niters", allow_none=True)
+    check_int(args.threads, "--threads", allow_none=True)
     check_positive(args.lr, "--lr")
     check_seed(args.seed, "--seed")
     if args.device == "auto":

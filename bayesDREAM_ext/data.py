@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bayesDREAM_ext.sparsity import issparse
+from devicemem.checks import check_choice
 
 if TYPE_CHECKING:
     from scipy.sparse import csr_matrix, spmatrix
@@ -72,48 +73,10 @@ class TechnicalData:
 
 def check_distribution(distribution: Any) -> str:
     """The distribution name, or ValueError listing the accepted ones."""
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution: expected one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}")
-    return distribution
+    return check_choice(distribution, DISTRIBUTIONS, "distribution")
 
 
-def check_positive_int(value: Any, what: str, allow_none: bool = False) -> int | None:
-    """``value`` as an int >= 1 (None passes when ``allow_none``); ValueError naming ``what``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what}: expected an integer >= 1; got {value!r}")
-    return int(value)
-
-
-SEED_MAX = 2**32 - 1  # numpy's RNG, which pyro.set_rng_seed also seeds, takes seeds up to this
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def check_seed(value: Any, what: str = "seed") -> int | None:
-    """``value`` as an int in [0, 2**32 - 1] (None passes); ValueError naming ``what``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= SEED_MAX:
-        raise ValueError(f"{what}: expected None or an integer in [0, 2**32 - 1]; got {value!r}")
-    return int(value)
-
-
-def check_fraction(value: Any, what: str, allow_none: bool = False) -> float | None:
-    """``value`` in (0, 1] (None passes when ``allow_none``); ValueError naming ``what``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{what}: expected a number in (0, 1]; got {value!r}")
-    return float(value)
-
-
-def check_positive(value: Any, what: str, allow_zero: bool = False) -> float:
-    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); ValueError naming ``what``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{what}: expected a finite number {'>=' if allow_zero else '>'} 0; got {value!r}")
-    return float(value)
 
 
 def _is_anndata(obj: Any) -> bool:

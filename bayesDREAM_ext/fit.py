@@ -31,15 +31,12 @@ from bayesDREAM_ext.bayesdream_object import is_bayesdream_object, read_inputs, 
 from bayesDREAM_ext.data import (
     TechnicalData,
     check_distribution,
-    check_fraction,
-    check_positive,
-    check_positive_int,
-    check_seed,
     prepare_technical,
 )
 from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
 from bayesDREAM_ext.training import GUIDES, TrainingPlan, TrainResult, make_guide, plan_training, train
 from devicemem.backends import device_memory, parse_max_memory
+from devicemem.checks import check_fraction, check_int, check_positive, check_seed
 from devicemem.planner import Plan, plan_technical, resolve_safety_factor
 from devicemem.predictive import Predictive
 
@@ -244,9 +241,9 @@ def _check_options(
     beta_o_alpha: Any, beta_o_beta: Any, epsilon: Any, minibatch_size: Any, safety_factor: Any, max_memory: Any, guide: Any,
 ) -> None:
     check_distribution(distribution)
-    check_positive_int(nsamples, "nsamples")
-    check_positive_int(niters, "niters", allow_none=True)
-    check_positive_int(minibatch_size, "minibatch_size", allow_none=True)
+    check_int(nsamples, "nsamples")
+    check_int(niters, "niters", allow_none=True)
+    check_int(minibatch_size, "minibatch_size", allow_none=True)
     resolve_safety_factor(safety_factor)
     check_fraction(alpha_ewma, "alpha_ewma")
     for value, what in ((lr, "lr"), (beta_o_alpha, "beta_o_alpha"), (beta_o_beta, "beta_o_beta"), (epsilon, "epsilon")):
@@ -440,9 +437,9 @@ def fit_technical(
         minibatch_size, safety_factor, max_memory, guide,
     )
     check_seed(seed)
-    check_positive_int(svi_chunk, "svi_chunk", allow_none=True)
-    check_positive_int(svi_minibatch, "svi_minibatch", allow_none=True)
-    check_positive_int(checkpoint_every, "checkpoint_every")
+    check_int(svi_chunk, "svi_chunk", allow_none=True)
+    check_int(svi_minibatch, "svi_minibatch", allow_none=True)
+    check_int(checkpoint_every, "checkpoint_every")
     if resume is not None and not Path(resume).is_file():
         raise ValueError(f"resume: no such checkpoint file {str(resume)!r}")
     data = prepare_technical(counts, groups, sum_factors, distribution=distribution, denominator=denominator, cells_axis=cells_axis)

@@ -35,14 +35,13 @@ from tqdm.auto import tqdm
 
 from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
 from bayesDREAM_ext.model import ModelInputs
-from devicemem.backends import Backend, DeviceMemory, device_memory, devices, get_backend
+from devicemem.backends import HOST, Backend, DeviceMemory, device_memory, devices, get_backend
 from devicemem.footprint import technical_latent_size
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.bayesdream")
 
 GUIDES = ("normal", "iaf", "auto")
-HOST = "cpu"
 WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from devicemem.checks import check_int
+from devicemem.checks import check_choice, check_int
 
 MiB = 1 << 20
 
@@ -146,13 +146,6 @@ def check_shapes(n_cells: int, n_features: int, n_groups: int, n_categories: int
     check_int(n_categories, "n_categories")
     if n_groups > n_cells:
         raise ValueError(f"n_groups: cannot exceed n_cells ({n_cells}); got {n_groups}")
-
-
-def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
-    """``value`` when it is one of ``choices``, else ValueError naming ``what``."""
-    if value not in choices:
-        raise ValueError(f"{what}: expected one of {', '.join(choices)}; got {value!r}")
-    return value
 
 
 def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribution: str) -> _Sites:

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from devicemem.backends.base import DeviceMemory
-from devicemem.checks import check_int
+from devicemem.backends.names import HOST, device_name, is_host, kind_of
+from devicemem.checks import check_choice, check_fraction, check_int
 from devicemem.footprint import (
     DISTRIBUTIONS,
     GUIDES,
     Footprint,
-    check_choice,
     check_shapes,
     probe_footprint,
     technical_footprint,
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("devicemem.planner")
 
-HOST = "cpu"
 DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
 DEVICEMEM_THREADS = "DEVICEMEM_THREADS"
 # Measured accuracy (bench/w3_accuracy.py, 16 points in fresh children, three runs): predicted /
@@ -140,19 +139,13 @@ def _check_minibatch(minibatch_size: Any) -> int | None:
 
 
 def _check_factor(value: Any, what: str) -> float:
-    try:
-        factor = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected a number in (0, 1], e.g. 0.8; got {value!r}") from None
-    if isinstance(value, bool) or not 0.0 < factor <= 1.0:
-        raise ValueError(f"{what}: expected a number in (0, 1], e.g. 0.8; got {value!r}")
-    return factor
-
-
-def _check_device(device: Any) -> str:
-    if not isinstance(device, (str, torch.device)):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    return str(device).strip().lower()
+    """A safety factor in (0, 1], given as a number or as text (an environment variable)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: expected a number in (0, 1]; got {value!r}") from None
+    return check_fraction(value, what)
 
 
 def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str] | None = None) -> tuple[float, str]:
@@ -220,7 +213,7 @@ def _describe(memory: DeviceMemory) -> str:
 def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
     """The listed device named ``device`` ("cuda" = the first CUDA device); ValueError else."""
     for memory in listing:
-        if memory.device == device or (":" not in device and memory.device.split(":")[0] == device):
+        if memory.device == device or (":" not in device and kind_of(memory.device) == device):
             return memory
     seen = ", ".join(memory.device for memory in listing) or "none"
     raise ValueError(f"device: {device!r} is not visible to this process; it sees: {seen} (or pass 'auto')")
@@ -452,7 +445,7 @@ def _check_common(num_samples: Any, device: Any, minibatch_size: Any, safety_fac
         _check_factor(safety_factor, "safety_factor")
     if output_bytes is not None and (isinstance(output_bytes, bool) or not isinstance(output_bytes, int) or output_bytes < 0):
         raise ValueError(f"output_bytes: expected None or a non-negative int; got {output_bytes!r}")
-    return _check_device(device)
+    return device_name(device)
 
 
 def plan_predictive(
@@ -583,7 +576,7 @@ def plan_technical(
     draw_threads, _ = resolve_threads(threads, lambda: _host_cores(resources, max_memory), resources.environ)
 
     def footprint_for(name: str, budget: int) -> Footprint:
-        on_host = name.split(":")[0] == HOST
+        on_host = is_host(name)
         return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
                                    on_host=on_host, threads=draw_threads)
 

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from devicemem.backends import device_memory
+from devicemem.backends.names import HOST
 from devicemem.sampling import Site
 from devicemem.units import format_bytes
 
-HOST = "cpu"
 STATISTICS = ("mean", "var")
 # Host bytes per reduced element: float64 mean and sum of squares, a batch's float64 mean and sum
 # of squares while it is merged, and its float32 copy on the way.

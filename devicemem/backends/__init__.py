@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from typing import Any, Mapping
 
 from devicemem.backends.base import Backend, DeviceMemory
 from devicemem.backends.cuda import CudaBackend
 from devicemem.backends.host import CpuBackend
 from devicemem.backends.mps import MpsBackend
+from devicemem.backends.names import HOST, is_kind, kind_of, split_name
 from devicemem.backends.probe import SystemProbe
 from devicemem.units import parse_bytes
 
 __all__ = [
     "Backend",
     "DeviceMemory",
+    "HOST",
     "MAX_MEMORY_ENV",
     "SystemProbe",
     "device_memory",
@@ -39,11 +40,10 @@ __all__ = [
 logger = logging.getLogger("devicemem.backends")
 
 MAX_MEMORY_ENV = "DEVICEMEM_MAX_MEMORY"
-_DEVICE = re.compile(r"([a-z][a-z0-9_]*)(?::(\d+))?")
 _PAIRS_FORM = "comma-separated device=size pairs, e.g. cpu=8GiB,cuda:0=20GiB"
 _DICT_FORM = 'a dict like {"cpu": "8GiB", "cuda:0": "20GiB"}'
 
-_BACKENDS: dict[str, Backend] = {"cpu": CpuBackend(), "cuda": CudaBackend(), "mps": MpsBackend()}
+_BACKENDS: dict[str, Backend] = {HOST: CpuBackend(), "cuda": CudaBackend(), "mps": MpsBackend()}
 
 Overrides = dict[str, tuple[int, str]]
 MaxMemory = Mapping[Any, Any] | str | None
@@ -55,23 +55,17 @@ def register_backend(name: str, backend: Backend) -> None:
         raise TypeError(
             f"register_backend: backend must be a devicemem.backends.Backend; got {type(backend).__name__}"
         )
-    if not isinstance(name, str) or _DEVICE.fullmatch(name) is None or ":" in name:
+    if not is_kind(name):
         raise ValueError(f"register_backend: name must be a lower-case kind like 'xpu'; got {name!r}")
     if getattr(backend, "kind", name) != name:
         raise ValueError(f"register_backend: name {name!r} differs from the backend's kind {backend.kind!r}")
     _BACKENDS[name] = backend
 
 
-def _kind_forms() -> str:
-    return f"expected a kind ({', '.join(_BACKENDS)}) or kind:index, e.g. cuda:0"
-
-
 def split_device(device: str, what: str) -> tuple[str, int | None]:
-    """("cuda", 1) for "cuda:1", ("cpu", None) for "cpu"; ValueError naming ``what``."""
-    match = _DEVICE.fullmatch(device.strip().lower())
-    if match is None:
-        raise ValueError(f"{what}: could not read device {device!r}; {_kind_forms()}")
-    return match.group(1), None if match.group(2) is None else int(match.group(2))
+    """("cuda", 1) for "cuda:1", ("cpu", None) for "cpu"; ValueError naming ``what`` and the
+    registered kinds."""
+    return split_name(device, what, _BACKENDS)
 
 
 def get_backend(device: Any) -> Backend:
@@ -120,7 +114,9 @@ def parse_max_memory(max_memory: MaxMemory, environ: Mapping[str, str]) -> Overr
     for key, value, origin in named:
         kind, index = split_device(key, origin)
         if kind not in _BACKENDS:
-            raise ValueError(f"{origin}: unknown device {key!r}; {_kind_forms()}")
+            raise ValueError(
+                f"{origin}: unknown device {key!r}; expected a kind ({', '.join(_BACKENDS)}) or kind:index, e.g. cuda:0"
+            )
         size = parse_bytes(value, f"{origin}[{key!r}]")
         overrides[kind if index is None else f"{kind}:{index}"] = (size, f"override:{origin}")
     return overrides
@@ -169,7 +165,7 @@ def _find(kinds: list[str], overrides: Overrides, probe: SystemProbe) -> list[De
             found.append(memory if cap is None else _with_override(memory, *cap))
     names = {memory.device for memory in found}
     for key, (_, origin) in overrides.items():
-        if key not in names and key not in _BACKENDS and key.partition(":")[0] in kinds:
+        if key not in names and key not in _BACKENDS and kind_of(key) in kinds:
             logger.warning(
                 "[MEMORY] %s names %s, which this process does not see (it sees %s); ignoring it",
                 origin.removeprefix("override:"), key, ", ".join(sorted(names)) or "none",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from devicemem.backends.base import Backend, DeviceMemory
 from devicemem.backends.cgroups import cgroup_levels
 from devicemem.backends.cpus import usable_cores
+from devicemem.backends.names import HOST
 from devicemem.backends.probe import SystemProbe, kib_field
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ class CpuBackend(Backend):
     sampler runs from ``reset_peak`` until ``peak_bytes`` closes the window.
     """
 
-    kind = "cpu"
+    kind = HOST
 
     def __init__(self, probe: SystemProbe | None = None) -> None:
         super().__init__(probe)
@@ -278,7 +279,7 @@ class CpuBackend(Backend):
         logger.debug("[MEMORY] cpu: %s usable core(s) (%s)", cores, cores_source)
         return [
             DeviceMemory(
-                device="cpu",
+                device=HOST,
                 name="host RAM",
                 total_bytes=total,
                 free_bytes=free,
@@ -293,7 +294,7 @@ class CpuBackend(Backend):
     def torch_device(self, device: str) -> torch.device:
         import torch
 
-        return torch.device("cpu")
+        return torch.device(HOST)
 
     def _rss_reader(self) -> Callable[[], int | None]:
         probe = self.probe
