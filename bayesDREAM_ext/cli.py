@@ -6,6 +6,8 @@
         [--guide-state FILE]
     bayesdream-ext plan --cells N --features T --groups C [--distribution D] [--device D]
         [--max-memory ...] [--assume cpu=16GiB,cuda:0=80GB] [--json]
+    bayesdream-ext plan-predictive --cells N --features T --groups C --samples S [--with-obs]
+        [--guide G] [--device D] [--max-memory ...] [--results-on-disk] [--json]
 
 Plan and memory lines go to stdout through the ``devicemem`` logger; progress bars to stderr.
 Every option (and that --out can be written) is checked before any file is read or any
@@ -27,6 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from bayesDREAM_ext.data import DISTRIBUTIONS
+from bayesDREAM_ext.memory import FOOTPRINT_GUIDES, plan_technical
 from bayesDREAM_ext.training import DTYPE_BYTES, plan_training
 from devicemem.backends import DeviceMemory, device_memory, parse_max_memory
 from devicemem.checks import check_fraction, check_int, check_positive, check_seed
@@ -36,10 +39,10 @@ COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
 
 
 @contextlib.contextmanager
-def _log_to_stdout(quiet: bool) -> Iterator[None]:
-    """Show devicemem's log lines on stdout for the length of one ``main`` call."""
+def _log_to_stdout(quiet: bool, stream: Any = None) -> Iterator[None]:
+    """Show devicemem's log lines on stdout (or ``stream``) for the length of one ``main`` call."""
     logger = logging.getLogger("devicemem")
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = logger.level
     logger.addHandler(handler)
@@ -102,7 +105,81 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object: training and predictive plans (no log lines)")
     plan.add_argument("--quiet", action="store_true", help="no [MEMORY] lines, only the summary")
     plan.set_defaults(threads=None)
+    _add_plan_predictive(commands)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {value}")
+    return value
+
+
+def _add_plan_predictive(commands: Any) -> None:
+    """``plan-predictive``: the technical model's Predictive plan in detail (was ``devicemem plan``)."""
+    parser = commands.add_parser(
+        "plan-predictive", help="plan the technical model's Predictive from its shapes, and say why",
+        description="Device, batch size and mode for a technical-model Predictive of N cells x T features, "
+        "C groups and S samples, from the analytic footprint (no data needed).",
+    )
+    parser.add_argument("--cells", type=_positive_int, required=True, metavar="N", help="cells (N)")
+    parser.add_argument("--features", type=_positive_int, required=True, metavar="T", help="features (T)")
+    parser.add_argument("--groups", type=_positive_int, required=True, metavar="C", help="technical groups (C)")
+    parser.add_argument("--samples", type=_positive_int, required=True, metavar="S", help="posterior samples (S)")
+    parser.add_argument("--categories", type=_positive_int, default=1, metavar="K", help="categories (multinomial)")
+    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="negbinom")
+    parser.add_argument("--guide", choices=FOOTPRINT_GUIDES, default="normal", help="AutoNormal, AutoIAFNormal or AutoDelta")
+    parser.add_argument("--with-obs", action="store_true", help="also sample the observation site y [S, N, T]")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--minibatch-size", type=_positive_int, default=None, metavar="B")
+    parser.add_argument("--safety-factor", type=float, default=None, metavar="F", help="fraction of usable memory, in (0, 1]")
+    parser.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...", help="cap devices, e.g. cpu=8GiB")
+    parser.add_argument(
+        "--results-on-disk", action="store_true",
+        help="the results go to memmaps (Predictive(out=DIR)): do not count them against host memory",
+    )
+    parser.add_argument(
+        "--threads", dest="draw_threads", type=_positive_int, default=None, metavar="K",
+        help="threads drawing the likelihood on the host (default: DEVICEMEM_THREADS, else the usable cores)",
+    )
+    parser.add_argument("--json", action="store_true", help="the Plan as JSON")
+    parser.add_argument("--verbose", dest="quiet", action="store_false", help="also show the [MEMORY] lines as they are logged")
+    parser.set_defaults(threads=None, quiet=True)
+
+
+def run_plan_predictive(args: argparse.Namespace) -> int:
+    """Print the technical model's Predictive plan, as a table with its reasons or as JSON."""
+    plan = plan_technical(
+        args.cells, args.features, args.groups, args.samples, n_categories=args.categories,
+        distribution=args.distribution, guide=args.guide, with_obs=args.with_obs, device=args.device,
+        minibatch_size=args.minibatch_size, safety_factor=args.safety_factor, max_memory=args.max_memory,
+        output_bytes=0 if args.results_on_disk else None, threads=args.draw_threads,
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(plan), indent=2))
+        return 0
+    mode = "vectorised" if plan.vectorized else "sequential"
+    budget = f"{format_bytes(plan.budget_bytes)} (safety factor {plan.safety_factor:.0%})"
+    rows = [
+        ("device", plan.device),
+        ("batches", f"{plan.n_batches} {mode} of {plan.batch_size} ({plan.num_samples} samples)"),
+        ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
+        ("budget", budget if plan.budget_bytes is not None else "unknown"),
+        ("results", f"{format_bytes(plan.output_bytes)} on the host"),
+    ]
+    print("\n".join(f"{key:<15} {value}" for key, value in rows))
+    print("why:\n" + "\n".join(f"  - {reason}" for reason in plan.reasons))
+    return 0
+
+
+def plan_predictive_main(argv: Sequence[str]) -> int:
+    """``bayesdream-ext plan-predictive`` on ``argv``: what ``devicemem plan`` forwards to."""
+    return main(["plan-predictive", *argv])
 
 
 def _check_out(path: str) -> None:
@@ -123,6 +200,8 @@ def _check_out(path: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the option for any bad value, before any file is read or training."""
+    if args.command == "plan-predictive":  # argparse read the integers; the planner checks the rest
+        return
     check_int(args.nsamples, "--nsamples")
     check_fraction(args.safety_factor, "--safety-factor", allow_none=True)
     if args.command == "plan":  # plans may name another machine's devices (--assume)
@@ -265,7 +344,7 @@ def _assumed(text: str) -> dict[str, DeviceMemory]:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print where and how SVI and Predictive would run for this size (no data, no training)."""
-    from devicemem.planner import Resources, plan_technical, resolve_safety_factor
+    from devicemem.planner import Resources, resolve_safety_factor
 
     safety, _ = resolve_safety_factor(args.safety_factor)
     shape = (args.cells, args.features, args.groups)
@@ -315,8 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        with _log_to_stdout(args.quiet or getattr(args, "json", False)):
-            return {"demo": run_demo, "fit-technical": run_fit, "plan": run_plan}[args.command](args)
+        as_json = getattr(args, "json", False)  # then log lines, warnings too, go to stderr
+        with _log_to_stdout(args.quiet or as_json, sys.stderr if as_json else None):
+            commands = {"demo": run_demo, "fit-technical": run_fit, "plan": run_plan, "plan-predictive": run_plan_predictive}
+            return commands[args.command](args)
     except ValueError as exc:
         parser.exit(2, f"bayesdream-ext: error: {exc}\n")
 

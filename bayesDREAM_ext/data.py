@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("devicemem.bayesdream")
 
+# The technical model's observation distributions (one Pyro model each, bayesDREAM_ext.model).
 DISTRIBUTIONS = ("negbinom", "normal", "studentt", "binomial", "multinomial")
 COUNT_DISTRIBUTIONS = ("negbinom", "binomial", "multinomial")
 

@@ -33,11 +33,12 @@ from bayesDREAM_ext.data import (
     check_distribution,
     prepare_technical,
 )
+from bayesDREAM_ext.memory import plan_technical
 from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
-from bayesDREAM_ext.training import GUIDES, TrainingPlan, TrainResult, make_guide, plan_training, train
+from bayesDREAM_ext.training import GUIDE_CHOICES, TrainingPlan, TrainResult, make_guide, plan_training, train
 from devicemem.backends import device_memory, parse_max_memory
-from devicemem.checks import check_fraction, check_int, check_positive, check_seed
-from devicemem.planner import Plan, plan_technical, resolve_safety_factor
+from devicemem.checks import check_choice, check_fraction, check_int, check_positive, check_seed
+from devicemem.planner import Plan, resolve_safety_factor
 from devicemem.predictive import Predictive
 
 logger = logging.getLogger("devicemem.bayesdream")
@@ -249,8 +250,7 @@ def _check_options(
     for value, what in ((lr, "lr"), (beta_o_alpha, "beta_o_alpha"), (beta_o_beta, "beta_o_beta"), (epsilon, "epsilon")):
         check_positive(value, what)
     check_positive(tolerance, "tolerance", allow_zero=True)
-    if guide not in GUIDES:
-        raise ValueError(f"guide: expected one of {', '.join(GUIDES)}; got {guide!r}")
+    check_choice(guide, GUIDE_CHOICES, "guide")
     if not isinstance(device, (str, torch.device)):
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
     parse_max_memory(max_memory, {})

@@ -34,14 +34,14 @@ from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
 from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
+from bayesDREAM_ext.memory import iaf_hidden_size, iaf_parameters, technical_latent_size
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import HOST, Backend, DeviceMemory, device_memory, devices, get_backend
-from devicemem.footprint import technical_latent_size
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.bayesdream")
 
-GUIDES = ("normal", "iaf", "auto")
+GUIDE_CHOICES = ("normal", "iaf", "auto")
 WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0
@@ -145,17 +145,11 @@ class TrainResult:
         self.steady_ms_per_step = 1e3 * (self.seconds - self.first_step_s) / (steps - 1) if steps > 1 else None
 
 
-def iaf_hidden_size(latent: int) -> int:
-    """Pyro's default AutoIAFNormal hidden size."""
-    return 3 * latent + 1
-
-
 def guide_bytes(guide: str, latent: int) -> int:
     """Guide parameters with their gradients and Adam state, in bytes (float32)."""
     if guide == "iaf":
-        hidden = iaf_hidden_size(latent)
-        weights = latent * hidden + hidden * 2 * latent + hidden + 2 * latent
-        return IAF_COPIES * weights * FLOAT_BYTES
+        weights, biases = iaf_parameters(latent)
+        return IAF_COPIES * (weights + biases) * FLOAT_BYTES
     return NORMAL_GUIDE_FLOATS_PER_LATENT * latent * FLOAT_BYTES
 
 

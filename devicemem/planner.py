@@ -1,7 +1,7 @@
 """The planner: which device, how many samples per batch, vectorised or sequential, and why.
 
 It reads device memory from the registry (:mod:`devicemem.backends`) and a footprint from
-:mod:`devicemem.footprint` (probed for any model, analytic for the technical model), and
+:mod:`devicemem.footprint` (probed for any model, or built analytically by the caller), and
 decides; the runner executes the :class:`Plan`. Every decision is logged to
 ``logging.getLogger("devicemem.planner")`` as a ``[MEMORY]`` line and kept in
 ``Plan.reasons``.
@@ -22,14 +22,7 @@ import torch
 from devicemem.backends.base import DeviceMemory
 from devicemem.backends.names import HOST, device_name, is_host, kind_of
 from devicemem.checks import check_choice, check_fraction, check_int
-from devicemem.footprint import (
-    DISTRIBUTIONS,
-    GUIDES,
-    Footprint,
-    check_shapes,
-    probe_footprint,
-    technical_footprint,
-)
+from devicemem.footprint import Footprint, probe_footprint
 from devicemem.units import format_bytes
 
 if TYPE_CHECKING:
@@ -160,7 +153,7 @@ def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str
     return DEFAULT_SAFETY_FACTOR, "default"
 
 
-def _host_cores(resources: Resources, max_memory: Any) -> int | None:
+def host_cores(resources: Resources, max_memory: Any) -> int | None:
     return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
 
 
@@ -231,7 +224,7 @@ def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
     return math.ceil(num_samples / n_batches), n_batches
 
 
-def _decide(
+def decide(
     footprint_for: Callable[[str, int], Footprint],
     num_samples: int,
     device: str,
@@ -438,7 +431,7 @@ def _inputs_device(*objects: Any) -> str:
     return HOST
 
 
-def _check_common(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
+def check_plan_arguments(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
     check_int(num_samples, "num_samples")
     _check_minibatch(minibatch_size)
     if safety_factor is not None:
@@ -486,7 +479,7 @@ def plan_predictive(
     bigger batches stop paying, as timings vary from run to run and the draws follow the plan.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
-    where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
+    where = check_plan_arguments(num_samples, device, minibatch_size, safety_factor, output_bytes)
     if return_sites is not None and (isinstance(return_sites, str) or not all(isinstance(s, str) for s in return_sites)):
         raise ValueError(f"return_sites: expected None or a list of site names; got {return_sites!r}")
     if guide is None and posterior_samples is None:
@@ -496,7 +489,7 @@ def plan_predictive(
     if sampler is None and resources.probe is None:  # draw as Predictive will: its threads time the probe
         from devicemem.sampling import Sampler
 
-        threads, _ = resolve_threads(None, lambda: _host_cores(resources, max_memory), resources.environ)
+        threads, _ = resolve_threads(None, lambda: host_cores(resources, max_memory), resources.environ)
         sampler = Sampler(model, guide, args, kwargs, threads=threads)
 
     def footprint_for(name: str, budget: int) -> Footprint:
@@ -506,7 +499,7 @@ def plan_predictive(
             on_device=on_device, **kwargs,
         )
 
-    return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
+    return decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
                    _inputs_device(args, kwargs), resources, probe_with_minibatch=False,
                    reproducible=reproducible)
 
@@ -525,7 +518,7 @@ def plan_sequential(
     A sample's memory does not grow with ``num_samples``, so nothing is probed; the samples are
     grouped into at most :data:`SEQUENTIAL_CHUNKS` chunks, each one batch record of
     the run. ``why`` opens the logged reason."""
-    where = _check_common(num_samples, device, None, safety_factor, output_bytes)
+    where = check_plan_arguments(num_samples, device, None, safety_factor, output_bytes)
     factor, _ = resolve_safety_factor(safety_factor)
     reasons = _Reasons()
     place = _inputs_device(args, kwargs) if where == "auto" else where
@@ -537,77 +530,8 @@ def plan_sequential(
     return Plan(place, num_samples, size, n_batches, False, None, None, factor, output_bytes, tuple(reasons.lines))
 
 
-def plan_technical(
-    n_cells: int,
-    n_features: int,
-    n_groups: int,
-    num_samples: int,
-    *,
-    n_categories: int = 1,
-    distribution: str = "negbinom",
-    guide: str = "normal",
-    with_obs: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: str = "auto",
-    minibatch_size: int | None = None,
-    safety_factor: float | None = None,
-    max_memory: Any = None,
-    output_bytes: int | None = None,
-    resources: Resources | None = None,
-    threads: int | None = None,
-) -> Plan:
-    """Plan the technical model's Predictive from shapes alone (:func:`technical_footprint`).
+def __getattr__(name: str) -> Any:
+    """Names that moved to bayesDREAM_ext, for one release (:mod:`devicemem.integrations.moved`)."""
+    from devicemem.integrations.moved import resolve
 
-    The inputs (counts, guide parameters) are taken to live on the host, so they count against
-    a GPU's memory but not again against the host's. Same decisions as :func:`plan_predictive`.
-    ``threads``: how many threads draw the likelihood on the host (:func:`resolve_threads`;
-    default ``DEVICEMEM_THREADS``, else the host's usable cores): with more, a bigger vectorised
-    batch still pays.
-    """
-    check_shapes(n_cells, n_features, n_groups, n_categories)
-    check_choice(distribution, DISTRIBUTIONS, "distribution")
-    if n_categories != 1 and distribution != "multinomial":
-        raise ValueError(
-            f"n_categories: only the multinomial distribution has categories; got {n_categories} with {distribution!r}"
-        )
-    check_choice(guide, GUIDES, "guide")
-    where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
-    resources = resources or Resources()
-    draw_threads, _ = resolve_threads(threads, lambda: _host_cores(resources, max_memory), resources.environ)
-
-    def footprint_for(name: str, budget: int) -> Footprint:
-        on_host = is_host(name)
-        return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
-                                   on_host=on_host, threads=draw_threads)
-
-    return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   HOST, resources)
-
-
-def estimate_predictive_memory_and_set_minibatch(
-    N: int,
-    T: int,
-    C: int,
-    nsamples: int,
-    minibatch_size: int | None = None,
-    distribution: str = "negbinom",
-    safety_factor: float | None = None,
-    device: str = "cpu",
-    resources: Resources | None = None,
-) -> tuple[int | None, bool]:
-    """bayesDREAM's ``_estimate_predictive_memory_and_set_minibatch``, planned properly.
-
-    Returns ``(minibatch_size, use_parallel)``: ``None`` when all ``nsamples`` fit in one
-    batch; a user ``minibatch_size`` is returned as is with ``use_parallel=True``; with no
-    memory reading, the seed's ``(50, False)``. Params-only technical Predictive (the seed's
-    case), with an AutoNormal guide.
-    """
-    plan = plan_technical(
-        N, T, C, nsamples, distribution=distribution, device=device, minibatch_size=minibatch_size,
-        safety_factor=safety_factor, resources=resources,
-    )
-    if minibatch_size is not None:
-        return minibatch_size, True
-    if plan.budget_bytes is None:
-        return plan.batch_size, plan.vectorized
-    return (None if plan.n_batches == 1 else plan.batch_size), plan.vectorized
+    return resolve(__name__, name)

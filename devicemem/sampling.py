@@ -255,8 +255,8 @@ class Sampler:
 
     The unvectorised run checks the distributions' arguments as Pyro is set to; draws run with
     Pyro's validation off unless ``validate`` (the checks cost ~20% of a likelihood draw and
-    would only repeat, per sample, what the first run checked), as fit_technical's SVI does
-    after its first step.
+    would only repeat, per sample, what the first run checked), as an SVI loop may turn them
+    off after its first step.
 
     ``threads``: draw the host's large sample sites block-parallel on that many threads
     (:class:`devicemem.blockdraw.BlockDraws`: the same values for any number of threads);

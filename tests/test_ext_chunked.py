@@ -16,7 +16,7 @@ from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
 from bayesDREAM_ext.training import make_guide, plan_training, train
-from devicemem.footprint import technical_latent_size
+from bayesDREAM_ext.memory import technical_latent_size
 
 DISTRIBUTIONS = ["negbinom", "normal", "studentt", "binomial", "multinomial"]
 CPU = torch.device("cpu")

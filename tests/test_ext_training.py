@@ -25,7 +25,7 @@ from bayesDREAM_ext.training import (
     training_footprint,
 )
 from devicemem.backends import DeviceMemory, get_backend, register_backend
-from devicemem.footprint import technical_latent_size
+from bayesDREAM_ext.memory import technical_latent_size
 from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
 

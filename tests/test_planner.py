@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from bayesDREAM_ext.memory import estimate_predictive_memory_and_set_minibatch, plan_technical
 from devicemem.backends.base import DeviceMemory
 from devicemem.footprint import Footprint
 from devicemem.planner import (
@@ -16,9 +17,7 @@ from devicemem.planner import (
     DEVICEMEM_SAFETY_FACTOR,
     DEVICEMEM_THREADS,
     Resources,
-    estimate_predictive_memory_and_set_minibatch,
     plan_predictive,
-    plan_technical,
     resolve_threads,
 )
 
