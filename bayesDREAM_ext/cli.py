@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,9 @@ import numpy as np
 from bayesDREAM_ext.data import DISTRIBUTIONS
 from bayesDREAM_ext.memory import FOOTPRINT_GUIDES, plan_technical
 from bayesDREAM_ext.training import DTYPE_BYTES, plan_training
-from devicemem.backends import DeviceMemory, device_memory, parse_max_memory
+from devicemem.backends import HOST, MAX_MEMORY_ENV, DeviceMemory, MemoryView, SystemProbe, device_memory, parse_max_memory
 from devicemem.checks import check_fraction, check_int, check_positive, check_seed
+from devicemem.planner import resolve_safety_factor
 from devicemem.units import format_bytes, parse_bytes
 
 COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
@@ -342,32 +344,30 @@ def _assumed(text: str) -> dict[str, DeviceMemory]:
     return found
 
 
+def _plan_view(args: argparse.Namespace) -> MemoryView:
+    """The memory both plans are made against: this machine's, or with ``--assume`` the assumed
+    devices as given (read through a probe that lists them) and, unless assumed too, this
+    machine's host with ``--max-memory``."""
+    if not args.assume:
+        return MemoryView.read(args.max_memory)
+    assumed = _assumed(args.assume)
+    assumed.setdefault(HOST, device_memory(HOST, max_memory=args.max_memory))
+    settings = {key: value for key, value in os.environ.items() if key != MAX_MEMORY_ENV}  # applied to the host already
+    return MemoryView.read(None, SystemProbe(environ=settings, listing=tuple(assumed.values())))
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Print where and how SVI and Predictive would run for this size (no data, no training)."""
-    from devicemem.planner import Resources, resolve_safety_factor
-
-    safety, _ = resolve_safety_factor(args.safety_factor)
+    view = _plan_view(args)
+    safety, _ = resolve_safety_factor(args.safety_factor, view.environ)
     shape = (args.cells, args.features, args.groups)
-    options: dict[str, Any] = {}
-    resources = None
-    if args.assume:
-        registry = _assumed(args.assume)
-        registry.setdefault("cpu", device_memory("cpu", max_memory=args.max_memory))
-
-        def memory_of(name: str) -> DeviceMemory:
-            if name not in registry:
-                raise ValueError(f"device: {name!r} is not among the assumed devices ({', '.join(registry)})")
-            return registry[name]
-
-        options = dict(memory_of=memory_of, accelerators=lambda: [m for m in registry.values() if m.device != "cpu"])
-        resources = Resources(devices=lambda max_memory: list(registry.values()))
     training = plan_training(
         *shape, args.categories, distribution=args.distribution, device=args.device, safety_factor=safety,
-        max_memory=args.max_memory, count_dtype=args.count_dtype, **options,
+        count_dtype=args.count_dtype, view=view,
     )
     predictive = plan_technical(
         *shape, args.nsamples, n_categories=args.categories, distribution=args.distribution, device=args.device,
-        safety_factor=args.safety_factor, max_memory=args.max_memory, resources=resources,
+        safety_factor=args.safety_factor, view=view,
     )
     if args.json:
         extra = {"chunks_per_step": training.chunks_per_step, "host_bytes": training.host_bytes, "device_bytes": training.device_bytes}

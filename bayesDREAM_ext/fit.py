@@ -36,7 +36,8 @@ from bayesDREAM_ext.data import (
 from bayesDREAM_ext.memory import plan_technical
 from bayesDREAM_ext.model import CATEGORY_SITES, SITE_FILL, ModelInputs, build_model_inputs
 from bayesDREAM_ext.training import GUIDE_CHOICES, TrainingPlan, TrainResult, make_guide, plan_training, train
-from devicemem.backends import device_memory, parse_max_memory
+from devicemem.backends import Caps, MemoryView, SystemProbe, split_device
+from devicemem.backends.names import device_name
 from devicemem.checks import check_choice, check_fraction, check_int, check_positive, check_seed
 from devicemem.planner import Plan, resolve_safety_factor
 from devicemem.predictive import Predictive
@@ -240,7 +241,7 @@ def _record(cls: type, values: dict[str, Any]) -> Any:
 def _check_options(
     distribution: str, device: Any, nsamples: Any, niters: Any, lr: Any, tolerance: Any, alpha_ewma: Any,
     beta_o_alpha: Any, beta_o_beta: Any, epsilon: Any, minibatch_size: Any, safety_factor: Any, max_memory: Any, guide: Any,
-) -> None:
+) -> Caps:
     check_distribution(distribution)
     check_int(nsamples, "nsamples")
     check_int(niters, "niters", allow_none=True)
@@ -251,11 +252,10 @@ def _check_options(
         check_positive(value, what)
     check_positive(tolerance, "tolerance", allow_zero=True)
     check_choice(guide, GUIDE_CHOICES, "guide")
-    if not isinstance(device, (str, torch.device)):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
-    parse_max_memory(max_memory, {})
-    if str(device) != "auto":
-        device_memory(str(device), max_memory=max_memory)
+    name = device_name(device)
+    if name != "auto":
+        split_device(name, "device")  # whether this process sees it is asked of the call's memory reading
+    return Caps.parse(max_memory)
 
 
 def _site_names(inputs: ModelInputs) -> list[str]:
@@ -396,6 +396,7 @@ def fit_technical(
     resume: str | Path | None = None,
     sum_factor_col: str | None = "sum_factor",
     modality: str | None = None,
+    probe: SystemProbe | MemoryView | None = None,
 ) -> TechnicalFit:
     """Fit bayesDREAM's technical model on NTC cells and draw ``nsamples`` posterior samples.
 
@@ -419,7 +420,10 @@ def fit_technical(
     when they do not fit a GPU); ``svi_chunk`` forces the cells per chunk. ``svi_minibatch``:
     stochastic steps on that many random cells (likelihood scaled by N / B; off by default).
     ``checkpoint=PATH``: save the training state every ``checkpoint_every`` steps;
-    ``resume=PATH`` continues from it bit-identically on the same device.
+    ``resume=PATH`` continues from it bit-identically on the same device. ``probe``: where device
+    memory is read, once per call, after the data are prepared (every plan, the fall-back to the
+    host and Predictive are judged against that one reading): a ``devicemem.backends.SystemProbe``
+    (tests inject fakes) or a ``MemoryView`` already read.
 
     Given a bayesDREAM object instead of counts (``fit_technical(model_obj,
     sum_factor_col="sum_factor", modality=None, ...)``), it fits that modality's NTC cells
@@ -432,7 +436,7 @@ def fit_technical(
         return _fit_object(arguments)
     distribution = "negbinom" if distribution is None else distribution
     start = time.perf_counter()
-    _check_options(
+    caps = _check_options(
         distribution, device, nsamples, niters, lr, tolerance, alpha_ewma, beta_o_alpha, beta_o_beta, epsilon,
         minibatch_size, safety_factor, max_memory, guide,
     )
@@ -444,7 +448,10 @@ def fit_technical(
         raise ValueError(f"resume: no such checkpoint file {str(resume)!r}")
     data = prepare_technical(counts, groups, sum_factors, distribution=distribution, denominator=denominator, cells_axis=cells_axis)
     inputs = build_model_inputs(data, epsilon=epsilon, beta_o_alpha=beta_o_alpha, beta_o_beta=beta_o_beta)
-    safety, _ = resolve_safety_factor(safety_factor)
+    view = probe if isinstance(probe, MemoryView) else MemoryView.read(caps, probe)  # the call's one reading
+    if device_name(device) != "auto":
+        view.find(device)
+    safety, _ = resolve_safety_factor(safety_factor, view.environ)
     niters = niters or DEFAULT_NITERS.get(distribution, DEFAULT_NITERS_OTHER)
     logger.info(
         "fit_technical: %d NTC cells x %d features (%d excluded), %d group(s), %s",
@@ -454,20 +461,20 @@ def fit_technical(
     if guide_state is None:
         svi_plan = plan_training(
             *shape, data.n_categories, distribution=distribution, device=str(device), guide=guide,
-            safety_factor=safety, max_memory=max_memory, chunk_cells=svi_chunk, minibatch=svi_minibatch,
+            safety_factor=safety, view=view, chunk_cells=svi_chunk, minibatch=svi_minibatch,
             count_dtype="float32" if str(device) == "cpu" else str(compact_dtype(data.counts)).removeprefix("torch."),
         )
     else:
         svi_plan = guide_state.svi_plan
     predictive_plan = plan_technical(
         *shape, nsamples, n_categories=data.n_categories, distribution=distribution, guide=svi_plan.guide,
-        device=str(device), minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory,
+        device=str(device), minibatch_size=minibatch_size, safety_factor=safety_factor, view=view,
     )
     prepared = time.perf_counter()
     if guide_state is None:
         result = train(
             inputs, svi_plan, niters=niters, lr=lr, tolerance=tolerance, alpha_ewma=alpha_ewma, seed=seed,
-            progress=progress, fallback_to_host=str(device) == "auto", max_memory=max_memory,
+            progress=progress, fallback_to_host=str(device) == "auto", view=view,
             checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
         )
         trained_guide, svi_plan = result.guide, result.plan
@@ -478,7 +485,7 @@ def fit_technical(
     trained = time.perf_counter()
     predictive = Predictive(  # parallel=True: the technical models vectorise, no need to check
         inputs.model, guide=trained_guide, num_samples=nsamples, return_sites=_site_names(inputs), parallel=True,
-        max_memory=max_memory, seed=seed, progress=progress, plan=predictive_plan,
+        seed=seed, progress=progress, plan=predictive_plan, probe=view,
     )
     try:
         samples = predictive(**inputs.params_only())

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from bayesDREAM_ext.data import DISTRIBUTIONS
-from devicemem.backends.names import HOST, is_host
+from devicemem.backends.names import is_host
+from devicemem.backends.view import MemoryView
 from devicemem.checks import check_choice, check_int
 from devicemem.footprint import Footprint
-from devicemem.planner import Plan, Resources, check_plan_arguments, decide, host_cores, resolve_threads
+from devicemem.planner import Plan, check_plan_arguments, decide, resolve_threads, view_of
 
 MiB = 1 << 20
 # The guides a technical Predictive footprint is known for: AutoNormal, AutoIAFNormal, AutoDelta.
@@ -235,7 +236,7 @@ def plan_technical(
     safety_factor: float | None = None,
     max_memory: Any = None,
     output_bytes: int | None = None,
-    resources: Resources | None = None,
+    view: MemoryView | None = None,
     threads: int | None = None,
 ) -> Plan:
     """Plan the technical model's Predictive from shapes alone (:func:`technical_footprint`).
@@ -244,7 +245,7 @@ def plan_technical(
     a GPU's memory but not again against the host's. Same decisions as :func:`plan_predictive`.
     ``threads``: how many threads draw the likelihood on the host (:func:`resolve_threads`;
     default ``DEVICEMEM_THREADS``, else the host's usable cores): with more, a bigger vectorised
-    batch still pays.
+    batch still pays. ``view``: the memory reading to plan against (default: one taken now).
     """
     check_shapes(n_cells, n_features, n_groups, n_categories)
     check_choice(distribution, DISTRIBUTIONS, "distribution")
@@ -254,16 +255,15 @@ def plan_technical(
         )
     check_choice(guide, FOOTPRINT_GUIDES, "guide")
     where = check_plan_arguments(num_samples, device, minibatch_size, safety_factor, output_bytes)
-    resources = resources or Resources()
-    draw_threads, _ = resolve_threads(threads, lambda: host_cores(resources, max_memory), resources.environ)
+    view = view_of(view, max_memory)
+    draw_threads, _ = resolve_threads(threads, lambda: view.host.cores, view.environ)
 
-    def footprint_for(name: str, budget: int) -> Footprint:
-        on_host = is_host(name)
+    def footprint_for(name: str, room: int) -> Footprint:
         return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
-                                   on_host=on_host, threads=draw_threads)
+                                   on_host=is_host(name), threads=draw_threads)
 
-    return decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   HOST, resources)
+    return decide(footprint_for, num_samples, where, view, minibatch_size=minibatch_size, safety_factor=safety_factor,
+                  output_bytes=output_bytes)
 
 
 def estimate_predictive_memory_and_set_minibatch(
@@ -275,7 +275,7 @@ def estimate_predictive_memory_and_set_minibatch(
     distribution: str = "negbinom",
     safety_factor: float | None = None,
     device: str = "cpu",
-    resources: Resources | None = None,
+    view: MemoryView | None = None,
 ) -> tuple[int | None, bool]:
     """bayesDREAM's ``_estimate_predictive_memory_and_set_minibatch``, planned properly.
 
@@ -286,7 +286,7 @@ def estimate_predictive_memory_and_set_minibatch(
     """
     plan = plan_technical(
         N, T, C, nsamples, distribution=distribution, device=device, minibatch_size=minibatch_size,
-        safety_factor=safety_factor, resources=resources,
+        safety_factor=safety_factor, view=view,
     )
     if minibatch_size is not None:
         return minibatch_size, True

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
 from bayesDREAM_ext.memory import iaf_hidden_size, iaf_parameters, technical_latent_size
 from bayesDREAM_ext.model import ModelInputs
-from devicemem.backends import HOST, Backend, DeviceMemory, device_memory, devices, get_backend
+from devicemem.backends import HOST, Backend, DeviceMemory, MemoryView, budget, get_backend
+from devicemem.planner import view_of
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.bayesdream")
@@ -181,10 +182,6 @@ def chunk_cell_bytes(n_features: int, n_categories: int = 1, *, distribution: st
     return STEP_BYTES_PER_VALUE[distribution] * n_features * n_categories + FLOAT_BYTES * values + streaming
 
 
-def _budget(memory: DeviceMemory, safety_factor: float) -> int | None:
-    return None if memory.usable_bytes is None else int(safety_factor * memory.usable_bytes)
-
-
 def _fits(need: int, budget: int | None) -> bool:
     return budget is None or need <= budget
 
@@ -286,8 +283,7 @@ def plan_training(
     chunk_cells: int | None = None,
     minibatch: int | None = None,
     count_dtype: str = "float32",
-    memory_of: Callable[[str], DeviceMemory] | None = None,
-    accelerators: Callable[[], list[DeviceMemory]] | None = None,
+    view: MemoryView | None = None,
 ) -> TrainingPlan:
     """Choose the device, the guide and the step layout for SVI, from shapes alone.
 
@@ -301,40 +297,39 @@ def plan_training(
     ``guide="iaf"`` needs the AutoIAFNormal footprint (hidden size 3 x latent + 1) to fit in
     full-data steps (ValueError otherwise); ``"auto"`` takes it when it fits, else AutoNormal.
     ``chunk_cells`` forces chunks of that size; ``minibatch`` makes each step use that many
-    random cells (stochastic, likelihood scaled by N / B). ``memory_of`` / ``accelerators``
-    replace the device registry (tests, and planning for another machine).
+    random cells (stochastic, likelihood scaled by N / B). ``view``: the memory reading to plan
+    against (default: one taken now, with ``max_memory``); planning for another machine is a
+    view read through a probe that lists its devices.
     """
-    memory_of = memory_of or (lambda name: device_memory(name, max_memory=max_memory))
-    accelerators = accelerators or (lambda: [m for m in devices(max_memory=max_memory) if m.device != HOST])
+    view = view_of(view, max_memory)
     shape = _Shape(n_cells, n_features, n_groups, n_categories, distribution)
     reasons: list[str] = []
-    layout: _Layout | None = None
-    if device == "auto":
-        gpu = max(accelerators(), key=lambda m: m.usable_bytes or 0, default=None)
-        if gpu is None:
+    alone = len(view.candidates(device)) == 1
+
+    def layout_on(memory: DeviceMemory, last: bool) -> tuple[DeviceMemory, _Layout] | None:
+        room = budget(memory, safety_factor)
+        layout = _layout(shape, "normal", memory, room, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
+        if layout is None and not last:
+            reasons.append(f"SVI does not fit {memory.device} even one cell per chunk (budget {format_bytes(room)}); using the CPU")
+            return None
+        if layout is None:
+            raise ValueError(_one_cell_message(shape, "normal", memory.device, room))
+        if device != "auto":
+            reasons.append(f"SVI on {memory.device} as requested")
+        elif memory.device != HOST:
+            reasons.append(f"SVI on {memory.device}, the GPU with the most usable memory")
+        elif alone:
             reasons.append("no GPU visible; SVI on the CPU")
-        else:
-            budget = _budget(gpu, safety_factor)
-            layout = _layout(shape, "normal", gpu, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
-            if layout is None:
-                reasons.append(f"SVI does not fit {gpu.device} even one cell per chunk (budget {format_bytes(budget)}); using the CPU")
-                gpu = None
-            else:
-                reasons.append(f"SVI on {gpu.device}, the GPU with the most usable memory")
-        memory = gpu or memory_of(HOST)
-    else:
-        memory = memory_of(device)
-        reasons.append(f"SVI on {memory.device} as requested")
-    budget = _budget(memory, safety_factor)
-    layout = layout or _layout(shape, "normal", memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
-    if layout is None:
-        raise ValueError(_one_cell_message(shape, "normal", memory.device, budget))
+        return memory, layout
+
+    memory, layout = view.pick(device, layout_on)
+    room = budget(memory, safety_factor)
     reasons.append(layout.reason)
     kind = "normal"
     if guide in ("iaf", "auto"):
         iaf_need = shape.full_need("iaf", shape.n_cells)
-        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)} in full-data steps, budget {format_bytes(budget)} on {memory.device}"
-        iaf_layout = None if budget is None else _iaf_layout(shape, memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
+        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)} in full-data steps, budget {format_bytes(room)} on {memory.device}"
+        iaf_layout = None if room is None else _iaf_layout(shape, memory, room, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
         if iaf_layout is not None:
             kind, layout = "iaf", iaf_layout
             reasons.append(f"{verdict}: using it" + ("" if iaf_layout.chunk_cells is None else f", in chunks ({iaf_layout.reason})"))
@@ -345,7 +340,7 @@ def plan_training(
     for reason in reasons:
         logger.info("[MEMORY] %s", reason)
     return TrainingPlan(
-        memory.device, kind, shape.latent(), layout.need, budget, safety_factor, tuple(reasons),
+        memory.device, kind, shape.latent(), layout.need, room, safety_factor, tuple(reasons),
         distribution=distribution, n_cells=n_cells, chunk_cells=layout.chunk_cells, minibatch=minibatch,
         data_on_device=layout.data_on_device,
         data_bytes=data_bytes(n_cells, n_features, n_categories, distribution=distribution, itemsize=layout.itemsize),
@@ -428,7 +423,7 @@ def train(
     seed: int | None = None,
     progress: bool = True,
     fallback_to_host: bool = False,
-    max_memory: Any = None,
+    view: MemoryView | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: str | Path | None = None,
@@ -437,7 +432,7 @@ def train(
     ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
     memory or measures above the budget restarts training on that GPU in chunks (half the
     cells after an OOM, else in proportion to the overshoot), and only when that too runs out
-    of memory on the CPU (planned again there with ``max_memory``). Clears Pyro's global param
+    of memory on the CPU (planned again there against ``view``, default a reading taken then). Clears Pyro's global param
     store first, as bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
@@ -473,7 +468,7 @@ def train(
     n_cells, n_features, n_categories = _value_shape(inputs)
     host_plan = plan_training(
         n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
-        device=HOST, safety_factor=plan.safety_factor, max_memory=max_memory, minibatch=plan.minibatch,
+        device=HOST, safety_factor=plan.safety_factor, view=view, minibatch=plan.minibatch,
     )
     host_plan = replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
     return _train_on(inputs, host_plan, options, check_first_step=False)

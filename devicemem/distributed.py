@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from devicemem import local
-from devicemem.backends import device_memory, devices, get_backend, parse_max_memory, split_device
+from devicemem.backends import MemoryView, get_backend, split_device
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
 from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, check_host
@@ -288,9 +288,9 @@ def split(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _connect(ray: ModuleType) -> None:
+def _connect(ray: ModuleType, view: MemoryView) -> None:
     """Use the initialised Ray, else RAY_ADDRESS / a local ``ray start`` cluster, else start
-    a local instance offering ``devicemem:<device>`` for every accelerator this process sees."""
+    a local instance offering ``devicemem:<device>`` for every accelerator ``view`` holds."""
     if ray.is_initialized():
         return
     try:
@@ -299,7 +299,7 @@ def _connect(ray: ModuleType) -> None:
         return
     except ConnectionError:
         pass
-    named = {RESOURCE_PREFIX + memory.device: 1.0 for memory in devices() if memory.device != HOST}
+    named = {RESOURCE_PREFIX + memory.device: 1.0 for memory in view.devices if memory.device != HOST}
     ray.init(resources=named)
     logger.info(
         "[MEMORY] started a local Ray instance (%s); it stays up for later runs, ray.shutdown() ends it",
@@ -318,18 +318,19 @@ def _node_cpus(ray: ModuleType) -> float | None:
     return None
 
 
-def _host_share(ray: ModuleType, job: _Job) -> Any:
-    """``max_memory`` for a CPU shard: the user's caps, with the host capped at this task's
-    share of the node (its CPUs / the node's CPUs), since the node's CPU shards share its RAM."""
-    node_cpus = _node_cpus(ray)
-    usable = device_memory(HOST, max_memory=job.max_memory).usable_bytes
+def _shard_view(ray: ModuleType, job: _Job) -> MemoryView:
+    """The shard's one memory reading, of its worker's machine with the user's caps; a CPU
+    shard's host is capped at its share of the node (its CPUs / the node's CPUs), since the
+    node's CPU shards share its RAM."""
+    view = MemoryView.read(job.max_memory)
+    node_cpus = _node_cpus(ray) if job.shard.slot.device == HOST else None
+    usable = view.host.usable_bytes
     if not node_cpus or usable is None:
-        return job.max_memory
-    caps: dict[str, Any] = {key: size for key, (size, _) in parse_max_memory(job.max_memory, {}).items()}
-    caps[HOST] = int(usable * min(1.0, job.cpus_per_shard / node_cpus))
-    logger.info("[MEMORY] %s: %s of host memory (%g of the node's %g CPUs)", job.shard, format_bytes(caps[HOST]),
+        return view
+    share = int(usable * min(1.0, job.cpus_per_shard / node_cpus))
+    logger.info("[MEMORY] %s: %s of host memory (%g of the node's %g CPUs)", job.shard, format_bytes(share),
                 job.cpus_per_shard, node_cpus)
-    return caps
+    return view.capped(HOST, share, "override:max_memory")
 
 
 def _node_device(ray: ModuleType, slot: Slot) -> str:
@@ -401,17 +402,16 @@ def _run_shard(
     guide = _guide(ray, guide_box[0])
     if job.worker_setup is not None:
         job.worker_setup(shard)
-    max_memory = job.max_memory
     if shard.slot.device == HOST:
         torch.set_num_threads(max(1, int(job.cpus_per_shard)))
-        max_memory = _host_share(ray, job)
+    view = _shard_view(ray, job)
     pyro.clear_param_store()
     if params is not None:
         pyro.get_param_store().set_state(params)
     request = local.Request(
         model, guide, posterior, shard.size, return_sites=job.return_sites, parallel=job.parallel,
         device=shard.slot.device, on_device=job.on_device, with_observed=False,
-        minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
+        minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=job.max_memory,
         seed=job.seed, first_sample=shard.start, progress=False,
         reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
         allow_nonfinite=job.allow_nonfinite,
@@ -421,7 +421,7 @@ def _run_shard(
     plan = None
     began = time.perf_counter()
     try:
-        results, plan = local.run(request, args, kwargs, report)
+        results, plan = local.run(request, args, kwargs, report, view)
     finally:
         pyro.clear_param_store()
         if plan is not None:
@@ -510,9 +510,10 @@ def run(
     :class:`ShardRecord` per shard in sample order (each holds the plan its shard made)."""
     ray = import_ray()
     names = _requested(request.device)
-    selection = local.choose_sites(request, args, kwargs)
-    check_host(selection.drawn, request.reduce, request.num_samples, request.out, request.max_memory)
-    _connect(ray)
+    view = local.read_view(request)
+    selection = local.choose_sites(request, args, kwargs, view)
+    check_host(selection.drawn, request.reduce, request.num_samples, request.out, view.host)
+    _connect(ray, view)
     slots = _slots(names, ray.cluster_resources(), options.cpus_per_shard)
     ranges = split(request.num_samples, options.num_shards or len(slots))
     shards = [Shard(k, len(ranges), a, b, slots[k % len(slots)]) for k, (a, b) in enumerate(ranges)]

@@ -28,7 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from devicemem import planner
-from devicemem.backends import Backend, device_memory, get_backend
+from devicemem.backends import Backend, MemoryView, get_backend
+from devicemem.backends.names import device_name, kind_of
 from devicemem.checks import check_finite
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
@@ -81,6 +82,18 @@ class Request:
     with_observed: bool = True
     first_sample: int = 0  # index of this request's first sample in the whole run (a Ray shard's start)
     resume: bool = False
+    probe: Any = None  # a SystemProbe to read memory through, or a MemoryView already read
+
+
+def read_view(request: Request) -> MemoryView:
+    """The call's one memory reading: ``request.probe`` when it is one already, else the
+    devices the call may use (every kind for "auto" and sharded runs; else the named device's
+    kind and the host's), read once through ``request.probe``."""
+    if isinstance(request.probe, MemoryView):
+        return request.probe
+    named = request.plan.device if request.plan is not None else request.device
+    single = isinstance(named, str) and device_name(named) not in ("auto", "all")
+    return MemoryView.read(request.max_memory, request.probe, {HOST, kind_of(named)} if single else None)
 
 
 @dataclass(frozen=True)
@@ -94,14 +107,12 @@ class Selection:
     order: tuple[str, ...]
 
 
-def choose_sites(request: Request, args: tuple, kwargs: dict) -> Selection:
+def choose_sites(request: Request, args: tuple, kwargs: dict, view: MemoryView) -> Selection:
     """The sites the call returns, by Pyro's rules (:func:`~devicemem.sampling.select_sites`).
     Names in ``return_sites`` the model lacks, and a ``_RETURN`` that is not a tensor, are left
     out with a warning; ValueError for ``reduce`` sites that are not returned. Runs the model
-    once, unbatched."""
-    threads, origin = planner.resolve_threads(
-        request.threads, lambda: device_memory(HOST, max_memory=request.max_memory).cores
-    )
+    once, unbatched, drawing large host sites on as many threads as ``view``'s host has cores."""
+    threads, origin = planner.resolve_threads(request.threads, lambda: view.host.cores, view.environ)
     logger.debug("[MEMORY] drawing large host sites on %d thread(s) (%s)", threads, origin)
     sampler = Sampler(request.model, request.guide, args, kwargs, validate=request.validate, threads=threads)
     sites = sampler.sites
@@ -130,11 +141,12 @@ def choose_sites(request: Request, args: tuple, kwargs: dict) -> Selection:
 
 
 def _plan(
-    request: Request, device: str, num_samples: int, args: tuple, kwargs: dict, output_bytes: int, sampler: Sampler
+    request: Request, device: str, num_samples: int, args: tuple, kwargs: dict, output_bytes: int, sampler: Sampler,
+    view: MemoryView,
 ) -> Plan:
     return planner.plan_predictive(
         request.model, request.guide, num_samples, *args, device=device, minibatch_size=request.minibatch_size,
-        safety_factor=request.safety_factor, max_memory=request.max_memory,
+        safety_factor=request.safety_factor, view=view,
         return_sites=list(request.return_sites or ()) or None, posterior_samples=request.posterior_samples,
         output_bytes=output_bytes, sampler=sampler, reduce=tuple(request.reduce), reproducible=request.seed is not None,
         on_device=request.on_device, **kwargs,
@@ -161,15 +173,19 @@ def _vectorises(request: Request, selection: Selection, args: tuple, kwargs: dic
     return True, ""
 
 
-def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) -> tuple[dict[str, Tensor], Plan]:
+def run(
+    request: Request, args: tuple, kwargs: dict, report: list[BatchRecord], view: MemoryView | None = None
+) -> tuple[dict[str, Tensor], Plan]:
     """(the results by name, the plan run): ``request.num_samples`` samples drawn on one
     device (the planned one, then the host if it cannot hold one sample), vectorised or one
     at a time (:func:`_vectorises`). One :class:`BatchRecord` per finished batch is appended to
-    ``report`` as it finishes."""
-    selection = choose_sites(request, args, kwargs)
+    ``report`` as it finishes. Planned, admitted and fallen back against one memory reading,
+    ``view`` (default :func:`read_view`)."""
+    view = view if view is not None else read_view(request)
+    selection = choose_sites(request, args, kwargs, view)
     sampler, sites = selection.sampler, selection.drawn
     result_bytes = host_result_bytes(sites, request.reduce, request.num_samples, request.out)
-    check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory)
+    check_host(sites, request.reduce, request.num_samples, request.out, view.host)
     manifest = _resumed(request, sites) if request.resume else None
     vectorised, why = _vectorises(request, selection, args, kwargs)
     if manifest is not None:
@@ -182,23 +198,23 @@ def run(request: Request, args: tuple, kwargs: dict, report: list[BatchRecord]) 
             plan.device, "" if vectorised else f" ({why})",
         )
     elif vectorised:
-        plan = _plan(request, request.device, request.num_samples, args, kwargs, result_bytes, sampler)
+        plan = _plan(request, request.device, request.num_samples, args, kwargs, result_bytes, sampler, view)
     else:
         plan = planner.plan_sequential(
             request.num_samples, *args, device=request.device, safety_factor=request.safety_factor,
-            output_bytes=result_bytes, why=why, **kwargs,
+            output_bytes=result_bytes, why=why, environ=view.environ, **kwargs,
         )
     on_host = get_backend(plan.device).kind == HOST
     stage = get_backend(plan.device).torch_device(plan.device).type == "cuda"
     if request.plan is not None or manifest is not None or not on_host:  # a host plan made here counted both
-        check_host(sites, request.reduce, request.num_samples, request.out, request.max_memory,
+        check_host(sites, request.reduce, request.num_samples, request.out, view.host,
                    (plan.predicted_peak_bytes or 0) if on_host else STAGING_BYTES if stage else 0)
     sink = Sink(sites, request.reduce, request.num_samples, request.out, stage, selection.constants,
                 resume=manifest is not None)
     if manifest is None and request.out is not None:
         manifest = Manifest.begin(request.out, request.num_samples, request.seed, dataclasses.asdict(plan),
                                   describe_sites(sites, request.reduce))
-    _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report, vectorised, manifest).execute()
+    _Run(request, plan, sink, sampler, args, kwargs, result_bytes, report, vectorised, view, manifest).execute()
     working = [row.working_bytes for row in report if row.working_bytes is not None]
     logger.info(
         "[MEMORY] Drew %d samples in %d batch(es) on %s; largest batch needed %s (predicted %s)",
@@ -258,9 +274,11 @@ class _Run:
 
     def __init__(
         self, request: Request, plan: Plan, sink: Sink, sampler: Sampler, args: tuple, kwargs: dict,
-        result_bytes: int, report: list[BatchRecord], vectorised: bool, manifest: Manifest | None = None,
+        result_bytes: int, report: list[BatchRecord], vectorised: bool, view: MemoryView,
+        manifest: Manifest | None = None,
     ) -> None:
         self.request = request
+        self.view = view
         self.sequential = not vectorised
         self.manifest = manifest
         self.sampler = sampler
@@ -309,9 +327,10 @@ class _Run:
         remaining = self.request.num_samples - self.start
         if self.sequential:
             plan = planner.plan_sequential(remaining, device=HOST, output_bytes=self.result_bytes,
-                                           why=f"{self.device} ran out of memory")
+                                           why=f"{self.device} ran out of memory", environ=self.view.environ)
         else:
-            plan = _plan(self.request, HOST, remaining, self.args, self.kwargs, self.result_bytes, self.sampler)
+            plan = _plan(self.request, HOST, remaining, self.args, self.kwargs, self.result_bytes, self.sampler,
+                         self.view)
         logger.warning(
             "[MEMORY] %s cannot hold one sample; moving the remaining %d samples (from %d) to %s "
             "in batches of %d", self.device, remaining, self.start, HOST, plan.batch_size,

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from devicemem.backends.base import DeviceMemory
-from devicemem.backends.names import HOST, device_name, is_host, kind_of
-from devicemem.checks import check_choice, check_fraction, check_int
+from devicemem.backends.base import DeviceMemory, limit_source
+from devicemem.backends.names import HOST, device_name
+from devicemem.backends.view import MemoryView, budget
+from devicemem.checks import check_fraction, check_int
 from devicemem.footprint import Footprint, probe_footprint
 from devicemem.units import format_bytes
 
@@ -98,32 +99,6 @@ class Plan:
         object.__setattr__(self, "reasons", tuple(self.reasons))
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What the planner reads from the world; None means the real thing. Tests pass fakes.
-
-    ``devices(max_memory)`` lists every device (default :func:`devicemem.backends.devices`);
-    ``probe(model, guide, *args, device=, return_sites=, posterior_samples=, **kwargs)``
-    measures a footprint (default :func:`devicemem.footprint.probe_footprint`); ``environ``
-    is where ``DEVICEMEM_SAFETY_FACTOR`` is read (default ``os.environ``).
-    """
-
-    devices: Callable[[Any], list[DeviceMemory]] | None = None
-    probe: Callable[..., Footprint] | None = None
-    environ: Mapping[str, str] | None = None
-
-    def list_devices(self, max_memory: Any) -> list[DeviceMemory]:
-        if self.devices is not None:
-            return self.devices(max_memory)
-        from devicemem.backends import devices
-
-        return devices(max_memory=max_memory)
-
-    @property
-    def env(self) -> Mapping[str, str]:
-        return os.environ if self.environ is None else self.environ
-
-
 # --- argument checks ---------------------------------------------------------------------
 
 
@@ -153,10 +128,6 @@ def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str
     return DEFAULT_SAFETY_FACTOR, "default"
 
 
-def host_cores(resources: Resources, max_memory: Any) -> int | None:
-    return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
-
-
 def resolve_threads(
     threads: int | None, cores: Callable[[], int | None], environ: Mapping[str, str] | None = None
 ) -> tuple[int, str]:
@@ -173,6 +144,11 @@ def resolve_threads(
         return int(text), DEVICEMEM_THREADS
     usable = cores()
     return (usable, "usable cores") if usable else (1, "default")
+
+
+def view_of(view: MemoryView | None, max_memory: Any) -> MemoryView:
+    """``view``, else one reading of every device with ``max_memory`` applied."""
+    return view if view is not None else MemoryView.read(max_memory)
 
 
 # --- the decision ------------------------------------------------------------------------
@@ -195,27 +171,10 @@ def _describe(memory: DeviceMemory) -> str:
         return f"Available {what}: unknown (nothing readable)"
     extra = ""
     if memory.limit_bytes is not None:
-        from devicemem.backends import limit_source
-
         extra = f" (limit {format_bytes(memory.limit_bytes)} from {limit_source(memory)})"
     elif memory.total_bytes is not None:
         extra = f" (of {format_bytes(memory.total_bytes)} total)"
     return f"Available {what}: {format_bytes(memory.usable_bytes)} usable{extra}"
-
-
-def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
-    """The listed device named ``device`` ("cuda" = the first CUDA device); ValueError else."""
-    for memory in listing:
-        if memory.device == device or (":" not in device and kind_of(memory.device) == device):
-            return memory
-    seen = ", ".join(memory.device for memory in listing) or "none"
-    raise ValueError(f"device: {device!r} is not visible to this process; it sees: {seen} (or pass 'auto')")
-
-
-def _is_oom(device: str, exc: BaseException) -> bool:
-    from devicemem.backends import get_backend
-
-    return get_backend(device).is_oom(exc)
 
 
 def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
@@ -228,80 +187,69 @@ def decide(
     footprint_for: Callable[[str, int], Footprint],
     num_samples: int,
     device: str,
-    minibatch_size: int | None,
-    safety_factor: float | None,
-    max_memory: Any,
-    output_bytes: int | None,
-    inputs_on: str,
-    resources: Resources,
+    view: MemoryView,
+    *,
+    minibatch_size: int | None = None,
+    safety_factor: float | None = None,
+    output_bytes: int | None = None,
+    inputs_on: str = HOST,
     probe_with_minibatch: bool = True,
     reproducible: bool = False,
 ) -> Plan:
-    factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
+    """The plan for ``num_samples`` samples on ``device`` ("auto": :meth:`MemoryView.candidates`),
+    from ``footprint_for(device, budget bytes)`` and the memory ``view`` holds; ``inputs_on``
+    names where the model's inputs already live (they are not counted again there)."""
+    factor, factor_source = resolve_safety_factor(safety_factor, view.environ)
     reasons = _Reasons()
-    listing = resources.list_devices(max_memory)
-    if device == "auto":
-        gpus = sorted(
-            (m for m in listing if m.device != HOST and m.usable_bytes),
-            key=lambda m: -(m.usable_bytes or 0),
-        )
-        host = [m for m in listing if m.device == HOST]
-        candidates = gpus[:1] + (host or [DeviceMemory(HOST, "host RAM", None, None, None, None, ())])
-    else:
-        candidates = [_find(listing, device)]
 
-    for index, memory in enumerate(candidates):
-        last = index == len(candidates) - 1
+    def plan_on(memory: DeviceMemory, last: bool) -> Plan | None:
+        nonlocal output_bytes
         reasons.add(_describe(memory))
         if memory.usable_bytes is None:
-            if not last:
-                continue
-            return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
+            return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons) if last else None
         if minibatch_size is not None and not probe_with_minibatch:
-            return _given_batches(memory.device, num_samples, minibatch_size, factor, memory.usable_bytes,
-                                  output_bytes, reasons)
-        try:
-            footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
-        except Exception as exc:
-            if last or not _is_oom(memory.device, exc):
-                raise
-            reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
-            continue
+            return _given_batches(memory, num_samples, minibatch_size, factor, output_bytes, reasons)
+        footprint = footprint_for(memory.device, budget(memory, factor))
         if output_bytes is None and footprint.output_per_sample_bytes is not None:
             output_bytes = footprint.output_per_sample_bytes * num_samples
         on_host = memory.device == HOST
         resident = memory.device == inputs_on
         results = (output_bytes or 0) if on_host else 0
         usable = memory.usable_bytes - results
-        budget = int(factor * memory.usable_bytes) - results
-        fit = footprint.max_batch(budget, resident)
+        room = budget(memory, factor) - results
+        fit = footprint.max_batch(room, resident)
         if fit < 1 and not last:
             reasons.add(
                 f"{memory.device} cannot hold one vectorised sample: it needs "
-                f"{format_bytes(footprint.peak_bytes(1, resident))} of a {format_bytes(budget)} budget; trying {HOST}"
+                f"{format_bytes(footprint.peak_bytes(1, resident))} of a {format_bytes(room)} budget; trying {HOST}"
             )
-            continue
-        reasons.add(f"Safety factor: {factor:.0%} ({factor_source}); budget {format_bytes(budget)} on {memory.device}"
+            return None
+        reasons.add(f"Safety factor: {factor:.0%} ({factor_source}); budget {format_bytes(room)} on {memory.device}"
                     + (f" after {format_bytes(output_bytes)} for the results" if on_host and output_bytes else ""))
         reasons.add(
             f"Estimated peak for {num_samples} samples on {memory.device}: "
             f"{format_bytes(footprint.peak_bytes(num_samples, resident))} ({footprint.source})"
         )
-        return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
+        return _size(memory.device, footprint, num_samples, minibatch_size, fit, room, usable, resident,
                      factor, output_bytes, reasons, reproducible)
-    raise AssertionError("the host is always the last candidate")
+
+    def gave_way(memory: DeviceMemory, error: str) -> None:
+        reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
+
+    return view.pick(device, plan_on, gave_way)
 
 
 def _given_batches(
-    device: str, num_samples: int, minibatch_size: int, factor: float, usable: int, output_bytes: int | None,
+    memory: DeviceMemory, num_samples: int, minibatch_size: int, factor: float, output_bytes: int | None,
     reasons: _Reasons,
 ) -> Plan:
-    """The user's batch size on ``device``, not probed (a probe would cost more than it tells)."""
+    """The user's batch size on ``memory.device``, not probed (a probe would cost more than it tells)."""
+    device = memory.device
     size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
-    budget = int(factor * usable) - ((output_bytes or 0) if device == HOST else 0)
+    room = budget(memory, factor) - ((output_bytes or 0) if device == HOST else 0)
     reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} "
                 f"on {device} (not probed; an out-of-memory batch is halved)")
-    return Plan(device, num_samples, size, n_batches, True, None, budget, factor, output_bytes, tuple(reasons.lines))
+    return Plan(device, num_samples, size, n_batches, True, None, room, factor, output_bytes, tuple(reasons.lines))
 
 
 def _conservative(
@@ -453,7 +401,8 @@ def plan_predictive(
     return_sites: Sequence[str] | None = None,
     posterior_samples: Mapping[str, torch.Tensor] | None = None,
     output_bytes: int | None = None,
-    resources: Resources | None = None,
+    view: MemoryView | None = None,
+    measure: Callable[..., Footprint] | None = None,
     sampler: Sampler | None = None,
     reduce: Sequence[str] = (),
     reproducible: bool = False,
@@ -469,6 +418,8 @@ def plan_predictive(
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
     stop being faster; a user ``minibatch_size`` is kept and nothing is probed (the device is
     the first candidate with a memory reading).
+    ``view``: the memory reading to plan against (default: one taken now, with ``max_memory``);
+    ``measure`` replaces :func:`~devicemem.footprint.probe_footprint` (tests inject fakes).
     ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with;
     without one the probe draws with a Sampler on :func:`resolve_threads`'s threads, as
     :class:`devicemem.Predictive` does by default, so its timings (and the cap) see the cores.
@@ -484,24 +435,24 @@ def plan_predictive(
         raise ValueError(f"return_sites: expected None or a list of site names; got {return_sites!r}")
     if guide is None and posterior_samples is None:
         raise ValueError("plan_predictive: pass a guide or posterior_samples")
-    resources = resources or Resources()
-    probe = resources.probe or probe_footprint
-    if sampler is None and resources.probe is None:  # draw as Predictive will: its threads time the probe
+    view = view_of(view, max_memory)
+    if sampler is None and measure is None:  # draw as Predictive will: its threads time the probe
         from devicemem.sampling import Sampler
 
-        threads, _ = resolve_threads(None, lambda: host_cores(resources, max_memory), resources.environ)
+        threads, _ = resolve_threads(None, lambda: view.host.cores, view.environ)
         sampler = Sampler(model, guide, args, kwargs, threads=threads)
+    measure = measure or probe_footprint
 
-    def footprint_for(name: str, budget: int) -> Footprint:
-        return probe(
+    def footprint_for(name: str, room: int) -> Footprint:
+        return measure(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
-            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, reduce=reduce,
+            max_batch_size=max(num_samples, 2), max_probe_bytes=max(room, 1), sampler=sampler, reduce=reduce,
             on_device=on_device, **kwargs,
         )
 
-    return decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False,
-                   reproducible=reproducible)
+    return decide(footprint_for, num_samples, where, view, minibatch_size=minibatch_size, safety_factor=safety_factor,
+                  output_bytes=output_bytes, inputs_on=_inputs_device(args, kwargs), probe_with_minibatch=False,
+                  reproducible=reproducible)
 
 
 def plan_sequential(
@@ -511,15 +462,17 @@ def plan_sequential(
     safety_factor: float | None = None,
     output_bytes: int | None = None,
     why: str = "parallel=False",
+    environ: Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> Plan:
     """Plan Pyro's sequential mode: the model runs one sample at a time, without a sample
     plate, on ``device`` ("auto": where the tensors of ``*args, **kwargs`` live, as in Pyro).
     A sample's memory does not grow with ``num_samples``, so nothing is probed; the samples are
     grouped into at most :data:`SEQUENTIAL_CHUNKS` chunks, each one batch record of
-    the run. ``why`` opens the logged reason."""
+    the run. ``why`` opens the logged reason; ``environ`` is where ``DEVICEMEM_SAFETY_FACTOR`` is
+    read (a call's :class:`MemoryView` passes its own; default ``os.environ``)."""
     where = check_plan_arguments(num_samples, device, None, safety_factor, output_bytes)
-    factor, _ = resolve_safety_factor(safety_factor)
+    factor, _ = resolve_safety_factor(safety_factor, environ)
     reasons = _Reasons()
     place = _inputs_device(args, kwargs) if where == "auto" else where
     size, n_batches = _batches(num_samples, math.ceil(num_samples / SEQUENTIAL_CHUNKS))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from devicemem import distributed, local, planner
+from devicemem.backends import Caps, MemoryView, SystemProbe
 from devicemem.checks import check_int, check_path, check_site_names
 from devicemem.planner import Plan
 from devicemem.results import STATISTICS, BatchRecord
@@ -132,6 +133,10 @@ class Predictive(torch.nn.Module):
     - ``on_device``: called with the ``torch.device`` before batches run on it, and again
       when the run moves to the host (sharded runs call it in each shard's worker: it must
       pickle).
+    - ``probe``: where this call reads device memory, once per call: a
+      :class:`devicemem.backends.SystemProbe` (default: this process's; tests inject fakes), or
+      a :class:`devicemem.backends.MemoryView` already read, used as it is (a caller that planned
+      against it passes it on, so that one call is judged against one reading).
     - ``device``: a name ("auto", "cpu", "cuda:1"...) or a ``torch.device``. ``"all"``, a list of
       several devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
       :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
@@ -170,6 +175,7 @@ class Predictive(torch.nn.Module):
         threads: int | None = None,
         on_device: Callable[[torch.device], None] | None = None,
         resume: bool = False,
+        probe: SystemProbe | MemoryView | None = None,
     ) -> None:
         super().__init__()
         if posterior_samples is None and num_samples is None:
@@ -189,6 +195,8 @@ class Predictive(torch.nn.Module):
         device = distributed.local_device(device, backend)
         if threads is not None:
             planner.resolve_threads(threads, lambda: None)
+        if probe is not None and not isinstance(probe, (SystemProbe, MemoryView)):
+            raise ValueError(f"probe: expected None, a devicemem.backends.SystemProbe or a MemoryView; got {probe!r:.60}")
         if on_device is not None and not callable(on_device):
             raise ValueError(f"on_device: expected None or a callable taking a torch.device; got {on_device!r}")
         if plan is not None:
@@ -209,10 +217,10 @@ class Predictive(torch.nn.Module):
         self.return_sites = return_sites
         self.parallel = parallel
         self.options = dict(
-            device=device, minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory,
+            device=device, minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=Caps.parse(max_memory),
             seed=seed, progress=progress, out=_check_out(out), reduce=_check_reduce(reduce), plan=plan,
             validate=bool(validate), allow_nonfinite=bool(allow_nonfinite), threads=threads, on_device=on_device,
-            resume=bool(resume),
+            resume=bool(resume), probe=probe,
         )
         self.plan = plan
         self.report: list[BatchRecord | distributed.ShardRecord] = []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devicemem.backends import device_memory
+from devicemem.backends import DeviceMemory
 from devicemem.backends.names import HOST
 from devicemem.sampling import Site
 from devicemem.units import format_bytes
@@ -344,13 +344,13 @@ def remedies(out: Path | None, reduce: Mapping[str, tuple[str, ...]], more: tupl
 
 def check_host(
     sites: Mapping[str, Site], reduce: Mapping[str, tuple[str, ...]], num_samples: int, out: Path | None,
-    max_memory: object, working: int = 0,
+    host: DeviceMemory, working: int = 0,
 ) -> None:
     """Fail before sampling when the results (and ``working`` bytes of batches on the host)
-    cannot fit in host memory."""
+    cannot fit in the ``host``'s usable memory (the call's reading)."""
     stored = {n: s.nbytes * num_samples for n, s in sites.items() if n not in reduce}
     need = host_result_bytes(sites, reduce, num_samples, out)
-    usable = device_memory(HOST, max_memory=max_memory).usable_bytes
+    usable = host.usable_bytes
     if usable is None or need + working <= usable:
         return
     parts = [f"{n} {format_bytes(b)}" for n, b in stored.items()] if out is None else []

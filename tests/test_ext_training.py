@@ -24,7 +24,7 @@ from bayesDREAM_ext.training import (
     train,
     training_footprint,
 )
-from devicemem.backends import DeviceMemory, get_backend, register_backend
+from devicemem.backends import DeviceMemory, MemoryView, SystemProbe, get_backend, register_backend
 from bayesDREAM_ext.memory import technical_latent_size
 from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
@@ -38,16 +38,10 @@ def memory(device: str, usable: int | None) -> DeviceMemory:
 
 
 def plan(n_cells=2000, n_features=1000, n_groups=2, *, gpus=(), host=20 * GB, device="auto", guide="normal", safety=0.8):
-    registry = {"cpu": memory("cpu", host), **{m.device: m for m in gpus}}
-
-    def memory_of(name: str) -> DeviceMemory:
-        if name not in registry:
-            raise ValueError(f"device {name!r} is not visible to this process")
-        return registry[name]
-
+    view = MemoryView.read(probe=SystemProbe(listing=(memory("cpu", host), *gpus)))  # a fake machine
     return plan_training(
         n_cells, n_features, n_groups, distribution="negbinom", device=device, guide=guide, safety_factor=safety,
-        memory_of=memory_of, accelerators=lambda: list(gpus),
+        view=view,
     )
 
 
