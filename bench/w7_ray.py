@@ -51,7 +51,7 @@ def measure(spec: dict) -> dict[str, Any]:
 
     import devicemem
     from bench.child import technical_setup
-    from devicemem.distributed import RayOptions
+    from devicemem.options import RayOptions
 
     model, guide, args, kwargs, data = technical_setup({**spec, "observe": True})
     n_cells, n_features = data["counts"].shape

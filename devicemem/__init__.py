@@ -12,7 +12,8 @@ Footprint, probe_footprint                     devicemem.footprint
 Plan, plan_predictive                          devicemem.planner
 Predictive                                     devicemem.predictive
 routing, route, unroute                        devicemem.routes
-RayOptions, ShardError                         devicemem.distributed
+RayOptions                                     devicemem.options
+ShardError                                     devicemem.execute.ray
 parse_bytes, format_bytes                      devicemem.units
 =============================================  ======================
 
@@ -41,8 +42,8 @@ _EXPORTS = {
     "routing": "devicemem.routes",
     "route": "devicemem.routes",
     "unroute": "devicemem.routes",
-    "RayOptions": "devicemem.distributed",
-    "ShardError": "devicemem.distributed",
+    "RayOptions": "devicemem.options",
+    "ShardError": "devicemem.execute.ray",
     "parse_bytes": "devicemem.units",
     "format_bytes": "devicemem.units",
 }

@@ -380,7 +380,8 @@ def probe_footprint(
     whose model builds tensors on a device of its own follows it, as it follows the runner).
     """
     from devicemem.backends import get_backend
-    from devicemem.sampling import PYRO_LOCK, rng_restored
+    from devicemem.sampling import PYRO_LOCK
+    from devicemem.seeds import rng_restored
 
     backend = get_backend(device) if backend is None else backend
     with PYRO_LOCK, rng_restored(backend.torch_device(device)):
@@ -398,7 +399,7 @@ def _probe(
     """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces and with its
     own copy of the global RNGs, so that a probe never changes what later draws see."""
     from devicemem.placement import guide_tensors, parameters_on, to_device
-    from devicemem.results import batch_moments
+    from devicemem.output.moments import batch_moments
     from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)

@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -46,6 +47,30 @@ CONSERVATIVE_BATCH = 50
 SEQUENTIAL_CHUNKS = 100
 
 
+class DrawMode(str, Enum):
+    """How a run draws its samples, decided once per call (:meth:`of`) from the plan and from
+    whether the model vectorises (``parallel``, or the check ``parallel=None`` makes).
+
+    - ``BATCHED``: each batch is one vectorised draw under Pyro's sample plate;
+    - ``PER_SAMPLE``: a vectorising model drawn one sample (a plate of one) at a time: a plan
+      whose one vectorised sample does not fit its budget, or made with no memory reading;
+    - ``UNVECTORISED``: Pyro's sequential mode, the model without a sample plate, one sample at
+      a time (``parallel=False``, or a model that does not vectorise).
+    """
+
+    BATCHED = "batched"
+    PER_SAMPLE = "per-sample"
+    UNVECTORISED = "unvectorised"
+
+    @classmethod
+    def of(cls, vectorized: bool, model_vectorises: bool) -> DrawMode:
+        """The mode of a plan (its ``vectorized`` batches, or one sample at a time) for a model
+        that vectorises or not."""
+        if not model_vectorises:
+            return cls.UNVECTORISED
+        return cls.BATCHED if vectorized else cls.PER_SAMPLE
+
+
 @dataclass(frozen=True)
 class Plan:
     """A decision for one Predictive run; ``reasons`` are the sentences behind each choice.
@@ -55,7 +80,9 @@ class Plan:
     could follow (``batch_size=0``, ``n_batches`` that do not cover ``num_samples``...) is a
     ValueError naming the field; integer fields may be numpy integers and become ints. ``ramp_from``:
     when memory grows faster than linearly, the run starts at this (the largest probed) batch
-    and doubles towards ``batch_size`` while measured peaks allow.
+    and doubles towards ``batch_size`` while measured peaks allow. ``vectorized``: batches drawn
+    vectorised, else one sample at a time (the plan's record; a run's :class:`DrawMode` adds
+    whether the model vectorises).
     """
 
     device: str

@@ -8,7 +8,7 @@ collection, the device's cache), then try again with a smaller or different atte
 batch or chunk, the next device, the next way of laying out the work), or give up with the
 original error when there is none. Every user of it says only what the next attempt is:
 
-- the runner (:mod:`devicemem.local`): a batch halves; a device that cannot hold one sample
+- the runner (:mod:`devicemem.execute.local`): a batch halves; a device that cannot hold one sample
   hands the rest of the run to the host;
 - the footprint probe (:mod:`devicemem.footprint`): a probe batch that runs out ends the climb
   with the batches measured so far (none: the error stands);

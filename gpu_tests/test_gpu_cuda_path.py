@@ -21,7 +21,7 @@ from bayesDREAM_ext.model import build_model_inputs, technical_model
 from bayesDREAM_ext.synthetic import synthetic_data
 from bayesDREAM_ext.training import plan_training, train
 from devicemem.backends.cuda import CUDA_CONTEXT_BYTES
-from devicemem.results import STAGING_BYTES, Sink
+from devicemem.output.sink import STAGING_BYTES, Sink
 from devicemem.sampling import Site
 from gpu_tests.support import GIB, MIB, occupy_gpu, technical_problem
 

@@ -24,7 +24,8 @@ from bayesDREAM_ext.training import plan_training, train
 from devicemem import placement
 from devicemem.backends.base import Backend
 from devicemem.footprint import probe_footprint
-from devicemem.results import Moments, Sink
+from devicemem.output.moments import Moments
+from devicemem.output.sink import Sink
 from devicemem.sampling import PLATE_NAME, Site
 from pyro.poutine.runtime import _PYRO_STACK
 
@@ -220,7 +221,7 @@ def _tensors_in(obj, seen=None):
 def test_a_gpu_fitted_guide_ships_to_shards_with_every_tensor_on_the_host():
     import ray
 
-    from devicemem.distributed import host_pickle
+    from devicemem.execute.ray import host_pickle
 
     pyro.clear_param_store()
     x = torch.zeros(3)
@@ -246,7 +247,7 @@ def test_a_gpu_fitted_guide_ships_to_shards_with_every_tensor_on_the_host():
 def test_shards_on_an_accelerator_get_a_fresh_ray_worker_each():
     import ray
 
-    from devicemem.distributed import _remote
+    from devicemem.execute.ray import _remote
 
     assert _remote(ray, True, True)._default_options == {"num_gpus": 1, "max_calls": 1}
     assert _remote(ray, False, True)._default_options == {"num_gpus": 0, "max_calls": 1}  # named cuda:<i>

@@ -136,7 +136,7 @@ def test_numpy_integers_and_torch_devices_are_accepted(problem):
 def test_a_one_device_list_runs_here_not_on_ray(problem):
     args, guide = problem
     listed = Predictive(technical_model, guide=guide, num_samples=5, seed=2, device=["cpu"], progress=False)
-    assert listed.sharding is None
+    assert listed.memory_options.sharding is None
     expected = Predictive(technical_model, guide=guide, num_samples=5, seed=2, device="cpu", progress=False)(*args)
     got = listed(*args)
     assert listed.plan.device == "cpu"
