@@ -1,7 +1,8 @@
 """bayesDREAM_ext: bayesDREAM's ``fit_technical`` on top of devicemem, device-aware end to end.
 
-Public names (imported lazily, so the CLI starts fast): ``fit_technical``, ``TechnicalFit``,
-``GuideState``, ``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TrainingPlan``,
+Public names (imported lazily, so the CLI starts fast): ``fit_technical``,
+``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TechnicalFit``,
+``GuideState`` (bayesDREAM_ext.records); ``TrainingPlan``,
 ``plan_training``, ``training_footprint`` (bayesDREAM_ext.training); ``synthetic_technical``,
 ``synthetic_data`` (bayesDREAM_ext.synthetic).
 """
@@ -13,8 +14,8 @@ from typing import Any
 
 _EXPORTS = {
     "fit_technical": "bayesDREAM_ext.fit",
-    "TechnicalFit": "bayesDREAM_ext.fit",
-    "GuideState": "bayesDREAM_ext.fit",
+    "TechnicalFit": "bayesDREAM_ext.records",
+    "GuideState": "bayesDREAM_ext.records",
     "PredictiveFailedError": "bayesDREAM_ext.fit",
     "PredictiveInterrupted": "bayesDREAM_ext.fit",
     "TrainingPlan": "bayesDREAM_ext.training",

@@ -25,6 +25,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from bayesDREAM_ext.sparsity import issparse
+from devicemem.recovery import retries
 
 if TYPE_CHECKING:
     from scipy.sparse import spmatrix
@@ -232,27 +233,31 @@ class ChunkedELBO:
         }
         leaves = {name: value.detach().requires_grad_(backward) for name, value in draws.items()}
         index, scale = self._cells_of_step()
-        while True:
-            try:
-                likelihood = self._likelihood(model, leaves, kwargs, index, scale, backward)
-                break
-            except Exception as exc:
-                if not self.is_oom(exc) or self.chunk_cells == 1:
-                    raise
-                failed = type(exc).__name__
+
+        def release() -> None:  # the failed chunks' gradients go too: the step is redone from its draws
             for leaf in leaves.values():
                 leaf.grad = None
             self.release()
-            smaller = max(1, self.chunk_cells // 2)
-            reason = f"a chunk of {self.chunk_cells} cells ran out of memory ({failed}); redoing the step in chunks of {smaller}"
-            logger.warning("[MEMORY] %s", reason)
-            self.shrinks.append(reason)
-            self.chunk_cells = smaller
+
+        for attempt in retries(self.chunk_cells, self._halve, is_oom=self.is_oom, release=release):
+            with attempt:
+                likelihood = self._likelihood(model, leaves, kwargs, index, scale, backward)
         if backward:
             surrogate = global_loss + sum((draws[name] * leaf.grad).sum() for name, leaf in leaves.items() if leaf.grad is not None)
             if surrogate.requires_grad:
                 surrogate.backward()
         return float(global_loss.detach()) + likelihood
+
+    def _halve(self, chunk: int, exc: BaseException) -> int | None:
+        """After a chunk ran out of memory: chunks of half as many cells (none below one)."""
+        if chunk == 1:
+            return None
+        smaller = max(1, chunk // 2)
+        reason = f"a chunk of {chunk} cells ran out of memory ({type(exc).__name__}); redoing the step in chunks of {smaller}"
+        logger.warning("[MEMORY] %s", reason)
+        self.shrinks.append(reason)
+        self.chunk_cells = smaller
+        return smaller
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss of one step (no gradients)."""

@@ -314,7 +314,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from bayesDREAM_ext.fit import GuideState, fit_technical
+    from bayesDREAM_ext.fit import fit_technical
+    from bayesDREAM_ext.records import GuideState
 
     guide_state = None if args.guide_state is None else GuideState.load(args.guide_state)
     counts = read_matrix(args.counts)

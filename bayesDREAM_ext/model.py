@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bayesDREAM_ext.sparsity import issparse
+from devicemem.checks import check_positive
 
 if TYPE_CHECKING:
     from scipy.sparse import spmatrix
@@ -303,6 +304,20 @@ SITE_FILL = {
     "probs_baseline": float("nan"),
 }
 CATEGORY_SITES = ("alpha_logits_y", "alpha_logits_y_centered", "probs_baseline_raw", "probs_baseline")
+
+
+@dataclass(frozen=True)
+class Priors:
+    """The technical model's prior settings, bayesDREAM's defaults: ``epsilon`` keeps prior
+    scales and means off zero; ``beta_o`` ~ Gamma(``beta_o_alpha``, ``beta_o_beta``)."""
+
+    epsilon: float = 1e-6
+    beta_o_alpha: float = 9.0
+    beta_o_beta: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("beta_o_alpha", "beta_o_beta", "epsilon"):
+            check_positive(getattr(self, name), name)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
 from bayesDREAM_ext.memory import iaf_hidden_size, iaf_parameters, technical_latent_size
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import HOST, Backend, DeviceMemory, MemoryView, budget, get_backend
+from devicemem.checks import check_fraction, check_int, check_positive, check_seed
 from devicemem.planner import view_of
+from devicemem.recovery import freeing, retries
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.bayesdream")
@@ -51,6 +53,9 @@ FLOAT_BYTES = 4
 CELL_BYTES = 12
 DTYPE_BYTES = {"uint8": 1, "int16": 2, "int32": 4, "float32": 4}
 CHECKPOINT_FORMAT = "bayesDREAM_ext.SVICheckpoint/1"
+# bayesDREAM's default number of SVI steps, by distribution.
+DEFAULT_NITERS = {"multinomial": 100_000}
+DEFAULT_NITERS_OTHER = 50_000
 # What SVI adds beyond the data: a fixed part (Pyro's traces, autograd and allocator arenas:
 # the first step of a tiny model measures 80-86 MB) and the activations of a step per observed
 # value. Measured by the CPU backend (VmHWM after clear_refs) over the first steps in fresh
@@ -395,44 +400,67 @@ class _DoesNotFit(Exception):
 
 @dataclass(frozen=True)
 class SVIOptions:
-    """How long and how fast SVI runs, and where it saves and resumes.
+    """How long and how fast SVI runs, and where it saves and resumes; checked when made.
 
-    ``checkpoint``: a file to save the training state to every ``checkpoint_every`` steps
-    (and at the end); ``resume``: a file written that way to continue from.
+    ``niters`` steps at most (early stop: see :func:`train`; None: bayesDREAM's default for the
+    distribution, :meth:`for_distribution`), Adam at ``lr`` in a OneCycle
+    schedule, stopping once the loss's EWMA (weight ``alpha_ewma``) moves by less than
+    ``tolerance``; ``seed`` for Pyro's RNGs; ``checkpoint``: a file to save the training state
+    to every ``checkpoint_every`` steps (and at the end); ``resume``: a file written that way to
+    continue from (it must exist).
     """
 
-    niters: int
-    lr: float
-    tolerance: float
-    alpha_ewma: float
+    niters: int | None = None
+    lr: float = 1e-3
+    tolerance: float = 1e-4
+    alpha_ewma: float = 0.05
     seed: int | None = None
     progress: bool = True
     checkpoint: str | Path | None = None
     checkpoint_every: int = 100
     resume: str | Path | None = None
 
+    def __post_init__(self) -> None:
+        check_int(self.niters, "niters", allow_none=True)
+        check_positive(self.lr, "lr")
+        check_positive(self.tolerance, "tolerance", allow_zero=True)
+        check_fraction(self.alpha_ewma, "alpha_ewma")
+        check_seed(self.seed)
+        check_int(self.checkpoint_every, "checkpoint_every")
+        if self.resume is not None and not Path(self.resume).is_file():
+            raise ValueError(f"resume: no such checkpoint file {str(self.resume)!r}")
+
+    def for_distribution(self, distribution: str) -> SVIOptions:
+        """These options with ``niters`` set: as given, else bayesDREAM's default for ``distribution``."""
+        if self.niters is not None:
+            return self
+        return replace(self, niters=DEFAULT_NITERS.get(distribution, DEFAULT_NITERS_OTHER))
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One way of training tried in turn (:func:`train`): a plan, whether its first step is
+    checked against memory, and whether an out-of-memory error then sends training to the host."""
+
+    plan: TrainingPlan
+    check_first_step: bool = False
+    host_next: bool = False
+
 
 def train(
     inputs: ModelInputs,
     plan: TrainingPlan,
+    options: SVIOptions,
     *,
-    niters: int,
-    lr: float,
-    tolerance: float,
-    alpha_ewma: float,
-    seed: int | None = None,
-    progress: bool = True,
     fallback_to_host: bool = False,
     view: MemoryView | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 100,
-    resume: str | Path | None = None,
 ) -> TrainResult:
-    """Run SVI on ``plan.device``, in full-data steps or chunks as planned. With
-    ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
+    """Run SVI on ``plan.device``, in full-data steps or chunks as planned, as ``options`` say.
+    With ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
     memory or measures above the budget restarts training on that GPU in chunks (half the
     cells after an OOM, else in proportion to the overshoot), and only when that too runs out
-    of memory on the CPU (planned again there against ``view``, default a reading taken then). Clears Pyro's global param
+    of memory on the CPU (planned there against ``view``, default a reading taken then): one
+    :func:`devicemem.recovery.retries` loop over the three stages. Clears Pyro's global param
     store first, as bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
@@ -445,33 +473,42 @@ def train(
     losses and RNG states atomically every K steps; ``resume``: continue from such a file,
     bit-identically on the same device and layout.
     """
-    options = SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume)
     backend = get_backend(plan.device)
-    try:
-        return _train_on(inputs, plan, options, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
-    except _DoesNotFit as exc:
-        n_cells = _value_shape(inputs)[0]
-        chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
-        reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
-        logger.warning("[MEMORY] %s", reason)
-    pyro.clear_param_store()
-    backend.empty_cache(plan.device)
-    try:
-        return _train_on(inputs, replace(plan, chunk_cells=chunk, reasons=plan.reasons + (reason,)), options, check_first_step=False)
-    except Exception as exc:
-        if not backend.is_oom(exc):
-            raise
-        reason = f"SVI ran out of memory on {plan.device} even in chunks ({type(exc).__name__}); restarting SVI on the CPU"
-        logger.warning("[MEMORY] %s", reason)
-    pyro.clear_param_store()
-    backend.empty_cache(plan.device)
+    options = options.for_distribution(plan.distribution)
+
+    def next_stage(stage: _Stage, exc: BaseException) -> _Stage | None:
+        if stage.check_first_step and isinstance(exc, _DoesNotFit):
+            n_cells = _value_shape(inputs)[0]
+            chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
+            reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
+            logger.warning("[MEMORY] %s", reason)
+            return _Stage(replace(plan, chunk_cells=chunk, reasons=plan.reasons + (reason,)), host_next=True)
+        if stage.host_next and backend.is_oom(exc):
+            reason = f"SVI ran out of memory on {plan.device} even in chunks ({type(exc).__name__}); restarting SVI on the CPU"
+            logger.warning("[MEMORY] %s", reason)
+            return _Stage(_host_plan(inputs, plan, view, reason))
+        return None
+
+    def release() -> None:
+        pyro.clear_param_store()
+        freeing(backend, plan.device)()
+
+    first = _Stage(plan, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
+    for attempt in retries(first, next_stage, is_oom=lambda exc: isinstance(exc, _DoesNotFit) or backend.is_oom(exc),
+                           release=release):
+        with attempt:
+            result = _train_on(inputs, attempt.state.plan, options, check_first_step=attempt.state.check_first_step)
+    return result
+
+
+def _host_plan(inputs: ModelInputs, plan: TrainingPlan, view: MemoryView | None, reason: str) -> TrainingPlan:
+    """``plan``'s training planned again on the host, its reasons kept and ``reason`` added."""
     n_cells, n_features, n_categories = _value_shape(inputs)
     host_plan = plan_training(
         n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
         device=HOST, safety_factor=plan.safety_factor, view=view, minibatch=plan.minibatch,
     )
-    host_plan = replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
-    return _train_on(inputs, host_plan, options, check_first_step=False)
+    return replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
 
 
 def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bayesDREAM_ext.data import prepare_technical
     from bayesDREAM_ext.model import build_model_inputs
-    from bayesDREAM_ext.training import plan_training, train
+    from bayesDREAM_ext.training import SVIOptions, plan_training, train
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -73,8 +73,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     inputs = build_model_inputs(data)
     prepared_s = time.perf_counter() - began
     plan = plan_training(data.n_cells, data.n_features, data.n_groups, device="cpu", safety_factor=0.8, chunk_cells=spec.get("chunk"))
-    result = train(inputs, plan, niters=spec["steps"], lr=1e-3, tolerance=0.0, alpha_ewma=0.05, seed=0, progress=False,
-                   checkpoint=spec.get("checkpoint"), checkpoint_every=1)
+    result = train(inputs, plan, SVIOptions(niters=spec["steps"], lr=1e-3, tolerance=0.0, alpha_ewma=0.05, seed=0, progress=False, checkpoint=spec.get("checkpoint"), checkpoint_every=1))
     return {
         "ms_per_step": result.steady_ms_per_step, "first_step_s": result.first_step_s, "steps": len(result.losses), "chunk_cells": result.plan.chunk_cells,
         "chunks_per_step": result.plan.chunks_per_step, "training_peak_bytes": result.plan.measured_peak_bytes,

@@ -11,8 +11,6 @@ largest, or a parabola through the last three when they grow faster than linearl
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import gc
 import inspect
 import math
@@ -24,7 +22,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from devicemem.checks import check_choice, check_int
+from devicemem.backends.host import trim_heap
+from devicemem.checks import check_int
+from devicemem.recovery import retries
 
 MiB = 1 << 20
 
@@ -155,27 +155,6 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-@functools.lru_cache(maxsize=1)
-def _glibc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries. Looked up among the symbols the
-    process already has loaded (``ctypes.util.find_library`` would start ``ldconfig``)."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-def _trim_host_heap() -> None:
-    """Hand glibc's free heap memory back to the OS, so that a probe batch on the host faults
-    in fresh pages as it would in a fresh process. Measured (a negative-binomial model drawing its
-    observation site,
-    1500 x 3000, B=4, three batches in one process): 16-26 [N, T] without it, erratic and below
-    a fresh process's 26-30, because the batch reuses what the previous one freed; 30-34 with it."""
-    trim = _glibc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def _check_batch_sizes(batch_sizes: Sequence[int] | None) -> tuple[int, ...] | None:
     if batch_sizes is None:
         return None
@@ -279,17 +258,16 @@ def _climb(
     measures = climb.measures
 
     def attempt(batch: int) -> bool:
-        if limit is not None and measures:
-            if _predicted(measures, batch) > limit:
-                climb.max_limit = limit
-                return False
-        try:
-            measures.append(run(batch))
-        except Exception as exc:
-            if not measures or not is_oom(exc):
-                raise
+        if limit is not None and measures and _predicted(measures, batch) > limit:
+            climb.max_limit = limit
             return False
-        return True
+        # out of memory, the batch shrinks to none: the climb ends with what it measured (the
+        # first batch's error stands)
+        for trial in retries(batch, lambda size, exc: 0 if measures else None, is_oom=is_oom):
+            with trial:
+                if trial.state:
+                    measures.append(run(trial.state))
+        return trial.state != 0
 
     if explicit:
         for batch in ladder:
@@ -444,7 +422,7 @@ def _probe(
         gc.collect()
         backend.empty_cache(device)
         if where.type == "cpu":
-            _trim_host_heap()
+            trim_heap()
         backend.reset_peak(device)
         start = backend.current_bytes(device) or 0
         began = time.perf_counter()

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import plan_training, train
+from bayesDREAM_ext.training import SVIOptions, plan_training, train
 from devicemem import placement
 from devicemem.backends.base import Backend
 from devicemem.footprint import probe_footprint
@@ -132,7 +132,7 @@ def test_an_iaf_guide_is_built_on_the_training_device_not_the_default_one():
     plan = plan_training(data.n_cells, data.n_features, data.n_groups, data.n_categories,
                          distribution=data.distribution, device="cpu", guide="iaf", safety_factor=0.8)
     with torch.device("meta"):
-        result = train(inputs, plan, niters=1, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+        result = train(inputs, plan, SVIOptions(niters=1, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     assert {param.device.type for param in result.guide.parameters()} == {"cpu"}
 
 

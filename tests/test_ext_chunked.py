@@ -15,8 +15,8 @@ from bayesDREAM_ext.chunked import CellData, ChunkedELBO, compact_dtype
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import make_guide, plan_training, train
 from bayesDREAM_ext.memory import technical_latent_size
+from bayesDREAM_ext.training import SVIOptions, make_guide, plan_training, train
 
 DISTRIBUTIONS = ["negbinom", "normal", "studentt", "binomial", "multinomial"]
 CPU = torch.device("cpu")
@@ -90,10 +90,10 @@ def cpu_plan(inputs: ModelInputs, distribution: str, chunk: int | None = None, m
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_twenty_chunked_steps_follow_the_full_data_losses(distribution):
     inputs = inputs_for(distribution)
-    full = train(inputs, cpu_plan(inputs, distribution), niters=20, **SVI_OPTIONS)
+    full = train(inputs, cpu_plan(inputs, distribution), SVIOptions(niters=20, **SVI_OPTIONS))
     plan = cpu_plan(inputs, distribution, chunk=25)
     assert (plan.chunk_cells, plan.chunks_per_step) == (25, 5)  # ragged: 4 x 25 + 3
-    chunked = train(inputs, plan, niters=20, **SVI_OPTIONS)
+    chunked = train(inputs, plan, SVIOptions(niters=20, **SVI_OPTIONS))
     assert full.plan.chunk_cells is None and chunked.plan.chunk_cells == 25
     np.testing.assert_allclose(chunked.losses, full.losses, rtol=1e-4)
     assert chunked.learning_rates == full.learning_rates
@@ -119,13 +119,13 @@ def test_svi_minibatch_trains_and_learns():
     inputs = inputs_for("negbinom")
     plan = cpu_plan(inputs, "negbinom", minibatch=40)
     assert plan.minibatch == 40 and plan.chunk_cells == 40
-    result = train(inputs, plan, niters=60, **SVI_OPTIONS)
+    result = train(inputs, plan, SVIOptions(niters=60, **SVI_OPTIONS))
     assert sum(result.losses[-10:]) < sum(result.losses[:10])
 
 
 def test_an_out_of_memory_chunk_is_redone_smaller_without_losing_the_step():
     inputs = inputs_for("negbinom")
-    reference = train(inputs, cpu_plan(inputs, "negbinom", chunk=13), niters=5, **SVI_OPTIONS)
+    reference = train(inputs, cpu_plan(inputs, "negbinom", chunk=13), SVIOptions(niters=5, **SVI_OPTIONS))
     calls = []
 
     def runs_out_on_big_chunks(*args, **kwargs):
@@ -135,7 +135,7 @@ def test_an_out_of_memory_chunk_is_redone_smaller_without_losing_the_step():
         return inputs.model(*args, **kwargs)
 
     failing = dataclasses.replace(inputs, model=runs_out_on_big_chunks)
-    result = train(failing, cpu_plan(inputs, "negbinom", chunk=52), niters=5, **SVI_OPTIONS)
+    result = train(failing, cpu_plan(inputs, "negbinom", chunk=52), SVIOptions(niters=5, **SVI_OPTIONS))
     assert calls == [52, 26] and result.plan.chunk_cells == 13
     assert "ran out of memory" in result.plan.reasons[-1] and "chunks of 13" in result.plan.reasons[-1]
     np.testing.assert_allclose(result.losses, reference.losses, rtol=1e-5)
@@ -145,7 +145,7 @@ def test_an_out_of_memory_chunk_is_redone_smaller_without_losing_the_step():
 def test_a_run_killed_mid_training_resumes_bit_identically(tmp_path, chunk):
     inputs = inputs_for("negbinom")
     plan = cpu_plan(inputs, "negbinom", chunk=chunk)
-    straight = train(inputs, plan, niters=20, **SVI_OPTIONS)
+    straight = train(inputs, plan, SVIOptions(niters=20, **SVI_OPTIONS))
     steps = []
 
     def killed_in_step_12(*args, **kwargs):
@@ -157,9 +157,9 @@ def test_a_run_killed_mid_training_resumes_bit_identically(tmp_path, chunk):
 
     path = tmp_path / "svi.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(inputs, model=killed_in_step_12), plan, niters=20, checkpoint=path, checkpoint_every=5, **SVI_OPTIONS)
+        train(dataclasses.replace(inputs, model=killed_in_step_12), plan, SVIOptions(niters=20, checkpoint=path, checkpoint_every=5, **SVI_OPTIONS))
     assert torch.load(path, weights_only=True)["step"] == 10 and not (tmp_path / "svi.pt.partial").exists()
-    resumed = train(inputs, plan, niters=20, resume=path, **{**SVI_OPTIONS, "seed": 123})
+    resumed = train(inputs, plan, SVIOptions(niters=20, resume=path, **{**SVI_OPTIONS, "seed": 123}))
     assert resumed.losses == straight.losses and resumed.learning_rates == straight.learning_rates
     for name, value in straight.guide.state_dict().items():
         assert torch.equal(resumed.guide.state_dict()[name], value), name
@@ -168,13 +168,13 @@ def test_a_run_killed_mid_training_resumes_bit_identically(tmp_path, chunk):
 def test_resume_rejects_a_checkpoint_of_another_fit(tmp_path):
     inputs = inputs_for("negbinom")
     path = tmp_path / "svi.pt"
-    train(inputs, cpu_plan(inputs, "negbinom"), niters=2, checkpoint=path, **SVI_OPTIONS)
+    train(inputs, cpu_plan(inputs, "negbinom"), SVIOptions(niters=2, checkpoint=path, **SVI_OPTIONS))
     other = inputs_for("negbinom", n_cells=60)
     with pytest.raises(ValueError, match="resume: .* was written for"):
-        train(other, cpu_plan(other, "negbinom"), niters=2, resume=path, **SVI_OPTIONS)
+        train(other, cpu_plan(other, "negbinom"), SVIOptions(niters=2, resume=path, **SVI_OPTIONS))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="resume: cannot read"):
-        train(other, cpu_plan(other, "negbinom"), niters=2, resume=tmp_path / "junk.pt", **SVI_OPTIONS)
+        train(other, cpu_plan(other, "negbinom"), SVIOptions(niters=2, resume=tmp_path / "junk.pt", **SVI_OPTIONS))
 
 
 def test_compact_dtype_is_the_smallest_exact_one():

@@ -16,16 +16,16 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
+from bayesDREAM_ext.memory import iaf_hidden_size, technical_latent_size
 from bayesDREAM_ext.training import (
     FLOAT_BYTES,
+    SVIOptions,
     TrainingPlan,
-    iaf_hidden_size,
     plan_training,
     train,
     training_footprint,
 )
 from devicemem.backends import DeviceMemory, MemoryView, SystemProbe, get_backend, register_backend
-from bayesDREAM_ext.memory import technical_latent_size
 from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
 
@@ -134,7 +134,7 @@ def _cpu_plan(data, guide="normal") -> TrainingPlan:
 
 def test_one_cycle_schedule_steps_every_iteration():
     data, inputs = inputs_for()
-    result = train(inputs, _cpu_plan(data), niters=40, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    result = train(inputs, _cpu_plan(data), SVIOptions(niters=40, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     rates = result.learning_rates
     assert len(result.losses) == len(rates) == 40
     assert rates[0] == pytest.approx(0.4e-3)
@@ -147,17 +147,17 @@ def test_one_cycle_schedule_steps_every_iteration():
 
 def test_early_stop_needs_a_full_ewma_window_then_follows_the_tolerance():
     data, inputs = inputs_for()
-    loose = train(inputs, _cpu_plan(data), niters=100, lr=1e-3, tolerance=1.0, alpha_ewma=0.05, progress=False)
+    loose = train(inputs, _cpu_plan(data), SVIOptions(niters=100, lr=1e-3, tolerance=1.0, alpha_ewma=0.05, progress=False))
     assert loose.converged and len(loose.losses) == 21  # the EWMA compared with itself 1 / 0.05 steps earlier
-    late = train(inputs, _cpu_plan(data), niters=300, lr=1e-3, tolerance=1.0, alpha_ewma=0.5, progress=False)
+    late = train(inputs, _cpu_plan(data), SVIOptions(niters=300, lr=1e-3, tolerance=1.0, alpha_ewma=0.5, progress=False))
     assert late.converged and len(late.losses) == 31  # not before the 10% warm-up
-    strict = train(inputs, _cpu_plan(data), niters=30, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    strict = train(inputs, _cpu_plan(data), SVIOptions(niters=30, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     assert not strict.converged and len(strict.losses) == 30
 
 
 def test_training_learns_and_records_its_first_step_peak():
     data, inputs = inputs_for()
-    result = train(inputs, _cpu_plan(data), niters=100, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False, seed=0)
+    result = train(inputs, _cpu_plan(data), SVIOptions(niters=100, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False, seed=0))
     assert sum(result.losses[-20:]) < sum(result.losses[:20])
     assert result.plan.measured_peak_bytes is not None  # tiny here: the step reuses resident heap
     assert result.guide.locs.log2_alpha_y.device.type == "cpu"
@@ -193,8 +193,7 @@ def _gpu_plan(data, budget: int) -> TrainingPlan:
 def test_a_first_gpu_step_over_budget_moves_training_to_chunks_on_the_gpu(fake_gpu):
     data, inputs = inputs_for()
     fake_gpu.peak = 4 * 10**6
-    result = train(inputs, _gpu_plan(data, budget=10**6), niters=5, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
-                   progress=False, fallback_to_host=True)
+    result = train(inputs, _gpu_plan(data, budget=10**6), SVIOptions(niters=5, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False), fallback_to_host=True)
     assert result.plan.device == "cuda:0" and len(result.losses) == 5
     assert "over the budget" in result.plan.reasons[-2] and "in chunks of 45 cells" in result.plan.reasons[-2]  # 200 x 0.9 / 4
     assert result.plan.chunk_cells == 10 and "chunks of 10 cells from now on" in result.plan.reasons[-1]  # measured again
@@ -216,8 +215,7 @@ def test_a_first_gpu_step_out_of_memory_moves_training_to_chunks_on_the_gpu(fake
         return inputs.model(*args, **kwargs)
 
     failing = dataclasses.replace(inputs, model=runs_out_once)
-    result = train(failing, _gpu_plan(data, budget=10**12), niters=3, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
-                   progress=False, fallback_to_host=True)
+    result = train(failing, _gpu_plan(data, budget=10**12), SVIOptions(niters=3, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False), fallback_to_host=True)
     assert result.plan.device == "cuda:0" and result.plan.chunk_cells == 100
     assert "ran out of memory on cuda:0" in result.plan.reasons[-1] and "chunks of 100 cells" in result.plan.reasons[-1]
 
@@ -234,8 +232,7 @@ def test_a_gpu_out_of_memory_even_in_one_cell_chunks_moves_training_to_the_cpu(f
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         return inputs.model(*args, **kwargs)
 
-    result = train(dataclasses.replace(inputs, model=gpu_always_runs_out), _gpu_plan(data, budget=10**12), niters=2, lr=1e-3,
-                   tolerance=0.0, alpha_ewma=0.05, progress=False, fallback_to_host=True)
+    result = train(dataclasses.replace(inputs, model=gpu_always_runs_out), _gpu_plan(data, budget=10**12), SVIOptions(niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False), fallback_to_host=True)
     assert result.plan.device == "cpu" and len(result.losses) == 2
     assert "even in chunks" in result.plan.reasons[-1]
 
@@ -243,7 +240,7 @@ def test_a_gpu_out_of_memory_even_in_one_cell_chunks_moves_training_to_the_cpu(f
 def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
     data, inputs = inputs_for()
     fake_gpu.peak = 10**9
-    result = train(inputs, _gpu_plan(data, budget=10**6), niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    result = train(inputs, _gpu_plan(data, budget=10**6), SVIOptions(niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     assert result.plan.device == "cuda:0" and result.plan.measured_peak_bytes == 10**9
 
 

@@ -31,7 +31,7 @@ from bayesDREAM_ext.data import exclusion_masks
 from bayesDREAM_ext.sparsity import issparse
 
 if TYPE_CHECKING:
-    from bayesDREAM_ext.fit import TechnicalFit
+    from bayesDREAM_ext.records import TechnicalFit
 
 logger = logging.getLogger("devicemem.bayesdream")
 
