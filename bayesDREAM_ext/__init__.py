@@ -3,7 +3,7 @@
 Public names (imported lazily, so the CLI starts fast): ``fit_technical``,
 ``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TechnicalFit``,
 ``GuideState`` (bayesDREAM_ext.records); ``TrainingPlan``,
-``plan_training``, ``training_footprint`` (bayesDREAM_ext.training); ``synthetic_technical``,
+``plan_training``, ``training_footprint`` (bayesDREAM_ext.memory); ``synthetic_technical``,
 ``synthetic_data`` (bayesDREAM_ext.synthetic).
 """
 
@@ -18,9 +18,9 @@ _EXPORTS = {
     "GuideState": "bayesDREAM_ext.records",
     "PredictiveFailedError": "bayesDREAM_ext.fit",
     "PredictiveInterrupted": "bayesDREAM_ext.fit",
-    "TrainingPlan": "bayesDREAM_ext.training",
-    "plan_training": "bayesDREAM_ext.training",
-    "training_footprint": "bayesDREAM_ext.training",
+    "TrainingPlan": "bayesDREAM_ext.memory",
+    "plan_training": "bayesDREAM_ext.memory",
+    "training_footprint": "bayesDREAM_ext.memory",
     "synthetic_technical": "bayesDREAM_ext.synthetic",
     "synthetic_data": "bayesDREAM_ext.synthetic",
 }

@@ -30,8 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from bayesDREAM_ext.data import DISTRIBUTIONS
-from bayesDREAM_ext.memory import FOOTPRINT_GUIDES, plan_technical
-from bayesDREAM_ext.training import DTYPE_BYTES, plan_training
+from bayesDREAM_ext.memory import DTYPE_BYTES, FOOTPRINT_GUIDES, plan_technical, plan_training
 from devicemem.backends import HOST, MAX_MEMORY_ENV, DeviceMemory, MemoryView, SystemProbe, device_memory, parse_max_memory
 from devicemem.checks import check_fraction, check_int, check_positive, check_seed
 from devicemem.planner import resolve_safety_factor

@@ -29,11 +29,11 @@ from pyro.poutine.util import prune_subsample_sites
 from bayesDREAM_ext.chunked import compact_dtype
 from bayesDREAM_ext.data import TechnicalData, check_distribution, prepare_technical
 from bayesDREAM_ext.fit_object import is_bayesdream_object, read_inputs, write_back
-from bayesDREAM_ext.memory import plan_technical
+from bayesDREAM_ext.memory import GUIDE_CHOICES, TrainingPlan, plan_technical, plan_training
 from bayesDREAM_ext.model import ModelInputs, Priors, build_model_inputs
 from bayesDREAM_ext.posterior import assemble
 from bayesDREAM_ext.records import GuideState, TechnicalFit
-from bayesDREAM_ext.training import GUIDE_CHOICES, SVIOptions, TrainingPlan, TrainResult, make_guide, plan_training, train
+from bayesDREAM_ext.training import SVIOptions, TrainResult, make_guide, train
 from devicemem.backends import Caps, MemoryView, SystemProbe, split_device
 from devicemem.backends.names import device_name
 from devicemem.checks import check_choice, check_int

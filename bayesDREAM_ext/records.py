@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesDREAM_ext.training import TrainingPlan
+from bayesDREAM_ext.memory import TrainingPlan
 from devicemem.planner import Plan
 
 FORMAT = "bayesDREAM_ext.TechnicalFit/1"

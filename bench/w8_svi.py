@@ -60,7 +60,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bayesDREAM_ext.data import prepare_technical
     from bayesDREAM_ext.model import build_model_inputs
-    from bayesDREAM_ext.training import SVIOptions, plan_training, train
+    from bayesDREAM_ext.memory import plan_training
+    from bayesDREAM_ext.training import SVIOptions, train
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -28,7 +28,7 @@ import torch
 
 from devicemem.backends import Caps, MemoryView, SystemProbe, split_device
 from devicemem.backends.names import HOST, device_name, kind_of
-from devicemem.checks import check_fraction, check_int, check_path
+from devicemem.checks import check_int, check_path
 from devicemem.output.moments import STATISTICS
 
 if TYPE_CHECKING:

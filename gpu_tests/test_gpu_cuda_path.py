@@ -19,7 +19,8 @@ import torch
 import devicemem
 from bayesDREAM_ext.model import build_model_inputs, technical_model
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import SVIOptions, plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 from devicemem.backends.cuda import CUDA_CONTEXT_BYTES
 from devicemem.output.sink import STAGING_BYTES, Sink
 from devicemem.sampling import Site

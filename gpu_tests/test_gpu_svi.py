@@ -11,7 +11,8 @@ import torch
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_technical
-from bayesDREAM_ext.training import SVIOptions, plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 from gpu_tests.support import GIB, MIB, occupy_gpu, release_cuda
 
 N_CELLS, N_FEATURES = 30_000, 2_000  # 240 MB of float32 counts

@@ -12,7 +12,8 @@ import torch
 
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
-from bayesDREAM_ext.training import SVIOptions, plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 
 path, distribution, guide, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)

@@ -20,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import SVIOptions, plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 from devicemem import placement
 from devicemem.backends.base import Backend
 from devicemem.footprint import probe_footprint

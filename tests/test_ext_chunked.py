@@ -15,8 +15,8 @@ from bayesDREAM_ext.chunked import CellData, ChunkedELBO, compact_dtype
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.memory import technical_latent_size
-from bayesDREAM_ext.training import SVIOptions, make_guide, plan_training, train
+from bayesDREAM_ext.memory import plan_training, technical_latent_size
+from bayesDREAM_ext.training import SVIOptions, make_guide, train
 
 DISTRIBUTIONS = ["negbinom", "normal", "studentt", "binomial", "multinomial"]
 CPU = torch.device("cpu")
@@ -196,7 +196,7 @@ def test_a_fit_predicted_at_twice_the_cap_trains_in_chunks_inside_it(tmp_path):
     from pathlib import Path
 
     from bayesDREAM_ext.synthetic import synthetic_technical
-    from bayesDREAM_ext.training import training_footprint
+    from bayesDREAM_ext.memory import training_footprint
     from tests.support.child import run_child
 
     n_cells, n_features, cap = 4000, 4000, 550 * 2**20

@@ -16,15 +16,15 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.memory import iaf_hidden_size, technical_latent_size
-from bayesDREAM_ext.training import (
+from bayesDREAM_ext.memory import (
     FLOAT_BYTES,
-    SVIOptions,
     TrainingPlan,
+    iaf_hidden_size,
     plan_training,
-    train,
+    technical_latent_size,
     training_footprint,
 )
+from bayesDREAM_ext.training import SVIOptions, train
 from devicemem.backends import DeviceMemory, MemoryView, SystemProbe, get_backend, register_backend
 from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
