@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from bayesDREAM_ext.counts import scipy_sparse
 from bayesDREAM_ext.data import DISTRIBUTIONS
 from bayesDREAM_ext.memory import DTYPE_BYTES, FOOTPRINT_GUIDES, plan_technical, plan_training
 from devicemem.backends import HOST, MAX_MEMORY_ENV, DeviceMemory, MemoryView, SystemProbe, device_memory, parse_max_memory
@@ -234,6 +235,7 @@ def read_matrix(path: str | Path) -> Any:
 
         return pd.read_csv(path, index_col=0)
     if suffix == ".mtx":
+        scipy_sparse("counts")  # an install hint where scipy is missing
         from scipy.io import mmread
 
         return mmread(path)
@@ -243,15 +245,12 @@ def read_matrix(path: str | Path) -> Any:
         except ImportError as exc:
             raise ValueError("counts: reading .h5ad needs anndata (pip install 'devicemem[io]')") from exc
         return anndata.read_h5ad(path)
-    from scipy import sparse
-
-    try:
-        return sparse.load_npz(path)
-    except (ValueError, KeyError):
-        with np.load(path) as stored:
-            if len(stored.files) != 1:
-                raise ValueError(f"counts: {path} holds {len(stored.files)} arrays ({', '.join(stored.files)}); expected one") from None
-            return stored[stored.files[0]]
+    with np.load(path) as stored:
+        if {"format", "indptr", "indices", "data", "shape"} <= set(stored.files):  # scipy.sparse.save_npz's layout
+            return scipy_sparse("counts").load_npz(path)
+        if len(stored.files) != 1:
+            raise ValueError(f"counts: {path} holds {len(stored.files)} arrays ({', '.join(stored.files)}); expected one")
+        return stored[stored.files[0]]
 
 
 def _cell_names(counts: Any, cells_axis: int) -> list[str] | None:
@@ -398,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _log_to_stdout(args.quiet or as_json, sys.stderr if as_json else None):
             commands = {"demo": run_demo, "fit-technical": run_fit, "plan": run_plan, "plan-predictive": run_plan_predictive}
             return commands[args.command](args)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         parser.exit(2, f"bayesdream-ext: error: {exc}\n")
 
 

@@ -26,7 +26,6 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.util import prune_subsample_sites
 
-from bayesDREAM_ext.chunked import compact_dtype
 from bayesDREAM_ext.data import TechnicalData, check_distribution, prepare_technical
 from bayesDREAM_ext.fit_object import is_bayesdream_object, read_inputs, write_back
 from bayesDREAM_ext.memory import GUIDE_CHOICES, TrainingPlan, plan_technical, plan_training
@@ -231,7 +230,7 @@ def _plans(data: TechnicalData, options: _FitOptions, view: MemoryView) -> tuple
         svi_plan = options.guide_state.svi_plan
     else:
         safety, _ = resolve_safety_factor(options.safety_factor, view.environ)
-        compact = "float32" if options.device == "cpu" else str(compact_dtype(data.counts)).removeprefix("torch.")
+        compact = "float32" if options.device == "cpu" else str(data.counts.compact_dtype).removeprefix("torch.")
         svi_plan = plan_training(
             *shape, data.n_categories, distribution=data.distribution, device=options.device, guide=options.guide,
             safety_factor=safety, view=view, chunk_cells=options.svi_chunk, minibatch=options.svi_minibatch,

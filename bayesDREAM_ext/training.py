@@ -29,7 +29,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
-from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO
 from bayesDREAM_ext.memory import TrainingPlan, chunk_cell_bytes, iaf_hidden_size, plan_training
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import HOST, Backend, MemoryView, get_backend
@@ -199,7 +199,7 @@ def train(
 
     def next_stage(stage: _Stage, exc: BaseException) -> _Stage | None:
         if stage.check_first_step and isinstance(exc, _DoesNotFit):
-            n_cells = _value_shape(inputs)[0]
+            n_cells = inputs.value_shape[0]
             chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
             reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
             logger.warning("[MEMORY] %s", reason)
@@ -224,9 +224,9 @@ def train(
 
 def _host_plan(inputs: ModelInputs, plan: TrainingPlan, view: MemoryView | None, reason: str) -> TrainingPlan:
     """``plan``'s training planned again on the host, its reasons kept and ``reason`` added."""
-    n_cells, n_features, n_categories = _value_shape(inputs)
+    n_cells, n_features, n_categories = inputs.value_shape
     host_plan = plan_training(
-        n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
+        n_cells, n_features, int(inputs.arguments["n_groups"]), n_categories, distribution=plan.distribution,
         device=HOST, safety_factor=plan.safety_factor, view=view, minibatch=plan.minibatch,
     )
     return replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
@@ -235,8 +235,8 @@ def _host_plan(inputs: ModelInputs, plan: TrainingPlan, view: MemoryView | None,
 def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:
     """svi.step's arguments on ``device``: everything, or without the cell-wise data when chunked."""
     if plan.chunk_cells is not None:
-        return {name: _on(value, device) for name, value in {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}.items()}
-    return {name: _on(as_tensor(value) if name in inputs.data_keys else value, device) for name, value in inputs.kwargs.items()}
+        return {name: _on(value, device) for name, value in {**inputs.arguments, **{key: None for key in inputs.cell_keys}}.items()}
+    return {name: _on(value, device) for name, value in inputs.kwargs.items()}
 
 
 def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, check_first_step: bool) -> TrainResult:
@@ -259,7 +259,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         svi = SVI(inputs.model, guide, optimizer, loss=elbo)
     else:
         storage = torch_device if plan.data_on_device else torch.device(HOST)
-        cells = CellData({key: inputs.kwargs[key] for key in inputs.cell_keys}, device=torch_device, storage=storage, compact=plan.device != HOST)
+        cells = CellData(inputs.cells(), device=torch_device, storage=storage, compact=plan.device != HOST)
         chunked = ChunkedELBO(
             elbo, cells, plan.chunk_cells, minibatch=plan.minibatch, is_oom=backend.is_oom,
             release=lambda: backend.empty_cache(plan.device),
@@ -267,7 +267,7 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         logger.info(
             "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
             format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
-            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs)[1:], distribution=plan.distribution)), plan.chunk_cells, plan.device,
+            format_bytes(plan.chunk_cells * chunk_cell_bytes(*inputs.value_shape[1:], distribution=plan.distribution)), plan.chunk_cells, plan.device,
         )
         svi = SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads)
     losses: list[float] = []
@@ -328,12 +328,6 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     steps = max(len(losses) - first, 1)
     logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, steps, seconds, 1e3 * seconds / steps, ", converged" if converged else "")
     return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
-
-
-def _value_shape(inputs: ModelInputs) -> tuple[int, int, int]:
-    """(cells, features, categories) of the counts."""
-    counts = inputs.kwargs[inputs.data_keys[0]]
-    return int(counts.shape[0]), int(counts.shape[1]), int(counts.shape[2]) if len(counts.shape) == 3 else 1
 
 
 def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from bayesDREAM_ext.chunked import CellData, ChunkedELBO, compact_dtype
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO
+from bayesDREAM_ext.counts import Counts
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
@@ -30,10 +31,13 @@ def inputs_for(distribution: str, n_cells: int = 103, n_features: int = 12, n_gr
 
 def in_double(inputs: ModelInputs) -> ModelInputs:
     def double(value):
+        if isinstance(value, Counts):
+            return value.astype(torch.float64)
         return value.double() if torch.is_tensor(value) and value.is_floating_point() else value
 
     return dataclasses.replace(
-        inputs, kwargs={k: double(v) for k, v in inputs.kwargs.items()}, init_values={k: double(v) for k, v in inputs.init_values.items()}
+        inputs, arguments={k: double(v) for k, v in inputs.arguments.items()},
+        init_values={k: double(v) for k, v in inputs.init_values.items()},
     )
 
 
@@ -178,6 +182,9 @@ def test_resume_rejects_a_checkpoint_of_another_fit(tmp_path):
 
 
 def test_compact_dtype_is_the_smallest_exact_one():
+    def compact_dtype(values):
+        return Counts(values).compact_dtype
+
     assert compact_dtype(torch.tensor([0.0, 255.0])) == torch.uint8
     assert compact_dtype(torch.tensor([0.0, 256.0])) == torch.int16
     assert compact_dtype(torch.tensor([0.0, 40000.0])) == torch.int32
@@ -224,9 +231,9 @@ def test_sparse_input_stays_sparse_and_trains_to_the_same_losses(distribution):
     data = synthetic_data(distribution, 90, 15, 2, seed=3)
     counts = np.where(np.random.default_rng(0).random(data.counts.shape) < 0.5, 0, data.counts).astype(np.float32)
     prepared = prepare_technical(sparse.csr_matrix(counts), data.groups, distribution=distribution)
-    assert sparse.issparse(prepared.counts)
+    assert prepared.counts.sparse and sparse.issparse(prepared.counts.values)
     dense_prepared = prepare_technical(counts, data.groups, distribution=distribution)
-    np.testing.assert_array_equal(prepared.counts.toarray(), dense_prepared.counts.numpy())
+    np.testing.assert_array_equal(prepared.counts.array(), dense_prepared.counts.array())
     options = dict(distribution=distribution, device="cpu", niters=8, nsamples=4, seed=0, progress=False)
     for chunk in (None, 20):
         dense = fit_technical(counts, data.groups, svi_chunk=chunk, **options)
