@@ -252,24 +252,8 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     if options.seed is not None:
         pyro.set_rng_seed(options.seed)
     guide = make_guide(inputs, plan.guide, plan.latent_size, torch_device)
-    elbo = (TraceMeanField_ELBO if plan.guide == "normal" else Trace_ELBO)(max_plate_nesting=inputs.max_plate_nesting)
     optimizer = _optimizer(options.lr, options.niters)
-    chunked: ChunkedELBO | None = None
-    if plan.chunk_cells is None:
-        svi = SVI(inputs.model, guide, optimizer, loss=elbo)
-    else:
-        storage = torch_device if plan.data_on_device else torch.device(HOST)
-        cells = CellData(inputs.cells(), device=torch_device, storage=storage, compact=plan.device != HOST)
-        chunked = ChunkedELBO(
-            elbo, cells, plan.chunk_cells, minibatch=plan.minibatch, is_oom=backend.is_oom,
-            release=lambda: backend.empty_cache(plan.device),
-        )
-        logger.info(
-            "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
-            format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
-            format_bytes(plan.chunk_cells * chunk_cell_bytes(*inputs.value_shape[1:], distribution=plan.distribution)), plan.chunk_cells, plan.device,
-        )
-        svi = SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads)
+    svi, chunked = _svi(inputs, plan, guide, optimizer, backend, torch_device)
     losses: list[float] = []
     rates: list[float] = []
     window = math.ceil(1 / options.alpha_ewma)
@@ -328,6 +312,30 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     steps = max(len(losses) - first, 1)
     logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, steps, seconds, 1e3 * seconds / steps, ", converged" if converged else "")
     return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
+
+
+def _svi(
+    inputs: ModelInputs, plan: TrainingPlan, guide: AutoGuide, optimizer: pyro.optim.PyroOptim, backend: Backend,
+    torch_device: torch.device,
+) -> tuple[SVI, ChunkedELBO | None]:
+    """SVI over full-data steps, or over chunks of cells (then also the :class:`ChunkedELBO`,
+    whose chunk may shrink), with bayesDREAM's ELBO for the guide."""
+    elbo = (TraceMeanField_ELBO if plan.guide == "normal" else Trace_ELBO)(max_plate_nesting=inputs.max_plate_nesting)
+    if plan.chunk_cells is None:
+        return SVI(inputs.model, guide, optimizer, loss=elbo), None
+    storage = torch_device if plan.data_on_device else torch.device(HOST)
+    cells = CellData(inputs.cells(), device=torch_device, storage=storage, compact=plan.device != HOST)
+    chunked = ChunkedELBO(
+        elbo, cells, plan.chunk_cells, minibatch=plan.minibatch, is_oom=backend.is_oom,
+        release=lambda: backend.empty_cache(plan.device),
+    )
+    logger.info(
+        "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
+        format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
+        format_bytes(plan.chunk_cells * chunk_cell_bytes(*inputs.value_shape[1:], distribution=plan.distribution)),
+        plan.chunk_cells, plan.device,
+    )
+    return SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads), chunked
 
 
 def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:

@@ -407,16 +407,7 @@ def _probe(
         max_batch_size or sys.maxsize,
         min((int(v.shape[0]) for v in posterior.values()), default=sys.maxsize) if posterior else sys.maxsize,
     )
-    if sizes is not None:
-        ladder = [b for b in sizes if b <= cap]
-    else:
-        ladder = [b for b in PROBE_LADDER if b < cap]
-        ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
-    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
-        raise ValueError(
-            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
-            f"posterior samples); got {ladder}"
-        )
+    ladder = _ladder(sizes, cap)
 
     def run(batch: int) -> _Measure:
         gc.collect()
@@ -451,7 +442,32 @@ def _probe(
             inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:
         gc.unfreeze()
-    measures = climb.measures
+    footprint = _fitted(climb.measures, inputs, device, on_host=where.type == "cpu")
+    if model_ref is not None and guide_ref is not None:
+        _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)
+    return footprint
+
+
+def _ladder(sizes: tuple[int, ...] | None, cap: int) -> list[int]:
+    """The batch sizes a probe may climb: the explicit ones up to ``cap``, else
+    :data:`PROBE_LADDER` below it (with ``cap`` itself when fewer than two are)."""
+    if sizes is not None:
+        ladder = [b for b in sizes if b <= cap]
+    else:
+        ladder = [b for b in PROBE_LADDER if b < cap]
+        ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
+    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
+        raise ValueError(
+            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
+            f"posterior samples); got {ladder}"
+        )
+    return ladder
+
+
+def _fitted(measures: list[_Measure], inputs: int, device: str, on_host: bool) -> Footprint:
+    """The footprint the measured batches give, plus :data:`PROBE_MARGIN`: one batch through the
+    origin, a parabola through the last three when they grow faster than linearly, else the line
+    through the last two (and, on the host, where bigger batches stop being faster)."""
     high = measures[-1]
     curvature = 0.0
     if len(measures) == 1:  # one batch (budget, or room to spare): through the origin, an upper bound
@@ -467,9 +483,9 @@ def _probe(
         slope, working = max(slope, 0.0), max(intercept, 0.0)
         # Off the host a draw's time is mostly kernel launches (its work runs asynchronously) and a
         # sample costs far less than a draw's overhead: bigger batches pay until memory binds.
-        saturation = _saturation(measures) if where.type == "cpu" else None
+        saturation = _saturation(measures) if on_host else None
         at = f"B={low.batch_size},{high.batch_size}"
-    footprint = Footprint(
+    return Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),
         per_sample_bytes=int(math.ceil(slope * (1 + PROBE_MARGIN))),
         source=f"probe on {device} at {at}",
@@ -479,9 +495,6 @@ def _probe(
         quadratic_bytes=curvature * (1 + PROBE_MARGIN),
         measured_batch=max(m.batch_size for m in measures),
     )
-    if model_ref is not None and guide_ref is not None:
-        _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)
-    return footprint
 
 
 def __getattr__(name: str) -> Any:

@@ -330,20 +330,7 @@ def _size(
         return plan(size, n_batches, True)
 
     if fit >= 1:
-        cap = min(fit, num_samples)
-        if reproducible and footprint.saturation_batch is not None and footprint.saturation_batch < cap:
-            reasons.add(
-                f"Not capping batches at {footprint.saturation_batch} samples, where the probe's timings say bigger "
-                "batches stop being faster: the run is seeded, timings vary from run to run, and the draws follow "
-                "the plan"
-            )
-        elif footprint.saturation_batch is not None and footprint.saturation_batch < cap:
-            cap = footprint.saturation_batch
-            reasons.add(
-                f"Capping batches at {cap} sample{'s' if cap > 1 else ''}: beyond that a bigger batch is no faster per "
-                f"sample, it only costs memory"
-            )
-        size, n_batches = _batches(num_samples, cap)
+        size, n_batches = _batches(num_samples, _cap(footprint, min(fit, num_samples), reproducible, reasons))
         peak = footprint.peak_bytes(size, resident)
         if n_batches == 1:
             reasons.add(f"Will use one vectorised batch of {size} on {device} (peak {format_bytes(peak)})")
@@ -382,6 +369,26 @@ def _size(
         f"{format_bytes(usable)} is usable{_after(device, output_bytes)}; nothing was run. Use a device with more "
         "memory, fewer cells or features, fewer return_sites" + (", or write the results to disk" if counted else "")
     )
+
+
+def _cap(footprint: Footprint, cap: int, reproducible: bool, reasons: _Reasons) -> int:
+    """The largest batch: ``cap`` (what fits, at most every sample), or less where the probe's
+    timings say bigger batches stop being faster, unless the run is seeded (``reproducible``)."""
+    saturation = footprint.saturation_batch
+    if saturation is None or saturation >= cap:
+        return cap
+    if reproducible:
+        reasons.add(
+            f"Not capping batches at {saturation} samples, where the probe's timings say bigger "
+            "batches stop being faster: the run is seeded, timings vary from run to run, and the draws follow "
+            "the plan"
+        )
+        return cap
+    reasons.add(
+        f"Capping batches at {saturation} sample{'s' if saturation > 1 else ''}: beyond that a bigger batch is no "
+        f"faster per sample, it only costs memory"
+    )
+    return saturation
 
 
 def _after(device: str, output_bytes: int | None) -> str:
