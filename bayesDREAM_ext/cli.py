@@ -1,4 +1,4 @@
-"""``bayesdream-ext``: the demo on synthetic data, and ``fit-technical`` on files.
+"""``bayesdream-ext``: the demo on synthetic data, ``fit-technical`` on files, and the plans.
 
     bayesdream-ext demo [--cells 2000 --features 1000 --groups 2 --niters 300 ...]
     bayesdream-ext fit-technical --counts FILE --meta FILE --group-col COL

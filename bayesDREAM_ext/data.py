@@ -5,7 +5,9 @@ Accepted counts: numpy arrays, scipy.sparse matrices, pandas DataFrames, torch t
 AnnData objects (duck-typed on ``.X``, ``.obs_names``, ``.var_names``; anndata itself is only
 needed to build one). ``cells_axis`` says which axis holds the cells (bayesDREAM stores genes x
 cells, so it uses ``cells_axis=1``); multinomial counts are [N, T, K] (or [T, N, K] with
-``cells_axis=1``).
+``cells_axis=1``). The counts (and a binomial denominator) are read and value-checked by
+:mod:`bayesDREAM_ext.counts`, once, into :class:`~bayesDREAM_ext.counts.Counts`; here the groups,
+sum factors and excluded features are worked out from them.
 """
 
 from __future__ import annotations
