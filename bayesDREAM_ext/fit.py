@@ -34,7 +34,7 @@ from bayesDREAM_ext.posterior import assemble
 from bayesDREAM_ext.records import GuideState, TechnicalFit
 from bayesDREAM_ext.training import SVIOptions, TrainResult, make_guide, train
 from devicemem.backends import Caps, MemoryView, SystemProbe, split_device
-from devicemem.backends.names import device_name
+from devicemem.backends.names import device_name, is_host
 from devicemem.checks import check_choice, check_int
 from devicemem.planner import Plan, resolve_safety_factor
 from devicemem.predictive import Predictive
@@ -230,7 +230,7 @@ def _plans(data: TechnicalData, options: _FitOptions, view: MemoryView) -> tuple
         svi_plan = options.guide_state.svi_plan
     else:
         safety, _ = resolve_safety_factor(options.safety_factor, view.environ)
-        compact = "float32" if options.device == "cpu" else str(data.counts.compact_dtype).removeprefix("torch.")
+        compact = "float32" if is_host(options.device) else str(data.counts.compact_dtype).removeprefix("torch.")
         svi_plan = plan_training(
             *shape, data.n_categories, distribution=data.distribution, device=options.device, guide=options.guide,
             safety_factor=safety, view=view, chunk_cells=options.svi_chunk, minibatch=options.svi_minibatch,

@@ -79,7 +79,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "ms_per_step": result.steady_ms_per_step, "first_step_s": result.first_step_s, "steps": len(result.losses), "chunk_cells": result.plan.chunk_cells,
         "chunks_per_step": result.plan.chunks_per_step, "training_peak_bytes": result.plan.measured_peak_bytes,
         "predicted_bytes": result.plan.predicted_peak_bytes, "budget_bytes": result.plan.budget_bytes,
-        "data_bytes": data.counts.numel() * 4, "prepare_s": prepared_s, "last_loss": result.losses[-1],
+        "data_bytes": data.counts.nbytes, "prepare_s": prepared_s, "last_loss": result.losses[-1],
     }
 
 

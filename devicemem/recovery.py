@@ -1,7 +1,7 @@
 """What to do when memory runs out: the one loop every out-of-memory recovery goes through.
 
 An out-of-memory error is recognised by the failing device's backend (``Backend.is_oom``, one
-predicate per kind; :func:`is_oom` asks them all). Recovering from one is always the same
+predicate per kind; ``devicemem.backends.registry.is_oom_anywhere`` asks them all). Recovering from one is always the same
 steps, written once in :func:`retries`: leave the ``except`` block first (the failed
 attempt's frames, and the tensors they hold, die with it), release memory (garbage
 collection, the device's cache), then try again with a smaller or different attempt (half the
@@ -40,13 +40,6 @@ def freeing(backend: Any, device: str) -> Callable[[], None]:
     return release
 
 
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error of any registered kind of device."""
-    from devicemem.backends.registry import _BACKENDS
-
-    return any(backend.is_oom(exc) for backend in list(_BACKENDS.values()))
-
-
 class Attempt(Generic[T]):
     """One try at ``state`` (a batch size, a device, a plan...): run it in ``with attempt:``.
 
@@ -77,7 +70,7 @@ def retries(
     first: T,
     smaller: Callable[[T, BaseException], T | None],
     *,
-    is_oom: Callable[[BaseException], bool] = is_oom,
+    is_oom: Callable[[BaseException], bool],
     release: Callable[[], None] = gc.collect,
 ) -> Iterator[Attempt[T]]:
     """Attempts at ``first``, then at each state ``smaller`` gives after an out-of-memory

@@ -59,6 +59,11 @@ def get_backend(device: Any) -> Backend:
     return backend
 
 
+def is_oom_anywhere(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error of any registered kind of device."""
+    return any(backend.is_oom(exc) for backend in list(_BACKENDS.values()))
+
+
 def _discover(backend: Backend, probe: SystemProbe) -> list[DeviceMemory]:
     try:
         return backend.discover(probe)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from devicemem import planner
 from devicemem.backends import Backend, MemoryView, get_backend
 from devicemem.backends.names import HOST, is_host
+from devicemem.backends.registry import is_oom_anywhere
 from devicemem.checks import check_finite
 from devicemem.execute.request import Request, Selection, choose_sites
 from devicemem.output.admission import check_host, host_result_bytes, remedies
@@ -35,7 +36,7 @@ from devicemem.output.manifest import Manifest, describe_sites
 from devicemem.output.sink import STAGING_BYTES, Sink
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import DrawMode, Plan
-from devicemem.recovery import freeing, is_oom, retries
+from devicemem.recovery import freeing, retries
 from devicemem.sampling import Sampler, Site
 from devicemem.seeds import sample_seeds, seeded
 from devicemem.units import format_bytes
@@ -94,7 +95,7 @@ def _vectorises(request: Request, selection: Selection, args: tuple, kwargs: dic
         with torch.random.fork_rng(devices=cuda):
             selection.sampler.draw(num, args, kwargs, selection.drawn, posterior or None)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # how shape errors surface in torch and Pyro
-        if is_oom(exc):
+        if is_oom_anywhere(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return False, f"parallel=None: the model does not vectorise ({type(exc).__name__}: {first})"
