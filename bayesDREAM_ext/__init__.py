@@ -1,8 +1,9 @@
 """bayesDREAM_ext: bayesDREAM's ``fit_technical`` on top of devicemem, device-aware end to end.
 
-Public names (imported lazily, so the CLI starts fast): ``fit_technical``, ``TechnicalFit``,
-``GuideState``, ``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TrainingPlan``,
-``plan_training``, ``training_footprint`` (bayesDREAM_ext.training); ``synthetic_technical``,
+Public names (imported lazily, so the CLI starts fast): ``fit_technical``,
+``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TechnicalFit``,
+``GuideState`` (bayesDREAM_ext.records); ``TrainingPlan``,
+``plan_training``, ``training_footprint`` (bayesDREAM_ext.memory); ``synthetic_technical``,
 ``synthetic_data`` (bayesDREAM_ext.synthetic).
 """
 
@@ -13,13 +14,13 @@ from typing import Any
 
 _EXPORTS = {
     "fit_technical": "bayesDREAM_ext.fit",
-    "TechnicalFit": "bayesDREAM_ext.fit",
-    "GuideState": "bayesDREAM_ext.fit",
+    "TechnicalFit": "bayesDREAM_ext.records",
+    "GuideState": "bayesDREAM_ext.records",
     "PredictiveFailedError": "bayesDREAM_ext.fit",
     "PredictiveInterrupted": "bayesDREAM_ext.fit",
-    "TrainingPlan": "bayesDREAM_ext.training",
-    "plan_training": "bayesDREAM_ext.training",
-    "training_footprint": "bayesDREAM_ext.training",
+    "TrainingPlan": "bayesDREAM_ext.memory",
+    "plan_training": "bayesDREAM_ext.memory",
+    "training_footprint": "bayesDREAM_ext.memory",
     "synthetic_technical": "bayesDREAM_ext.synthetic",
     "synthetic_data": "bayesDREAM_ext.synthetic",
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator
 
 import pyro.poutine as poutine
 import torch
@@ -24,62 +24,15 @@ from pyro.infer import ELBO
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from bayesDREAM_ext.sparsity import issparse
-
-if TYPE_CHECKING:
-    from scipy.sparse import spmatrix
+from bayesDREAM_ext.counts import Counts
+from devicemem.recovery import retries
 
 logger = logging.getLogger("devicemem.bayesdream")
 
-# Exact integer ranges of the dtypes counts may be stored in, smallest first.
-COMPACT_DTYPES = ((torch.uint8, 255), (torch.int16, 32767), (torch.int32, 2**31 - 1))
-CellValues = Union[Tensor, "spmatrix"]
-
-
-def compact_dtype(values: CellValues) -> torch.dtype:
-    """The smallest dtype that holds ``values`` (a tensor, or a sparse matrix's stored values)
-    exactly: uint8, int16 or int32 for non-negative integers (checked in blocks, without a
-    full-size temporary), else its own."""
-    if issparse(values):
-        values = torch.from_numpy(values.data)
-    if values.is_floating_point():
-        flat = values.reshape(-1)
-        block = 1 << 22
-        top = 0.0
-        for start in range(0, flat.numel(), block):
-            part = flat[start : start + block]
-            if bool((part < 0).any()) or not bool((part == part.round()).all()):
-                return values.dtype
-            top = max(top, float(part.max()) if part.numel() else 0.0)
-        for dtype, limit in COMPACT_DTYPES:
-            if top <= limit:
-                return dtype
-    return values.dtype
-
-
-def as_tensor(values: CellValues) -> Tensor:
-    """A dense tensor: ``values`` itself, or a sparse matrix densified."""
-    return torch.from_numpy(values.toarray()) if issparse(values) else values
-
-
-def _rows(values: CellValues, cells: slice | Tensor) -> Tensor:
-    """Rows ``cells`` of ``values`` as a dense tensor on ``values``' device."""
-    if issparse(values):
-        return as_tensor(values[cells if isinstance(cells, slice) else cells.cpu().numpy()])
-    return values[cells]
-
-
-def _compacted(values: CellValues, storage: torch.device) -> CellValues:
-    """``values`` in its smallest exact dtype on ``storage`` (a sparse matrix stays on the host)."""
-    dtype = compact_dtype(values)
-    if issparse(values):
-        return values.astype(torch.empty((), dtype=dtype).numpy().dtype)
-    return values.to(storage, dtype)
-
-
 class CellData:
-    """Cell-wise values ([N, ...] tensors, or a CSR matrix of counts) kept on ``storage``
-    ("cpu" or the training device), handed out per chunk on ``device`` as ``dtype``.
+    """Cell-wise values (:class:`~bayesDREAM_ext.counts.Counts`, or [N, ...] tensors such as the
+    groups and sum factors) kept on ``storage`` ("cpu" or the training device), handed out per
+    chunk on ``device`` as ``dtype``.
 
     ``compact=True`` stores floating values in their smallest exact dtype (a copy);
     ``compact=False`` keeps them as given (the CPU path uses the prepared counts in place). A
@@ -89,15 +42,14 @@ class CellData:
     """
 
     def __init__(
-        self, tensors: dict[str, CellValues], *, device: torch.device, storage: torch.device, compact: bool,
+        self, tensors: dict[str, Counts | Tensor], *, device: torch.device, storage: torch.device, compact: bool,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device, self.storage, self.dtype = device, storage, dtype
-        self.tensors = {
-            name: _compacted(value, storage) if compact and name != "groups" else (value if issparse(value) else value.to(storage))
-            for name, value in tensors.items()
+        self.cells = {
+            name: Counts.wrap(value).stored(storage, compact=compact and name != "groups") for name, value in tensors.items()
         }
-        self.n_cells = int(next(iter(self.tensors.values())).shape[0])
+        self.n_cells = next(iter(self.cells.values())).n_cells
         self._streamed = device.type == "cuda" and storage.type == "cpu"
         self._staging: list[dict[str, Tensor]] = []
         self._events: list[Any] = []
@@ -106,38 +58,32 @@ class CellData:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored values."""
-        return sum(
-            value.data.nbytes + value.indices.nbytes + value.indptr.nbytes if issparse(value) else value.numel() * value.element_size()
-            for value in self.tensors.values()
-        )
+        return sum(value.nbytes for value in self.cells.values())
 
     @property
     def dtypes(self) -> dict[str, str]:
-        return {
-            name: f"{value.dtype} sparse" if issparse(value) else str(value.dtype).removeprefix("torch.")
-            for name, value in self.tensors.items()
-        }
+        return {name: value.dtype_name for name, value in self.cells.items()}
 
     def _cast(self, name: str, value: Tensor) -> Tensor:
         return value if name == "groups" else value.to(self.dtype)
 
     def chunk(self, cells: slice | Tensor) -> dict[str, Tensor]:
         """The values of ``cells`` (a slice or an index tensor) on the device, dense and cast."""
-        return {name: self._cast(name, _rows(value, cells).to(self.device)) for name, value in self.tensors.items()}
+        return {name: self._cast(name, value.rows(cells).to(self.device)) for name, value in self.cells.items()}
 
     def _staged(self, cells: slice | Tensor, slot: int, size: int) -> tuple[int, dict[str, Tensor]]:
         """Copy ``cells`` into pinned buffer ``slot`` and start its transfer on the copy stream."""
         if not self._staging:
             self._staging = [
-                {name: torch.empty((size,) + tuple(value.shape[1:]), dtype=_rows(value, slice(0, 1)).dtype).pin_memory() for name, value in self.tensors.items()}
+                {name: torch.empty((size,) + value.shape[1:], dtype=value.rows(slice(0, 1)).dtype).pin_memory() for name, value in self.cells.items()}
                 for _ in range(2)
             ]
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
             self._copy_stream = torch.cuda.Stream(self.device)
         self._events[slot].synchronize()  # the buffer's previous transfer has finished
         raw = {}
-        for name, value in self.tensors.items():
-            part = _rows(value, cells)
+        for name, value in self.cells.items():
+            part = value.rows(cells)
             buffer = self._staging[slot][name][: part.shape[0]]
             buffer.copy_(part)
             with torch.cuda.stream(self._copy_stream):
@@ -165,7 +111,7 @@ class CellData:
             for cells in parts:
                 yield self.chunk(cells)
             return
-        if self._staging and self._staging[0][next(iter(self.tensors))].shape[0] < size:
+        if self._staging and self._staging[0][next(iter(self.cells))].shape[0] < size:
             self._staging = []
         ahead = self._staged(parts[0], 0, size)
         for k in range(len(parts)):
@@ -232,27 +178,31 @@ class ChunkedELBO:
         }
         leaves = {name: value.detach().requires_grad_(backward) for name, value in draws.items()}
         index, scale = self._cells_of_step()
-        while True:
-            try:
-                likelihood = self._likelihood(model, leaves, kwargs, index, scale, backward)
-                break
-            except Exception as exc:
-                if not self.is_oom(exc) or self.chunk_cells == 1:
-                    raise
-                failed = type(exc).__name__
+
+        def release() -> None:  # the failed chunks' gradients go too: the step is redone from its draws
             for leaf in leaves.values():
                 leaf.grad = None
             self.release()
-            smaller = max(1, self.chunk_cells // 2)
-            reason = f"a chunk of {self.chunk_cells} cells ran out of memory ({failed}); redoing the step in chunks of {smaller}"
-            logger.warning("[MEMORY] %s", reason)
-            self.shrinks.append(reason)
-            self.chunk_cells = smaller
+
+        for attempt in retries(self.chunk_cells, self._halve, is_oom=self.is_oom, release=release):
+            with attempt:
+                likelihood = self._likelihood(model, leaves, kwargs, index, scale, backward)
         if backward:
             surrogate = global_loss + sum((draws[name] * leaf.grad).sum() for name, leaf in leaves.items() if leaf.grad is not None)
             if surrogate.requires_grad:
                 surrogate.backward()
         return float(global_loss.detach()) + likelihood
+
+    def _halve(self, chunk: int, exc: BaseException) -> int | None:
+        """After a chunk ran out of memory: chunks of half as many cells (none below one)."""
+        if chunk == 1:
+            return None
+        smaller = max(1, chunk // 2)
+        reason = f"a chunk of {chunk} cells ran out of memory ({type(exc).__name__}); redoing the step in chunks of {smaller}"
+        logger.warning("[MEMORY] %s", reason)
+        self.shrinks.append(reason)
+        self.chunk_cells = smaller
+        return smaller
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The loss of one step (no gradients)."""

@@ -1,4 +1,4 @@
-"""``bayesdream-ext``: the demo on synthetic data, and ``fit-technical`` on files.
+"""``bayesdream-ext``: the demo on synthetic data, ``fit-technical`` on files, and the plans.
 
     bayesdream-ext demo [--cells 2000 --features 1000 --groups 2 --niters 300 ...]
     bayesdream-ext fit-technical --counts FILE --meta FILE --group-col COL
@@ -6,6 +6,8 @@
         [--guide-state FILE]
     bayesdream-ext plan --cells N --features T --groups C [--distribution D] [--device D]
         [--max-memory ...] [--assume cpu=16GiB,cuda:0=80GB] [--json]
+    bayesdream-ext plan-predictive --cells N --features T --groups C --samples S [--with-obs]
+        [--guide G] [--device D] [--max-memory ...] [--results-on-disk] [--json]
 
 Plan and memory lines go to stdout through the ``devicemem`` logger; progress bars to stderr.
 Every option (and that --out can be written) is checked before any file is read or any
@@ -19,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,19 +29,22 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from bayesDREAM_ext.data import DISTRIBUTIONS, check_fraction, check_positive, check_positive_int, check_seed
-from bayesDREAM_ext.training import DTYPE_BYTES, plan_training
-from devicemem.backends import DeviceMemory, device_memory, parse_max_memory
+from bayesDREAM_ext.counts import scipy_sparse
+from bayesDREAM_ext.data import DISTRIBUTIONS
+from bayesDREAM_ext.memory import DTYPE_BYTES, FOOTPRINT_GUIDES, plan_technical, plan_training
+from devicemem.backends import HOST, MAX_MEMORY_ENV, DeviceMemory, MemoryView, SystemProbe, device_memory, parse_max_memory
+from devicemem.checks import check_fraction, check_int, check_positive, check_seed
+from devicemem.planner import resolve_safety_factor
 from devicemem.units import format_bytes, parse_bytes
 
 COUNT_SUFFIXES = (".csv", ".npz", ".mtx", ".h5ad")
 
 
 @contextlib.contextmanager
-def _log_to_stdout(quiet: bool) -> Iterator[None]:
-    """Show devicemem's log lines on stdout for the length of one ``main`` call."""
+def _log_to_stdout(quiet: bool, stream: Any = None) -> Iterator[None]:
+    """Show devicemem's log lines on stdout (or ``stream``) for the length of one ``main`` call."""
     logger = logging.getLogger("devicemem")
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = logger.level
     logger.addHandler(handler)
@@ -101,7 +107,81 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object: training and predictive plans (no log lines)")
     plan.add_argument("--quiet", action="store_true", help="no [MEMORY] lines, only the summary")
     plan.set_defaults(threads=None)
+    _add_plan_predictive(commands)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {value}")
+    return value
+
+
+def _add_plan_predictive(commands: Any) -> None:
+    """``plan-predictive``: the technical model's Predictive plan in detail (was ``devicemem plan``)."""
+    parser = commands.add_parser(
+        "plan-predictive", help="plan the technical model's Predictive from its shapes, and say why",
+        description="Device, batch size and mode for a technical-model Predictive of N cells x T features, "
+        "C groups and S samples, from the analytic footprint (no data needed).",
+    )
+    parser.add_argument("--cells", type=_positive_int, required=True, metavar="N", help="cells (N)")
+    parser.add_argument("--features", type=_positive_int, required=True, metavar="T", help="features (T)")
+    parser.add_argument("--groups", type=_positive_int, required=True, metavar="C", help="technical groups (C)")
+    parser.add_argument("--samples", type=_positive_int, required=True, metavar="S", help="posterior samples (S)")
+    parser.add_argument("--categories", type=_positive_int, default=1, metavar="K", help="categories (multinomial)")
+    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="negbinom")
+    parser.add_argument("--guide", choices=FOOTPRINT_GUIDES, default="normal", help="AutoNormal, AutoIAFNormal or AutoDelta")
+    parser.add_argument("--with-obs", action="store_true", help="also sample the observation site y [S, N, T]")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--minibatch-size", type=_positive_int, default=None, metavar="B")
+    parser.add_argument("--safety-factor", type=float, default=None, metavar="F", help="fraction of usable memory, in (0, 1]")
+    parser.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...", help="cap devices, e.g. cpu=8GiB")
+    parser.add_argument(
+        "--results-on-disk", action="store_true",
+        help="the results go to memmaps (Predictive(out=DIR)): do not count them against host memory",
+    )
+    parser.add_argument(
+        "--threads", dest="draw_threads", type=_positive_int, default=None, metavar="K",
+        help="threads drawing the likelihood on the host (default: DEVICEMEM_THREADS, else the usable cores)",
+    )
+    parser.add_argument("--json", action="store_true", help="the Plan as JSON")
+    parser.add_argument("--verbose", dest="quiet", action="store_false", help="also show the [MEMORY] lines as they are logged")
+    parser.set_defaults(threads=None, quiet=True)
+
+
+def run_plan_predictive(args: argparse.Namespace) -> int:
+    """Print the technical model's Predictive plan, as a table with its reasons or as JSON."""
+    plan = plan_technical(
+        args.cells, args.features, args.groups, args.samples, n_categories=args.categories,
+        distribution=args.distribution, guide=args.guide, with_obs=args.with_obs, device=args.device,
+        minibatch_size=args.minibatch_size, safety_factor=args.safety_factor, max_memory=args.max_memory,
+        output_bytes=0 if args.results_on_disk else None, threads=args.draw_threads,
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(plan), indent=2))
+        return 0
+    mode = "vectorised" if plan.vectorized else "sequential"
+    budget = f"{format_bytes(plan.budget_bytes)} (safety factor {plan.safety_factor:.0%})"
+    rows = [
+        ("device", plan.device),
+        ("batches", f"{plan.n_batches} {mode} of {plan.batch_size} ({plan.num_samples} samples)"),
+        ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
+        ("budget", budget if plan.budget_bytes is not None else "unknown"),
+        ("results", f"{format_bytes(plan.output_bytes)} on the host"),
+    ]
+    print("\n".join(f"{key:<15} {value}" for key, value in rows))
+    print("why:\n" + "\n".join(f"  - {reason}" for reason in plan.reasons))
+    return 0
+
+
+def plan_predictive_main(argv: Sequence[str]) -> int:
+    """``bayesdream-ext plan-predictive`` on ``argv``: what ``devicemem plan`` forwards to."""
+    return main(["plan-predictive", *argv])
 
 
 def _check_out(path: str) -> None:
@@ -122,13 +202,15 @@ def _check_out(path: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the option for any bad value, before any file is read or training."""
-    check_positive_int(args.nsamples, "--nsamples")
+    if args.command == "plan-predictive":  # argparse read the integers; the planner checks the rest
+        return
+    check_int(args.nsamples, "--nsamples")
     check_fraction(args.safety_factor, "--safety-factor", allow_none=True)
     if args.command == "plan":  # plans may name another machine's devices (--assume)
         parse_max_memory(args.max_memory, {})
         return
-    check_positive_int(args.niters, "--niters", allow_none=True)
-    check_positive_int(args.threads, "--threads", allow_none=True)
+    check_int(args.niters, "--niters", allow_none=True)
+    check_int(args.threads, "--threads", allow_none=True)
     check_positive(args.lr, "--lr")
     check_seed(args.seed, "--seed")
     if args.device == "auto":
@@ -153,6 +235,7 @@ def read_matrix(path: str | Path) -> Any:
 
         return pd.read_csv(path, index_col=0)
     if suffix == ".mtx":
+        scipy_sparse("counts")  # an install hint where scipy is missing
         from scipy.io import mmread
 
         return mmread(path)
@@ -162,15 +245,12 @@ def read_matrix(path: str | Path) -> Any:
         except ImportError as exc:
             raise ValueError("counts: reading .h5ad needs anndata (pip install 'devicemem[io]')") from exc
         return anndata.read_h5ad(path)
-    from scipy import sparse
-
-    try:
-        return sparse.load_npz(path)
-    except (ValueError, KeyError):
-        with np.load(path) as stored:
-            if len(stored.files) != 1:
-                raise ValueError(f"counts: {path} holds {len(stored.files)} arrays ({', '.join(stored.files)}); expected one") from None
-            return stored[stored.files[0]]
+    with np.load(path) as stored:
+        if {"format", "indptr", "indices", "data", "shape"} <= set(stored.files):  # scipy.sparse.save_npz's layout
+            return scipy_sparse("counts").load_npz(path)
+        if len(stored.files) != 1:
+            raise ValueError(f"counts: {path} holds {len(stored.files)} arrays ({', '.join(stored.files)}); expected one")
+        return stored[stored.files[0]]
 
 
 def _cell_names(counts: Any, cells_axis: int) -> list[str] | None:
@@ -232,7 +312,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from bayesDREAM_ext.fit import GuideState, fit_technical
+    from bayesDREAM_ext.fit import fit_technical
+    from bayesDREAM_ext.records import GuideState
 
     guide_state = None if args.guide_state is None else GuideState.load(args.guide_state)
     counts = read_matrix(args.counts)
@@ -262,32 +343,30 @@ def _assumed(text: str) -> dict[str, DeviceMemory]:
     return found
 
 
+def _plan_view(args: argparse.Namespace) -> MemoryView:
+    """The memory both plans are made against: this machine's, or with ``--assume`` the assumed
+    devices as given (read through a probe that lists them) and, unless assumed too, this
+    machine's host with ``--max-memory``."""
+    if not args.assume:
+        return MemoryView.read(args.max_memory)
+    assumed = _assumed(args.assume)
+    assumed.setdefault(HOST, device_memory(HOST, max_memory=args.max_memory))
+    settings = {key: value for key, value in os.environ.items() if key != MAX_MEMORY_ENV}  # applied to the host already
+    return MemoryView.read(None, SystemProbe(environ=settings, listing=tuple(assumed.values())))
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Print where and how SVI and Predictive would run for this size (no data, no training)."""
-    from devicemem.planner import Resources, plan_technical, resolve_safety_factor
-
-    safety, _ = resolve_safety_factor(args.safety_factor)
+    view = _plan_view(args)
+    safety, _ = resolve_safety_factor(args.safety_factor, view.environ)
     shape = (args.cells, args.features, args.groups)
-    options: dict[str, Any] = {}
-    resources = None
-    if args.assume:
-        registry = _assumed(args.assume)
-        registry.setdefault("cpu", device_memory("cpu", max_memory=args.max_memory))
-
-        def memory_of(name: str) -> DeviceMemory:
-            if name not in registry:
-                raise ValueError(f"device: {name!r} is not among the assumed devices ({', '.join(registry)})")
-            return registry[name]
-
-        options = dict(memory_of=memory_of, accelerators=lambda: [m for m in registry.values() if m.device != "cpu"])
-        resources = Resources(devices=lambda max_memory: list(registry.values()))
     training = plan_training(
         *shape, args.categories, distribution=args.distribution, device=args.device, safety_factor=safety,
-        max_memory=args.max_memory, count_dtype=args.count_dtype, **options,
+        count_dtype=args.count_dtype, view=view,
     )
     predictive = plan_technical(
         *shape, args.nsamples, n_categories=args.categories, distribution=args.distribution, device=args.device,
-        safety_factor=args.safety_factor, max_memory=args.max_memory, resources=resources,
+        safety_factor=args.safety_factor, view=view,
     )
     if args.json:
         extra = {"chunks_per_step": training.chunks_per_step, "host_bytes": training.host_bytes, "device_bytes": training.device_bytes}
@@ -314,9 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        with _log_to_stdout(args.quiet or getattr(args, "json", False)):
-            return {"demo": run_demo, "fit-technical": run_fit, "plan": run_plan}[args.command](args)
-    except ValueError as exc:
+        as_json = getattr(args, "json", False)  # then log lines, warnings too, go to stderr
+        with _log_to_stdout(args.quiet or as_json, sys.stderr if as_json else None):
+            commands = {"demo": run_demo, "fit-technical": run_fit, "plan": run_plan, "plan-predictive": run_plan_predictive}
+            return commands[args.command](args)
+    except (ValueError, ImportError) as exc:
         parser.exit(2, f"bayesdream-ext: error: {exc}\n")
 
 

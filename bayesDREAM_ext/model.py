@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bayesDREAM_ext.sparsity import issparse
+from bayesDREAM_ext.counts import Counts
+from devicemem.checks import check_positive
 
 if TYPE_CHECKING:
-    from scipy.sparse import spmatrix
-
     from bayesDREAM_ext.data import TechnicalData
 
 MAX_PLATE_NESTING = 2
@@ -96,15 +95,11 @@ def _feature_blocks(n_cells: int, n_features: int) -> Iterator[slice]:
         yield slice(start, start + width)
 
 
-def _block(values: Tensor | spmatrix, block: slice) -> Tensor:
-    """Features ``block`` of [N, T] ``values`` as a dense tensor (a sparse matrix densified)."""
-    return torch.from_numpy(values[:, block].toarray()) if issparse(values) else values[:, block]
-
-
-def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Tensor | spmatrix) -> tuple[Tensor, ...]:
-    """``fn`` over blocks of features (axis 1 of each [N, T] argument, dense or sparse), its
-    results joined on their last axis: statistics over cells whose temporaries stay block-sized."""
-    parts = [fn(*(_block(c, block) for c in columns)) for block in _feature_blocks(*columns[0].shape[:2])]
+def _per_feature(fn: Callable[..., tuple[Tensor, ...]], *columns: Counts | Tensor) -> tuple[Tensor, ...]:
+    """``fn`` over blocks of features (axis 1 of each [N, T] argument), its results joined on
+    their last axis: statistics over cells whose temporaries stay block-sized."""
+    values = [Counts.wrap(c) for c in columns]
+    parts = [fn(*(c.columns(block) for c in values)) for block in _feature_blocks(*values[0].shape[:2])]
     return tuple(torch.cat(items, dim=-1) for items in zip(*parts))
 
 
@@ -113,7 +108,7 @@ def _group_sums(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
     return torch.zeros((n_groups,) + values.shape[1:], dtype=values.dtype).index_add_(0, groups, values)
 
 
-def mu_ntc_prior(counts: Tensor, groups: Tensor, sum_factors: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+def mu_ntc_prior(counts: Counts | Tensor, groups: Tensor, sum_factors: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-feature mean and robust sd of the baseline group's normalised counts.
 
     m = mean(y / s) over baseline cells; s = max(1.4826 * MAD / sqrt(N) + eps, 0.1 * (m + eps)).
@@ -306,26 +301,57 @@ CATEGORY_SITES = ("alpha_logits_y", "alpha_logits_y_centered", "probs_baseline_r
 
 
 @dataclass(frozen=True)
+class Priors:
+    """The technical model's prior settings, bayesDREAM's defaults: ``epsilon`` keeps prior
+    scales and means off zero; ``beta_o`` ~ Gamma(``beta_o_alpha``, ``beta_o_beta``)."""
+
+    epsilon: float = 1e-6
+    beta_o_alpha: float = 9.0
+    beta_o_beta: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("beta_o_alpha", "beta_o_beta", "epsilon"):
+            check_positive(getattr(self, name), name)
+
+
+@dataclass(frozen=True)
 class ModelInputs:
-    """A technical model with everything it needs: ``kwargs`` (tensors on the CPU, with the
-    data and ``observe=True``) for training, and data-driven ``init_values`` for the guide
-    (every other site starts at its prior median)."""
+    """A technical model with everything it needs: its keyword ``arguments`` (on the CPU,
+    ``observe=True``; the data matrices named in ``data_keys`` kept as
+    :class:`~bayesDREAM_ext.counts.Counts`, sparse when the input was) for training, and
+    data-driven ``init_values`` for the guide (every other site starts at its prior median)."""
 
     model: TechnicalModel
-    kwargs: dict[str, Any]
+    arguments: dict[str, Any]
     init_values: dict[str, Tensor]
     max_plate_nesting: int
     data_keys: tuple[str, ...]
 
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The model's keyword arguments as it takes them, for a full-data run: the data
+        matrices as dense tensors (a sparse matrix densified whole)."""
+        return {**self.arguments, **{key: self.arguments[key].dense() for key in self.data_keys}}
+
     def params_only(self) -> dict[str, Any]:
         """The kwargs for a parameters-only run: no likelihood, no data matrices."""
-        return {**self.kwargs, **{key: None for key in self.data_keys}, "observe": False}
+        return {**self.arguments, **{key: None for key in self.data_keys}, "observe": False}
 
     @property
     def cell_keys(self) -> tuple[str, ...]:
-        """The kwargs with one row per cell (the data matrices, groups, sum factors): what a
+        """The arguments with one row per cell (the data matrices, groups, sum factors): what a
         chunk of cells replaces."""
-        return self.data_keys + tuple(key for key in ("groups", "sum_factors") if key in self.kwargs)
+        return self.data_keys + tuple(key for key in ("groups", "sum_factors") if key in self.arguments)
+
+    def cells(self) -> dict[str, Counts | Tensor]:
+        """The cell-wise arguments as they are kept (what training's chunks are cut from)."""
+        return {key: self.arguments[key] for key in self.cell_keys}
+
+    @property
+    def value_shape(self) -> tuple[int, int, int]:
+        """(cells, features, categories) of the counts."""
+        counts = self.arguments[self.data_keys[0]]
+        return counts.n_cells, counts.n_features, counts.n_categories
 
 
 def _robust_sd(values: Tensor, epsilon: float) -> Tensor:
@@ -342,8 +368,10 @@ def build_model_inputs(
     data: TechnicalData, epsilon: float = 1e-6, beta_o_alpha: float = 9.0, beta_o_beta: float = 3.0
 ) -> ModelInputs:
     """Priors, initial values and model arguments for ``data``'s distribution, as bayesDREAM
-    derives them from the NTC cells (group 0 = baseline)."""
-    y, groups, n_groups = data.counts, data.groups, data.n_groups
+    derives them from the NTC cells (group 0 = baseline). The data matrices go into the
+    arguments as :class:`~bayesDREAM_ext.counts.Counts` (:attr:`ModelInputs.kwargs` gives them
+    dense, as the model takes them)."""
+    y, groups, n_groups = Counts.wrap(data.counts), data.groups, data.n_groups
     sizes = torch.bincount(groups, minlength=n_groups).to(torch.float32)[:, None]
     base = (groups == 0).nonzero().squeeze(-1)
     if data.distribution == "negbinom":
@@ -371,9 +399,9 @@ def build_model_inputs(
         )
         return ModelInputs(gaussian_technical_model, kwargs, {"log2_alpha_y": means[1:] - means[:1]}, 2, ("counts",))
     if data.distribution == "binomial":
-        denominator = data.denominator
-        successes = _group_sums(y, groups, n_groups) + 0.5
-        trials = _group_sums(denominator, groups, n_groups) + 1.0
+        denominator = Counts.wrap(data.denominator)
+        successes = _group_sums(y.dense(), groups, n_groups) + 0.5
+        trials = _group_sums(denominator.dense(), groups, n_groups) + 1.0
         logits = _logit((successes / trials).clamp(1e-6, 1 - 1e-6))
         p_hat = logits[0].sigmoid()
         kappa = (trials[0] - 1.0).clamp(20.0, 200.0)
@@ -382,7 +410,7 @@ def build_model_inputs(
             prior_b=(1.0 - p_hat) * kappa + 1e-3, n_groups=n_groups,
         )
         return ModelInputs(binomial_technical_model, kwargs, {"log2_alpha_y": logits[1:] - logits[:1]}, 2, ("counts", "denominator"))
-    totals = _group_sums(y, groups, n_groups)  # [C, T, K]
+    totals = _group_sums(y.dense(), groups, n_groups)  # [C, T, K]
     zero_cat_mask = (totals == 0).any(dim=0)
     props = (totals + 0.5) / (totals + 0.5).sum(dim=-1, keepdim=True)
     log_ratio = torch.log(props[1:]) - torch.log(props[:1])

@@ -1,10 +1,6 @@
-"""Device-aware SVI for the technical model: which device, guide and step layout, then the training loop.
+"""Device-aware SVI for the technical model: the training loop, on the plan
+:func:`bayesDREAM_ext.memory.plan_training` made (device, guide, full-data steps or chunks).
 
-:func:`training_footprint` predicts the peak memory of full-data training (data + guide
-parameters, gradients and Adam state + one step's activations); :func:`plan_training` turns
-the footprints into a :class:`TrainingPlan`: device, guide, and full-data steps or the exact
-chunked gradient (:mod:`bayesDREAM_ext.chunked`) in the largest chunk of cells that fits,
-with the counts on the device or kept on the host, from shapes alone and before any step.
 :func:`train` runs SVI exactly as bayesDREAM configures it (Adam in a OneCycleLR schedule with
 max_lr = 10 x lr and 10% warm-up, stepped every iteration; gradient clipping at norm 10;
 TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss), checks the first
@@ -23,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
@@ -33,91 +29,23 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch.optim.lr_scheduler import OneCycleLR
 from tqdm.auto import tqdm
 
-from bayesDREAM_ext.chunked import CellData, ChunkedELBO, as_tensor
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO
+from bayesDREAM_ext.memory import TrainingPlan, chunk_cell_bytes, iaf_hidden_size, plan_training
 from bayesDREAM_ext.model import ModelInputs
-from devicemem.backends import Backend, DeviceMemory, device_memory, devices, get_backend
-from devicemem.footprint import technical_latent_size
+from devicemem.backends import HOST, Backend, MemoryView, get_backend
+from devicemem.checks import check_fraction, check_int, check_positive, check_seed
+from devicemem.recovery import freeing, retries
 from devicemem.units import format_bytes
 
 logger = logging.getLogger("devicemem.bayesdream")
 
-GUIDES = ("normal", "iaf", "auto")
-HOST = "cpu"
 WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0
-FLOAT_BYTES = 4
-# Per cell: its group (int64) and sum factor (float32).
-CELL_BYTES = 12
-DTYPE_BYTES = {"uint8": 1, "int16": 2, "int32": 4, "float32": 4}
 CHECKPOINT_FORMAT = "bayesDREAM_ext.SVICheckpoint/1"
-# What SVI adds beyond the data: a fixed part (Pyro's traces, autograd and allocator arenas:
-# the first step of a tiny model measures 80-86 MB) and the activations of a step per observed
-# value. Measured by the CPU backend (VmHWM after clear_refs) over the first steps in fresh
-# processes, less the fixed part, B per value: negbinom 44 (3000 x 3000, C = 2), 43 (1500 x
-# 1500, C = 3), 17-50 (2000 x 2000) and 42-61 (4000 x 1000, C = 3); normal 32-37; studentt
-# 36-37; binomial 29-30; multinomial 18 per N x T x K (1500 x 1500 x 4). The spread under 32 MB
-# per [N, T] tensor is glibc keeping freed temporaries resident; each constant covers the
-# largest measurement, so the prediction errs high.
-STEP_FIXED_BYTES = 80 * 10**6
-STEP_BYTES_PER_VALUE = {"negbinom": 64, "normal": 40, "studentt": 40, "binomial": 32, "multinomial": 20}
-# AutoNormal: loc and scale per latent value, each with a gradient and two Adam moments.
-NORMAL_GUIDE_FLOATS_PER_LATENT = 8
-# AutoIAFNormal: weights W of MaskedLinear(L, H) and MaskedLinear(H, 2L) (H = 3L + 1, Pyro's
-# default hidden size), each also held as its mask, the masked product the forward pass keeps
-# for the backward, that product's gradient, the weight's gradient and two Adam moments: 7 W;
-# the first step measures 8.1 W at T = 400 (L = 1201), fixed part included.
-IAF_COPIES = 7
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """Where and with which guide SVI runs, in full-data steps or in chunks of cells, and why.
-
-    ``predicted_peak_bytes`` is what training adds on the device (data stored there, guide
-    state, one step or one chunk's activations); ``budget_bytes`` is ``safety_factor`` x the
-    device's usable memory (None when unknown); ``measured_peak_bytes`` the first step's
-    high-water mark as the device's backend measures it (host: peak RSS of the process;
-    CUDA: peak allocated), filled in by :func:`train`. ``chunk_cells`` is None for full-data
-    steps, else the cells per chunk of the exact chunked gradient; ``minibatch`` the cells
-    per stochastic step (None: every cell every step). ``data_on_device`` False: the counts
-    stay on the host and each chunk is copied to the device. ``data_bytes`` is the size of
-    the counts as training stores them (``data_dtype``).
-    """
-
-    device: str
-    guide: str
-    latent_size: int
-    predicted_peak_bytes: int
-    budget_bytes: int | None
-    safety_factor: float
-    reasons: tuple[str, ...]
-    measured_peak_bytes: int | None = None
-    distribution: str = "negbinom"
-    n_cells: int = 0
-    chunk_cells: int | None = None
-    minibatch: int | None = None
-    data_on_device: bool = True
-    data_bytes: int = 0
-    data_dtype: str = "float32"
-
-    @property
-    def cells_per_step(self) -> int:
-        return self.n_cells if self.minibatch is None else min(self.minibatch, self.n_cells)
-
-    @property
-    def chunks_per_step(self) -> int:
-        return 1 if self.chunk_cells is None else math.ceil(self.cells_per_step / self.chunk_cells)
-
-    @property
-    def host_bytes(self) -> int:
-        """Training data the host holds: all of it unless it lives on a GPU."""
-        return self.data_bytes if self.device == HOST or not self.data_on_device else 0
-
-    @property
-    def device_bytes(self) -> int:
-        """What training is predicted to add on ``device`` at its peak."""
-        return self.predicted_peak_bytes
+# bayesDREAM's default number of SVI steps, by distribution.
+DEFAULT_NITERS = {"multinomial": 100_000}
+DEFAULT_NITERS_OTHER = 50_000
 
 
 @dataclass
@@ -144,220 +72,6 @@ class TrainResult:
         steps = self.steps_run or len(self.losses)
         self.ms_per_step = 1e3 * self.seconds / max(steps, 1)
         self.steady_ms_per_step = 1e3 * (self.seconds - self.first_step_s) / (steps - 1) if steps > 1 else None
-
-
-def iaf_hidden_size(latent: int) -> int:
-    """Pyro's default AutoIAFNormal hidden size."""
-    return 3 * latent + 1
-
-
-def guide_bytes(guide: str, latent: int) -> int:
-    """Guide parameters with their gradients and Adam state, in bytes (float32)."""
-    if guide == "iaf":
-        hidden = iaf_hidden_size(latent)
-        weights = latent * hidden + hidden * 2 * latent + hidden + 2 * latent
-        return IAF_COPIES * weights * FLOAT_BYTES
-    return NORMAL_GUIDE_FLOATS_PER_LATENT * latent * FLOAT_BYTES
-
-
-def data_bytes(n_cells: int, n_features: int, n_categories: int = 1, *, distribution: str = "negbinom", itemsize: int = FLOAT_BYTES) -> int:
-    """The cell-wise data: counts (and the binomial denominator) at ``itemsize`` bytes per
-    value, groups and sum factors."""
-    matrices = 2 if distribution == "binomial" else 1
-    return n_cells * n_features * n_categories * itemsize * matrices + n_cells * CELL_BYTES
-
-
-def training_footprint(
-    n_cells: int, n_features: int, n_groups: int, n_categories: int = 1, *, distribution: str = "negbinom", guide: str = "normal"
-) -> int:
-    """Predicted peak bytes of full-data SVI on one device: float32 data, guide state and one step's activations."""
-    latent = technical_latent_size(n_features, n_groups, n_categories, distribution)
-    values = n_cells * n_features * n_categories
-    return (
-        data_bytes(n_cells, n_features, n_categories, distribution=distribution) + guide_bytes(guide, latent)
-        + STEP_FIXED_BYTES + STEP_BYTES_PER_VALUE[distribution] * values
-    )
-
-
-def chunk_cell_bytes(n_features: int, n_categories: int = 1, *, distribution: str = "negbinom", itemsize: int = FLOAT_BYTES, streamed: bool = False) -> int:
-    """Device bytes each cell of a chunk costs: its share of the step's activations, its
-    float32 copy for the likelihood and, when the counts stream from the host, its two
-    in-flight copies at the stored ``itemsize``."""
-    values = n_features * n_categories * (2 if distribution == "binomial" else 1)
-    streaming = 2 * itemsize * values if streamed else 0
-    return STEP_BYTES_PER_VALUE[distribution] * n_features * n_categories + FLOAT_BYTES * values + streaming
-
-
-def _budget(memory: DeviceMemory, safety_factor: float) -> int | None:
-    return None if memory.usable_bytes is None else int(safety_factor * memory.usable_bytes)
-
-
-def _fits(need: int, budget: int | None) -> bool:
-    return budget is None or need <= budget
-
-
-@dataclass(frozen=True)
-class _Shape:
-    n_cells: int
-    n_features: int
-    n_groups: int
-    n_categories: int
-    distribution: str
-
-    def latent(self) -> int:
-        return technical_latent_size(self.n_features, self.n_groups, self.n_categories, self.distribution)
-
-    def full_need(self, guide: str, cells: int) -> int:
-        return training_footprint(cells, self.n_features, self.n_groups, self.n_categories, distribution=self.distribution, guide=guide) + (
-            data_bytes(self.n_cells - cells, self.n_features, self.n_categories, distribution=self.distribution)
-        )
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Full-data or chunked steps on one device, where the counts live, and the predicted peak."""
-
-    chunk_cells: int | None
-    data_on_device: bool
-    need: int
-    itemsize: int
-    reason: str
-
-
-def _layout(shape: _Shape, guide: str, memory: DeviceMemory, budget: int | None, chunk_cells: int | None, minibatch: int | None, itemsize: int) -> _Layout | None:
-    """The fastest way SVI fits ``budget`` on ``memory.device``: full-data steps; else chunks
-    with the counts stored on the device at ``itemsize``; else (GPUs) chunks with the counts
-    on the host. None when not even one cell per chunk fits. ``chunk_cells`` forces chunks of
-    that size (ValueError when predicted over the budget)."""
-    device = memory.device
-    cells = shape.n_cells if minibatch is None else min(minibatch, shape.n_cells)
-    fixed = guide_bytes(guide, shape.latent()) + STEP_FIXED_BYTES
-    full = shape.full_need(guide, cells)
-    if chunk_cells is None and minibatch is None and _fits(full, budget):
-        return _Layout(None, True, full, FLOAT_BYTES, f"full-data steps on {device}: data + guide + optimizer + one step need {format_bytes(full)}, budget {format_bytes(budget)}")
-    stored_size = FLOAT_BYTES if device == HOST else itemsize
-    options = [(True, data_bytes(shape.n_cells, shape.n_features, shape.n_categories, distribution=shape.distribution, itemsize=stored_size), False)]
-    if device != HOST:
-        options.append((False, 0, True))
-    for on_device, resident, streamed in options:
-        per_cell = chunk_cell_bytes(shape.n_features, shape.n_categories, distribution=shape.distribution, itemsize=stored_size, streamed=streamed)
-        room = None if budget is None else (budget - resident - fixed) // per_cell
-        if chunk_cells is not None:
-            need = resident + fixed + min(chunk_cells, cells) * per_cell
-            if not _fits(need, budget):
-                continue
-            size = min(chunk_cells, cells)
-        elif room is None or room >= 1:
-            size = cells if room is None else math.ceil(cells / math.ceil(cells / min(room, cells)))  # equal chunks
-            need = resident + fixed + size * per_cell
-        else:
-            continue
-        where = f"counts on {device}" if on_device else "counts kept on the host, each chunk copied to the device"
-        why = (f"forced by svi_chunk={chunk_cells}" if chunk_cells is not None else
-               f"a {'minibatch' if minibatch else 'full-data'} step needs {format_bytes(full)}, budget {format_bytes(budget)}")
-        reason = (f"chunked steps on {device}: {size} cells per chunk, {math.ceil(cells / size)} chunk(s) per step ({why}); "
-                  f"{where} ({format_bytes(resident if on_device else data_bytes(shape.n_cells, shape.n_features, shape.n_categories, distribution=shape.distribution, itemsize=stored_size))}); "
-                  f"data + guide + optimizer + one chunk need {format_bytes(need)}")
-        return _Layout(size, on_device, need, stored_size, reason)
-    if chunk_cells is not None:
-        raise ValueError(f"svi_chunk: chunks of {chunk_cells} cells are predicted not to fit {device} (budget {format_bytes(budget)})")
-    return None
-
-
-def _iaf_layout(shape: _Shape, memory: DeviceMemory, budget: int, chunk_cells: int | None, minibatch: int | None, itemsize: int) -> _Layout | None:
-    """AutoIAFNormal's layout on ``memory.device``, or None when its weights leave no room
-    (an over-budget forced chunk is no error here: AutoNormal is the fallback)."""
-    try:
-        return _layout(shape, "iaf", memory, budget, chunk_cells, minibatch, itemsize)
-    except ValueError:
-        return None
-
-
-def _one_cell_message(shape: _Shape, guide: str, device: str, budget: int | None) -> str:
-    need = guide_bytes(guide, shape.latent()) + STEP_FIXED_BYTES + chunk_cell_bytes(shape.n_features, shape.n_categories, distribution=shape.distribution)
-    return (f"SVI cannot fit {device}: even one cell per chunk needs {format_bytes(need)} (guide + optimizer state + "
-            f"one cell's step), budget {format_bytes(budget)}; raise max_memory or safety_factor, or free memory")
-
-
-def plan_training(
-    n_cells: int,
-    n_features: int,
-    n_groups: int,
-    n_categories: int = 1,
-    *,
-    distribution: str = "negbinom",
-    device: str = "auto",
-    guide: str = "normal",
-    safety_factor: float,
-    max_memory: Any = None,
-    chunk_cells: int | None = None,
-    minibatch: int | None = None,
-    count_dtype: str = "float32",
-    memory_of: Callable[[str], DeviceMemory] | None = None,
-    accelerators: Callable[[], list[DeviceMemory]] | None = None,
-) -> TrainingPlan:
-    """Choose the device, the guide and the step layout for SVI, from shapes alone.
-
-    On each device: full-data steps when data, guide, optimizer state and one step fit
-    ``safety_factor`` x its usable memory; else the exact chunked gradient in the largest
-    chunk of cells that fits, the counts stored on the device in the smallest exact dtype
-    (``count_dtype``: "uint8", "int16", "int32" or "float32") or, on a GPU too small for them, kept on the host.
-    ``device="auto"``: the GPU with the most usable memory when SVI fits it in any layout,
-    else the CPU. An explicit device is used as given (ValueError when this process does not
-    see it). ValueError, before any training, when not even one cell per chunk fits.
-    ``guide="iaf"`` needs the AutoIAFNormal footprint (hidden size 3 x latent + 1) to fit in
-    full-data steps (ValueError otherwise); ``"auto"`` takes it when it fits, else AutoNormal.
-    ``chunk_cells`` forces chunks of that size; ``minibatch`` makes each step use that many
-    random cells (stochastic, likelihood scaled by N / B). ``memory_of`` / ``accelerators``
-    replace the device registry (tests, and planning for another machine).
-    """
-    memory_of = memory_of or (lambda name: device_memory(name, max_memory=max_memory))
-    accelerators = accelerators or (lambda: [m for m in devices(max_memory=max_memory) if m.device != HOST])
-    shape = _Shape(n_cells, n_features, n_groups, n_categories, distribution)
-    reasons: list[str] = []
-    layout: _Layout | None = None
-    if device == "auto":
-        gpu = max(accelerators(), key=lambda m: m.usable_bytes or 0, default=None)
-        if gpu is None:
-            reasons.append("no GPU visible; SVI on the CPU")
-        else:
-            budget = _budget(gpu, safety_factor)
-            layout = _layout(shape, "normal", gpu, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
-            if layout is None:
-                reasons.append(f"SVI does not fit {gpu.device} even one cell per chunk (budget {format_bytes(budget)}); using the CPU")
-                gpu = None
-            else:
-                reasons.append(f"SVI on {gpu.device}, the GPU with the most usable memory")
-        memory = gpu or memory_of(HOST)
-    else:
-        memory = memory_of(device)
-        reasons.append(f"SVI on {memory.device} as requested")
-    budget = _budget(memory, safety_factor)
-    layout = layout or _layout(shape, "normal", memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
-    if layout is None:
-        raise ValueError(_one_cell_message(shape, "normal", memory.device, budget))
-    reasons.append(layout.reason)
-    kind = "normal"
-    if guide in ("iaf", "auto"):
-        iaf_need = shape.full_need("iaf", shape.n_cells)
-        verdict = f"AutoIAFNormal (hidden size {iaf_hidden_size(shape.latent())}) needs {format_bytes(iaf_need)} in full-data steps, budget {format_bytes(budget)} on {memory.device}"
-        iaf_layout = None if budget is None else _iaf_layout(shape, memory, budget, chunk_cells, minibatch, DTYPE_BYTES[count_dtype])
-        if iaf_layout is not None:
-            kind, layout = "iaf", iaf_layout
-            reasons.append(f"{verdict}: using it" + ("" if iaf_layout.chunk_cells is None else f", in chunks ({iaf_layout.reason})"))
-        elif guide == "iaf":
-            raise ValueError(f"guide: {verdict}; it does not fit. Use guide='normal' or 'auto'")
-        else:
-            reasons.append(f"{verdict}: using AutoNormal")
-    for reason in reasons:
-        logger.info("[MEMORY] %s", reason)
-    return TrainingPlan(
-        memory.device, kind, shape.latent(), layout.need, budget, safety_factor, tuple(reasons),
-        distribution=distribution, n_cells=n_cells, chunk_cells=layout.chunk_cells, minibatch=minibatch,
-        data_on_device=layout.data_on_device,
-        data_bytes=data_bytes(n_cells, n_features, n_categories, distribution=distribution, itemsize=layout.itemsize),
-        data_dtype=count_dtype if layout.chunk_cells is not None and layout.itemsize == DTYPE_BYTES[count_dtype] else "float32",
-    )
 
 
 def _on(value: Any, device: torch.device) -> Any:
@@ -407,44 +121,67 @@ class _DoesNotFit(Exception):
 
 @dataclass(frozen=True)
 class SVIOptions:
-    """How long and how fast SVI runs, and where it saves and resumes.
+    """How long and how fast SVI runs, and where it saves and resumes; checked when made.
 
-    ``checkpoint``: a file to save the training state to every ``checkpoint_every`` steps
-    (and at the end); ``resume``: a file written that way to continue from.
+    ``niters`` steps at most (early stop: see :func:`train`; None: bayesDREAM's default for the
+    distribution, :meth:`for_distribution`), Adam at ``lr`` in a OneCycle
+    schedule, stopping once the loss's EWMA (weight ``alpha_ewma``) moves by less than
+    ``tolerance``; ``seed`` for Pyro's RNGs; ``checkpoint``: a file to save the training state
+    to every ``checkpoint_every`` steps (and at the end); ``resume``: a file written that way to
+    continue from (it must exist).
     """
 
-    niters: int
-    lr: float
-    tolerance: float
-    alpha_ewma: float
+    niters: int | None = None
+    lr: float = 1e-3
+    tolerance: float = 1e-4
+    alpha_ewma: float = 0.05
     seed: int | None = None
     progress: bool = True
     checkpoint: str | Path | None = None
     checkpoint_every: int = 100
     resume: str | Path | None = None
 
+    def __post_init__(self) -> None:
+        check_int(self.niters, "niters", allow_none=True)
+        check_positive(self.lr, "lr")
+        check_positive(self.tolerance, "tolerance", allow_zero=True)
+        check_fraction(self.alpha_ewma, "alpha_ewma")
+        check_seed(self.seed)
+        check_int(self.checkpoint_every, "checkpoint_every")
+        if self.resume is not None and not Path(self.resume).is_file():
+            raise ValueError(f"resume: no such checkpoint file {str(self.resume)!r}")
+
+    def for_distribution(self, distribution: str) -> SVIOptions:
+        """These options with ``niters`` set: as given, else bayesDREAM's default for ``distribution``."""
+        if self.niters is not None:
+            return self
+        return replace(self, niters=DEFAULT_NITERS.get(distribution, DEFAULT_NITERS_OTHER))
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One way of training tried in turn (:func:`train`): a plan, whether its first step is
+    checked against memory, and whether an out-of-memory error then sends training to the host."""
+
+    plan: TrainingPlan
+    check_first_step: bool = False
+    host_next: bool = False
+
 
 def train(
     inputs: ModelInputs,
     plan: TrainingPlan,
+    options: SVIOptions,
     *,
-    niters: int,
-    lr: float,
-    tolerance: float,
-    alpha_ewma: float,
-    seed: int | None = None,
-    progress: bool = True,
     fallback_to_host: bool = False,
-    max_memory: Any = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 100,
-    resume: str | Path | None = None,
+    view: MemoryView | None = None,
 ) -> TrainResult:
-    """Run SVI on ``plan.device``, in full-data steps or chunks as planned. With
-    ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
+    """Run SVI on ``plan.device``, in full-data steps or chunks as planned, as ``options`` say.
+    With ``fallback_to_host`` (device="auto"), a first full-data step on a GPU that runs out of
     memory or measures above the budget restarts training on that GPU in chunks (half the
     cells after an OOM, else in proportion to the overshoot), and only when that too runs out
-    of memory on the CPU (planned again there with ``max_memory``). Clears Pyro's global param
+    of memory on the CPU (planned there against ``view``, default a reading taken then): one
+    :func:`devicemem.recovery.retries` loop over the three stages. Clears Pyro's global param
     store first, as bayesDREAM does.
 
     Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
@@ -457,40 +194,49 @@ def train(
     losses and RNG states atomically every K steps; ``resume``: continue from such a file,
     bit-identically on the same device and layout.
     """
-    options = SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume)
     backend = get_backend(plan.device)
-    try:
-        return _train_on(inputs, plan, options, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
-    except _DoesNotFit as exc:
-        n_cells = _value_shape(inputs)[0]
-        chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
-        reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
-        logger.warning("[MEMORY] %s", reason)
-    pyro.clear_param_store()
-    backend.empty_cache(plan.device)
-    try:
-        return _train_on(inputs, replace(plan, chunk_cells=chunk, reasons=plan.reasons + (reason,)), options, check_first_step=False)
-    except Exception as exc:
-        if not backend.is_oom(exc):
-            raise
-        reason = f"SVI ran out of memory on {plan.device} even in chunks ({type(exc).__name__}); restarting SVI on the CPU"
-        logger.warning("[MEMORY] %s", reason)
-    pyro.clear_param_store()
-    backend.empty_cache(plan.device)
-    n_cells, n_features, n_categories = _value_shape(inputs)
+    options = options.for_distribution(plan.distribution)
+
+    def next_stage(stage: _Stage, exc: BaseException) -> _Stage | None:
+        if stage.check_first_step and isinstance(exc, _DoesNotFit):
+            n_cells = inputs.value_shape[0]
+            chunk = max(1, min(n_cells - 1, int(n_cells * exc.fraction)))
+            reason = f"{exc}; restarting SVI on {plan.device} in chunks of {chunk} cells"
+            logger.warning("[MEMORY] %s", reason)
+            return _Stage(replace(plan, chunk_cells=chunk, reasons=plan.reasons + (reason,)), host_next=True)
+        if stage.host_next and backend.is_oom(exc):
+            reason = f"SVI ran out of memory on {plan.device} even in chunks ({type(exc).__name__}); restarting SVI on the CPU"
+            logger.warning("[MEMORY] %s", reason)
+            return _Stage(_host_plan(inputs, plan, view, reason))
+        return None
+
+    def release() -> None:
+        pyro.clear_param_store()
+        freeing(backend, plan.device)()
+
+    first = _Stage(plan, check_first_step=fallback_to_host and plan.device != HOST and plan.chunk_cells is None)
+    for attempt in retries(first, next_stage, is_oom=lambda exc: isinstance(exc, _DoesNotFit) or backend.is_oom(exc),
+                           release=release):
+        with attempt:
+            result = _train_on(inputs, attempt.state.plan, options, check_first_step=attempt.state.check_first_step)
+    return result
+
+
+def _host_plan(inputs: ModelInputs, plan: TrainingPlan, view: MemoryView | None, reason: str) -> TrainingPlan:
+    """``plan``'s training planned again on the host, its reasons kept and ``reason`` added."""
+    n_cells, n_features, n_categories = inputs.value_shape
     host_plan = plan_training(
-        n_cells, n_features, int(inputs.kwargs["n_groups"]), n_categories, distribution=plan.distribution,
-        device=HOST, safety_factor=plan.safety_factor, max_memory=max_memory, minibatch=plan.minibatch,
+        n_cells, n_features, int(inputs.arguments["n_groups"]), n_categories, distribution=plan.distribution,
+        device=HOST, safety_factor=plan.safety_factor, view=view, minibatch=plan.minibatch,
     )
-    host_plan = replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
-    return _train_on(inputs, host_plan, options, check_first_step=False)
+    return replace(host_plan, reasons=plan.reasons + host_plan.reasons + (reason,))
 
 
 def _step_kwargs(inputs: ModelInputs, plan: TrainingPlan, device: torch.device) -> dict[str, Any]:
     """svi.step's arguments on ``device``: everything, or without the cell-wise data when chunked."""
     if plan.chunk_cells is not None:
-        return {name: _on(value, device) for name, value in {**inputs.kwargs, **{key: None for key in inputs.cell_keys}}.items()}
-    return {name: _on(as_tensor(value) if name in inputs.data_keys else value, device) for name, value in inputs.kwargs.items()}
+        return {name: _on(value, device) for name, value in {**inputs.arguments, **{key: None for key in inputs.cell_keys}}.items()}
+    return {name: _on(value, device) for name, value in inputs.kwargs.items()}
 
 
 def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, check_first_step: bool) -> TrainResult:
@@ -506,24 +252,8 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     if options.seed is not None:
         pyro.set_rng_seed(options.seed)
     guide = make_guide(inputs, plan.guide, plan.latent_size, torch_device)
-    elbo = (TraceMeanField_ELBO if plan.guide == "normal" else Trace_ELBO)(max_plate_nesting=inputs.max_plate_nesting)
     optimizer = _optimizer(options.lr, options.niters)
-    chunked: ChunkedELBO | None = None
-    if plan.chunk_cells is None:
-        svi = SVI(inputs.model, guide, optimizer, loss=elbo)
-    else:
-        storage = torch_device if plan.data_on_device else torch.device(HOST)
-        cells = CellData({key: inputs.kwargs[key] for key in inputs.cell_keys}, device=torch_device, storage=storage, compact=plan.device != HOST)
-        chunked = ChunkedELBO(
-            elbo, cells, plan.chunk_cells, minibatch=plan.minibatch, is_oom=backend.is_oom,
-            release=lambda: backend.empty_cache(plan.device),
-        )
-        logger.info(
-            "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
-            format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
-            format_bytes(plan.chunk_cells * chunk_cell_bytes(*_value_shape(inputs)[1:], distribution=plan.distribution)), plan.chunk_cells, plan.device,
-        )
-        svi = SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads)
+    svi, chunked = _svi(inputs, plan, guide, optimizer, backend, torch_device)
     losses: list[float] = []
     rates: list[float] = []
     window = math.ceil(1 / options.alpha_ewma)
@@ -584,10 +314,28 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
     return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
 
 
-def _value_shape(inputs: ModelInputs) -> tuple[int, int, int]:
-    """(cells, features, categories) of the counts."""
-    counts = inputs.kwargs[inputs.data_keys[0]]
-    return int(counts.shape[0]), int(counts.shape[1]), int(counts.shape[2]) if len(counts.shape) == 3 else 1
+def _svi(
+    inputs: ModelInputs, plan: TrainingPlan, guide: AutoGuide, optimizer: pyro.optim.PyroOptim, backend: Backend,
+    torch_device: torch.device,
+) -> tuple[SVI, ChunkedELBO | None]:
+    """SVI over full-data steps, or over chunks of cells (then also the :class:`ChunkedELBO`,
+    whose chunk may shrink), with bayesDREAM's ELBO for the guide."""
+    elbo = (TraceMeanField_ELBO if plan.guide == "normal" else Trace_ELBO)(max_plate_nesting=inputs.max_plate_nesting)
+    if plan.chunk_cells is None:
+        return SVI(inputs.model, guide, optimizer, loss=elbo), None
+    storage = torch_device if plan.data_on_device else torch.device(HOST)
+    cells = CellData(inputs.cells(), device=torch_device, storage=storage, compact=plan.device != HOST)
+    chunked = ChunkedELBO(
+        elbo, cells, plan.chunk_cells, minibatch=plan.minibatch, is_oom=backend.is_oom,
+        release=lambda: backend.empty_cache(plan.device),
+    )
+    logger.info(
+        "[MEMORY] SVI data: %s of counts (%s) on %s; %s per chunk of %d cells on %s",
+        format_bytes(cells.nbytes), ", ".join(f"{k} {v}" for k, v in cells.dtypes.items()), cells.storage,
+        format_bytes(plan.chunk_cells * chunk_cell_bytes(*inputs.value_shape[1:], distribution=plan.distribution)),
+        plan.chunk_cells, plan.device,
+    )
+    return SVI(inputs.model, guide, optimizer, loss=chunked.loss, loss_and_grads=chunked.loss_and_grads), chunked
 
 
 def _fit_chunk_to_measured(chunked: ChunkedELBO, plan: TrainingPlan) -> None:

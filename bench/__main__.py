@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from devicemem.testing import cgroup_unavailable_reason, run_child
+from tests.support.child import cgroup_unavailable_reason, run_child
 
 from bench import report
 from bench.harness import REPO_ROOT, run_configs

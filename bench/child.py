@@ -71,7 +71,7 @@ def run_predictive(spec: dict) -> dict:
     model, guide, args, kwargs, data = technical_setup(spec)
     if spec["baseline"] == "devicemem-auto":  # imported before the clock starts, as pyro is for the others
         importlib.import_module("devicemem.predictive")
-        importlib.import_module("devicemem.distributed")
+        importlib.import_module("devicemem.execute.ray")
     device = spec.get("device", "cpu")
     if spec["baseline"] != "devicemem-auto" and device != "cpu":
         from devicemem.placement import to_device

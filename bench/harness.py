@@ -1,7 +1,7 @@
 """Run benchmark configurations in fresh, capped child processes and collect their numbers.
 
 Each repetition of a configuration is one ``python -m bench.child`` process started through
-``devicemem.testing.run_child``: a real memory cap (child cgroup, else RLIMIT_AS), the peak
+``tests.support.child.run_child``: a real memory cap (child cgroup, else RLIMIT_AS), the peak
 RSS of that child (``wait4`` and its sampled ``VmHWM``), its total wall time. The child reports
 the wall time of the measured call itself. A configuration killed or failing under its cap is recorded with
 that outcome and not repeated (the cap outcome does not change between repetitions).
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from devicemem.testing import ChildResult, run_child
+from tests.support.child import ChildResult, run_child
 from devicemem.units import format_bytes
 
 from bench.child import MARKER

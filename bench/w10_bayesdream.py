@@ -33,7 +33,7 @@ RULE = (100, False)  # bayesDREAM's rule at 1600 x 800: sequential batches of 10
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in the child: one stage, routed or not; the keys and shapes it returned."""
     from bayesDREAM_ext.fit import fit_technical
-    from devicemem.integrations.bayesdream import bayesdream_routing
+    from bayesDREAM_ext.routing import bayesdream_routing
     from tests.bayesdream_fakes import make_object
 
     obj = make_object(spec["N"], spec["T"], seed=0)
@@ -56,7 +56,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _point(spec: dict[str, Any]) -> dict[str, Any]:
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     child = run_child([sys.executable, "-m", "bench.w10_bayesdream", json.dumps(spec)], cap_bytes=spec["cap_bytes"],
                       timeout=1800, cwd=REPO_ROOT)

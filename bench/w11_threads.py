@@ -182,7 +182,7 @@ def measure(spec: dict) -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Measure W11 in a fresh child process under W2a's cap."""
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
     from devicemem.units import parse_bytes
 
     size = SIZES["quick" if quick else "full"]

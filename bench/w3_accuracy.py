@@ -8,7 +8,7 @@ runs one vectorised batch of B samples as devicemem's runner does (one
 measured peak is VmHWM minus the RSS just before the call (the data and guide are already
 resident); ``wait4``'s peak RSS of the whole child is reported next to it as a cross-check.
 
-The prediction for the technical model is :func:`devicemem.technical_footprint` (inputs
+The prediction for the technical model is :func:`bayesDREAM_ext.memory.technical_footprint` (inputs
 resident); for the non-technical model (a fit_trans-style Hill model), and once for the
 technical model as a check of the probe itself, it is :func:`devicemem.probe_footprint`, run in
 its own child (several batches in one process, as the planner runs it), margin included, then
@@ -161,7 +161,7 @@ def measure(spec: dict) -> dict[str, Any]:
 
 
 def _child(spec: dict) -> tuple[dict | None, Any]:
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     child = run_child([sys.executable, "-m", "bench.w3_accuracy", json.dumps(spec)], cap_bytes=CAP_BYTES,
                       timeout=900, cwd=REPO_ROOT)
@@ -182,7 +182,7 @@ def _point(name: str, predicted: int, payload: dict, child: Any) -> dict[str, An
 
 
 def _technical_points(rows: list[tuple]) -> tuple[list[dict[str, Any]], list[str]]:
-    from devicemem.footprint import technical_footprint
+    from bayesDREAM_ext.memory import technical_footprint
 
     points, failures = [], []
     for distribution, guide, with_obs, n, t, c, b in rows:

@@ -51,7 +51,7 @@ def measure(spec: dict) -> dict[str, Any]:
 
     import devicemem
     from bench.child import technical_setup
-    from devicemem.distributed import RayOptions
+    from devicemem.options import RayOptions
 
     model, guide, args, kwargs, data = technical_setup({**spec, "observe": True})
     n_cells, n_features = data["counts"].shape
@@ -116,7 +116,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Measure W7 in a fresh child process; the figures, or status "skipped" without Ray."""
     if importlib.util.find_spec("ray") is None:
         return {"status": "skipped", "notes": ["skipped: Ray is not installed (pip install 'devicemem[ray]')."]}
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     size = SIZES["quick" if quick else "full"]
     with tempfile.TemporaryDirectory(prefix="devicemem-w7-") as cache:

@@ -1,7 +1,7 @@
 """W8: memory-aware SVI (the exact chunked gradient) against full-data SVI on the CPU.
 
 ``run(quick)`` measures, each configuration in a fresh child (``python -m bench.w8_svi
-'<spec>'``, started by ``devicemem.testing.run_child``):
+'<spec>'``, started by ``tests.support.child.run_child``):
 
 * speed: full-data steps vs chunked steps at a size where both fit, repetitions round-robin;
   ms/step is the training loop's wall time over its steps after the first (the first is
@@ -60,7 +60,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bayesDREAM_ext.data import prepare_technical
     from bayesDREAM_ext.model import build_model_inputs
-    from bayesDREAM_ext.training import plan_training, train
+    from bayesDREAM_ext.memory import plan_training
+    from bayesDREAM_ext.training import SVIOptions, train
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -73,13 +74,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     inputs = build_model_inputs(data)
     prepared_s = time.perf_counter() - began
     plan = plan_training(data.n_cells, data.n_features, data.n_groups, device="cpu", safety_factor=0.8, chunk_cells=spec.get("chunk"))
-    result = train(inputs, plan, niters=spec["steps"], lr=1e-3, tolerance=0.0, alpha_ewma=0.05, seed=0, progress=False,
-                   checkpoint=spec.get("checkpoint"), checkpoint_every=1)
+    result = train(inputs, plan, SVIOptions(niters=spec["steps"], lr=1e-3, tolerance=0.0, alpha_ewma=0.05, seed=0, progress=False, checkpoint=spec.get("checkpoint"), checkpoint_every=1))
     return {
         "ms_per_step": result.steady_ms_per_step, "first_step_s": result.first_step_s, "steps": len(result.losses), "chunk_cells": result.plan.chunk_cells,
         "chunks_per_step": result.plan.chunks_per_step, "training_peak_bytes": result.plan.measured_peak_bytes,
         "predicted_bytes": result.plan.predicted_peak_bytes, "budget_bytes": result.plan.budget_bytes,
-        "data_bytes": data.counts.numel() * 4, "prepare_s": prepared_s, "last_loss": result.losses[-1],
+        "data_bytes": data.counts.nbytes, "prepare_s": prepared_s, "last_loss": result.losses[-1],
     }
 
 
@@ -94,7 +94,7 @@ def steps_from_log(stderr: str) -> dict[str, Any]:
 
 def run_spec(spec: dict[str, Any], cap_bytes: int | None = None, timeout: float = 1800) -> dict[str, Any]:
     """One child; its payload with the child's peak RSS and outcome (status "ok", "killed", ...)."""
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     child = run_child([sys.executable, "-m", "bench.w8_svi", json.dumps(spec)], cap_bytes=cap_bytes, timeout=timeout, cwd=REPO_ROOT)
     payload = next((json.loads(line[len(MARKER):]) for line in child.stdout.splitlines() if line.startswith(MARKER)), None)

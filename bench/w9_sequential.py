@@ -8,7 +8,7 @@ sample's trace (y and its distribution) until the call ends, devicemem writes ea
 the preallocated result and drops it, so its peak must not grow with S.
 
 ``run(quick)`` measures each configuration in a fresh child (``python -m bench.w9_sequential
-'<spec>'``) under ``devicemem.testing.run_child`` (exact peak RSS) and returns the points and
+'<spec>'``) under ``tests.support.child.run_child`` (exact peak RSS) and returns the points and
 the figures: time and peak of each side at two S, their ratios, and devicemem's peak growth.
 Configurations: ``pyro-sequential`` (``pyro.infer.Predictive(parallel=False)``),
 ``devicemem-sequential`` (``devicemem.Predictive(parallel=False, device="cpu")``) and
@@ -69,7 +69,7 @@ def measure(spec: dict) -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Measure W9: every configuration at both S, each in a fresh child."""
-    from devicemem.testing import run_child
+    from tests.support.child import run_child
 
     size = SIZES["quick" if quick else "full"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))

@@ -8,15 +8,17 @@ name                                           module
 =============================================  ======================
 DeviceMemory, devices, device_memory,          devicemem.backends
 register_backend, get_backend
-Footprint, technical_footprint,                devicemem.footprint
-probe_footprint
-Plan, plan_predictive, plan_technical,         devicemem.planner
-estimate_predictive_memory_and_set_minibatch
+Footprint, probe_footprint                     devicemem.footprint
+Plan, plan_predictive                          devicemem.planner
 Predictive                                     devicemem.predictive
 routing, route, unroute                        devicemem.routes
-RayOptions, ShardError                         devicemem.distributed
+RayOptions                                     devicemem.options
+ShardError                                     devicemem.execute.ray
 parse_bytes, format_bytes                      devicemem.units
 =============================================  ======================
+
+Names that moved to bayesDREAM_ext still resolve here for one release, with a
+DeprecationWarning, through the one table in :mod:`devicemem.integrations.moved`.
 """
 
 from __future__ import annotations
@@ -33,18 +35,15 @@ _EXPORTS = {
     "register_backend": "devicemem.backends",
     "get_backend": "devicemem.backends",
     "Footprint": "devicemem.footprint",
-    "technical_footprint": "devicemem.footprint",
     "probe_footprint": "devicemem.footprint",
     "Plan": "devicemem.planner",
     "plan_predictive": "devicemem.planner",
-    "plan_technical": "devicemem.planner",
-    "estimate_predictive_memory_and_set_minibatch": "devicemem.planner",
     "Predictive": "devicemem.predictive",
     "routing": "devicemem.routes",
     "route": "devicemem.routes",
     "unroute": "devicemem.routes",
-    "RayOptions": "devicemem.distributed",
-    "ShardError": "devicemem.distributed",
+    "RayOptions": "devicemem.options",
+    "ShardError": "devicemem.execute.ray",
     "parse_bytes": "devicemem.units",
     "format_bytes": "devicemem.units",
 }
@@ -55,7 +54,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'devicemem' has no attribute {name!r}")
+        return importlib.import_module("devicemem.integrations.moved").resolve(__name__, name)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -64,75 +64,26 @@ def _add_info_parser(subparsers: Any) -> None:
     parser.set_defaults(func=_run_info)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {value}")
-    return value
+def _add_moved_parser(subparsers: Any, name: str) -> None:
+    """A subcommand that moved to another package: its arguments, unread here, go to the
+    function :mod:`devicemem.integrations.moved` names for it."""
+    from devicemem.integrations.moved import new_home
+
+    parser = subparsers.add_parser(name, add_help=False, help=f"deprecated: moved to {new_home(__name__, name)}")
+    parser.set_defaults(func=None, moved=name)
 
 
-def _run_plan(args: argparse.Namespace) -> int:
-    from devicemem.planner import plan_technical
+def _run_moved(name: str, rest: list[str]) -> int:
+    """Run the moved subcommand ``name`` on ``rest``, after saying where it went."""
+    from devicemem.integrations.moved import new_home, resolve
 
-    plan = plan_technical(
-        args.cells, args.features, args.groups, args.samples, n_categories=args.categories,
-        distribution=args.distribution, guide=args.guide, with_obs=args.with_obs, device=args.device,
-        minibatch_size=args.minibatch_size, safety_factor=args.safety_factor, max_memory=args.max_memory,
-        output_bytes=0 if args.results_on_disk else None, threads=args.threads,
-    )
-    if args.json:
-        print(json.dumps(dataclasses.asdict(plan), indent=2))
-        return 0
-    mode = "vectorised" if plan.vectorized else "sequential"
-    budget = f"{format_bytes(plan.budget_bytes)} (safety factor {plan.safety_factor:.0%})"
-    rows = [
-        ("device", plan.device),
-        ("batches", f"{plan.n_batches} {mode} of {plan.batch_size} ({plan.num_samples} samples)"),
-        ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
-        ("budget", budget if plan.budget_bytes is not None else "unknown"),
-        ("results", f"{format_bytes(plan.output_bytes)} on the host"),
-    ]
-    print("\n".join(f"{key:<15} {value}" for key, value in rows))
-    print("why:\n" + "\n".join(f"  - {reason}" for reason in plan.reasons))
-    return 0
+    print(f"devicemem {name} is deprecated: it moved to {new_home(__name__, name)}", file=sys.stderr)
+    return resolve(__name__, name)(rest)
 
 
-def _add_plan_parser(subparsers: Any) -> None:
-    from devicemem.footprint import DISTRIBUTIONS, GUIDES
-
-    parser = subparsers.add_parser(
-        "plan", help="plan the bayesDREAM technical model's Predictive from its shapes",
-        description="Device, batch size and mode for a technical-model Predictive of N cells x T features, "
-        "C groups and S samples, from the analytic footprint (no data needed).",
-    )
-    parser.add_argument("--cells", type=_positive_int, required=True, metavar="N", help="cells (N)")
-    parser.add_argument("--features", type=_positive_int, required=True, metavar="T", help="features (T)")
-    parser.add_argument("--groups", type=_positive_int, required=True, metavar="C", help="technical groups (C)")
-    parser.add_argument("--samples", type=_positive_int, required=True, metavar="S", help="posterior samples (S)")
-    parser.add_argument("--categories", type=_positive_int, default=1, metavar="K", help="categories (multinomial)")
-    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="negbinom")
-    parser.add_argument("--guide", choices=GUIDES, default="normal", help="AutoNormal, AutoIAFNormal or AutoDelta")
-    parser.add_argument("--with-obs", action="store_true", help="also sample the observation site y [S, N, T]")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--minibatch-size", type=_positive_int, default=None, metavar="B")
-    parser.add_argument("--safety-factor", type=float, default=None, metavar="F", help="fraction of usable memory, in (0, 1]")
-    parser.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...", help="cap devices, e.g. cpu=8GiB")
-    parser.add_argument(
-        "--results-on-disk", action="store_true",
-        help="the results go to memmaps (Predictive(out=DIR)): do not count them against host memory",
-    )
-    parser.add_argument(
-        "--threads", type=_positive_int, default=None, metavar="K",
-        help="threads drawing the likelihood on the host (default: DEVICEMEM_THREADS, else the usable cores)",
-    )
-    parser.add_argument("--json", action="store_true", help="the Plan as JSON")
-    parser.set_defaults(func=_run_plan)
-
-
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_info_parser, _add_plan_parser]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_info_parser]
+# Subcommands that moved out of devicemem, kept for one release (devicemem.integrations.moved).
+_MOVED_SUBCOMMANDS = ("plan",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,13 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(subparsers)
+    for name in _MOVED_SUBCOMMANDS:
+        _add_moved_parser(subparsers, name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``devicemem`` with ``argv`` (default: the command line); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "moved", None) is not None:
+        return _run_moved(args.moved, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:

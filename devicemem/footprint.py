@@ -1,23 +1,16 @@
-"""Footprint estimators: how many bytes a Predictive batch of B samples needs on a device.
+"""Footprints: how many bytes a Predictive batch of B samples needs on a device.
 
-Two estimators, one record (:class:`Footprint`):
-
-- :func:`technical_footprint`, analytic, for bayesDREAM's technical model family, from shapes
-  alone. Its coefficients count the tensors that are alive at the peak of one vectorised draw
-  (:meth:`devicemem.sampling.Sampler.draw`, what the runner executes per batch), measured by
-  peak RSS in fresh child processes
-  (bench/w3_accuracy.py checks them on a grid).
-- :func:`probe_footprint`, for any Pyro model and guide: runs at least three vectorised draws
-  on the target device (each foreseen to fit the budget, allowing for quadratic growth),
-  measures each one's peak through the device's backend, fits a line through the two largest,
-  or a parabola through the last three when they grow faster than linearly, and adds
-  :data:`PROBE_MARGIN`. Results are cached per (model, guide, argument shapes, device).
+:class:`Footprint` is the record the planner decides on; a package that knows its model can
+build one analytically from shapes alone (bayesDREAM_ext.memory does for its models).
+:func:`probe_footprint` measures one for any Pyro model and guide: it runs at least three
+vectorised draws on the target device (each foreseen to fit the budget, allowing for quadratic
+growth), measures each one's peak through the device's backend, fits a line through the two
+largest, or a parabola through the last three when they grow faster than linearly, and adds
+:data:`PROBE_MARGIN`. Results are cached per (model, guide, argument shapes, device).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import gc
 import inspect
 import math
@@ -29,25 +22,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from devicemem.backends.host import trim_heap
 from devicemem.checks import check_int
+from devicemem.recovery import retries
 
 MiB = 1 << 20
 
-# glibc serves allocations above its mmap threshold with mmap and returns them to the OS on
-# free; the threshold adapts upwards to freed blocks but never beyond 32 MiB on 64-bit.
-# Smaller tensors come from the heap, whose freed blocks stay resident: temporaries under this
-# size are still counted in RSS after they die.
-GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
-
-# With the observation site, on the host, a vectorised batch stops paying once its likelihood
-# tensors hold this many elements: a draw's own overhead (tracing a few dozen sites, ~10-30 ms)
-# is then under 5% of its work. Measured at N x T = 2000 x 2000 (4M elements) on the CPU: 0.52 s
-# per sample at B=1, 0.66-0.70 s at B=2-25 (once a tensor passes glibc's mmap threshold every
-# temporary is page-faulted in afresh). On an accelerator a sample costs far less than the
-# draw's overhead, so there vectorising pays until memory binds: no cap. With the observation
-# site drawn block-parallel on k threads (devicemem.blockdraw) a sample's work takes ~1/k of the
-# time while the overhead does not shrink, so the cap scales with k.
-OBS_SATURATION_ELEMENTS = 1 << 21
 # A probed batch whose time per sample is within this factor of the best probed one is as fast.
 TIME_TOLERANCE = 1.05
 
@@ -56,9 +36,6 @@ PROBE_MARGIN = 0.10
 SUPERLINEAR_TOLERANCE = 0.10
 PROBE_TARGET_BYTES = 256 * MiB
 PROBE_LADDER = (1, 4, 16, 64, 256, 1024, 4096)
-
-DISTRIBUTIONS = ("negbinom", "normal", "studentt", "binomial", "multinomial")
-GUIDES = ("normal", "iaf", "delta")
 
 
 @dataclass(frozen=True)
@@ -125,179 +102,6 @@ class Footprint:
         return int(min(room // (self.per_sample_bytes + self.small_batch_bytes), self.small_batch_limit - 1))
 
 
-# --- analytic: the technical model family ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Sites:
-    """Element counts of one technical model's latent sites (per sample, unbatched)."""
-
-    effects: int  # effect elements: (C-1) * T, times K for multinomial
-    features: int  # elements of all per-feature sites ([T] or [T, K] each)
-    feature_site: int  # elements of one per-feature site
-    latent: int  # the guide's latent dimension (unconstrained)
-
-
-def check_shapes(n_cells: int, n_features: int, n_groups: int, n_categories: int = 1) -> None:
-    """ValueError naming the argument for N/T/C/K < 1 or more groups than cells."""
-    check_int(n_cells, "n_cells")
-    check_int(n_features, "n_features")
-    check_int(n_groups, "n_groups")
-    check_int(n_categories, "n_categories")
-    if n_groups > n_cells:
-        raise ValueError(f"n_groups: cannot exceed n_cells ({n_cells}); got {n_groups}")
-
-
-def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
-    """``value`` when it is one of ``choices``, else ValueError naming ``what``."""
-    if value not in choices:
-        raise ValueError(f"{what}: expected one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _technical_sites(n_features: int, n_groups: int, n_categories: int, distribution: str) -> _Sites:
-    effects = (n_groups - 1) * n_features * (n_categories if distribution == "multinomial" else 1)
-    if distribution == "multinomial":  # probs_baseline_raw [T, K], stick-breaking drops a category
-        return _Sites(effects, n_features * n_categories, n_features * n_categories,
-                      effects + n_features * (n_categories - 1))
-    if distribution == "binomial":  # mu_ntc
-        return _Sites(effects, n_features, n_features, effects + n_features)
-    extra = 1 if distribution == "negbinom" else 0  # negbinom: o_y, mu_ntc and the scalar beta_o
-    return _Sites(effects, 2 * n_features, n_features, effects + 2 * n_features + extra)
-
-
-def technical_latent_size(n_features: int, n_groups: int, n_categories: int = 1, distribution: str = "negbinom") -> int:
-    """Number of unconstrained latent values of the technical model (what a guide covers)."""
-    return _technical_sites(n_features, n_groups, n_categories, distribution).latent
-
-
-# Per-sample floats at the peak of a params-only vectorised draw (devicemem.sampling), as (per
-# effect element, per per-feature element); the largest candidate wins. Measured by peak RSS in
-# fresh children (bench/w3_accuracy.py) with [B, T] tensors >= 32 MiB (T=20000-24000,
-# B=500-1200), where the peak is linear in B through the origin.
-# AutoNormal draws each site in place (its value only); the peak is at the end of the model,
-# which adds alpha_y_mul and the [B, C, T] effects with the baseline row: 3 per effect element
-# and 2 per per-feature element (negbinom C=2: 7.0 T, C=4: 13.0 T; studentt C=3: 10.0 T;
-# binomial, one per-feature site, a Beta: 3 per element, 9.0 T at C=3). multinomial at K=3:
-# 7.7 per element (masking, centring and the simplex).
-_NORMAL_GUIDE_PEAKS = {
-    "negbinom": ((3.0, 2.0),),
-    "normal": ((3.0, 2.0),),
-    "studentt": ((3.0, 2.0),),
-    "binomial": ((3.0, 3.0),),
-    "multinomial": ((4.2, 4.2),),
-}
-# AutoDelta's draws are expanded views: only the model's derived tensors remain (negbinom C=2,
-# T=24000: 4.0 per effect element in six children, ~0 per feature).
-_DELTA_GUIDE_PEAKS = ((4.0, 0.0),)
-# While a [B, T] tensor is under glibc's mmap threshold some dead temporaries stay in the heap:
-# measured +0.15 per per-feature element (negbinom, T=4000 and 31467, C=2); 0.5 keeps a margin.
-_HEAP_PER_FEATURE = {"normal": 0.5, "delta": 0.0}
-# AutoIAFNormal: per sample the guide holds the base draw [B, D], the hidden layer [B, 3D+1] and
-# the network output [B, 2D]; beside them, its masked weight products (2D x H floats for the
-# larger layer) stay resident. Measured (peak RSS, T=250-1000, D=3T+1, B=1000-8000): 5.3-8.0 D
-# floats per sample and 1.3-1.9 weight products fixed; 7 D and 1.25 products predict 0.80-1.17
-# of every point (the low end at T=250, under 220 MB).
-_IAF_PER_LATENT = 7.0
-_IAF_WEIGHT_PRODUCTS = 1.25
-_IAF_HIDDEN = 3  # pyro's default hidden size is 3 * latent_dim + 1
-
-# With the observation site: [B, N, T]-sized tensors alive at the peak per sample, and fixed
-# [N, T]-sized working memory. Measured (two batch sizes each, N x T = 1500 x 3000 and
-# 2500 x 4000; multinomial 1500 x 1000 x K=3): negbinom 4.75-5.0 per sample (mu_final, logits,
-# exp(-logits), the gamma and Poisson draws) and at most 1 fixed; normal 4.0, studentt 7.0 (its
-# chi2 draws), binomial 3.0, multinomial 5.0 per [N, T, K] element and 1 fixed. At 1000 x 1000
-# ([N, T] under glibc's mmap threshold) negbinom measured 4.4-5.0 per sample: no heap excess.
-_OBS_PER_SAMPLE = {"negbinom": 5.0, "normal": 4.0, "studentt": 7.0, "binomial": 3.0, "multinomial": 5.0}
-_OBS_FIXED = {"negbinom": 1.0, "normal": 0.0, "studentt": 0.0, "binomial": 0.0, "multinomial": 1.0}
-
-
-def _guide_parameter_floats(guide: str, latent: int) -> int:
-    if guide == "normal":
-        return 2 * latent  # loc and scale per latent element
-    if guide == "delta":
-        return latent
-    hidden = _IAF_HIDDEN * latent + 1
-    # two masked linear layers (D -> H -> 2D): weight + mask (a float buffer) + bias each
-    return 2 * (latent * hidden + hidden * 2 * latent) + hidden + 2 * latent
-
-
-def technical_footprint(
-    n_cells: int,
-    n_features: int,
-    n_groups: int,
-    n_categories: int = 1,
-    distribution: str = "negbinom",
-    guide: str = "normal",
-    with_obs: bool = False,
-    dtype: torch.dtype = torch.float32,
-    on_host: bool = True,
-    threads: int = 1,
-) -> Footprint:
-    """Analytic footprint of a vectorised Predictive of bayesDREAM's technical model.
-
-    Per sample: the [B, C-1, T] / [B, T] sites with the guide's draws and temporaries, plus,
-    ``with_obs``, the [B, N, T] likelihood temporaries. Fixed: the inputs (counts [N, T], the
-    per-cell and per-feature vectors, the guide parameters), the likelihood's fixed working
-    memory, plus glibc's resident heap temporaries when a [T] tensor is under its mmap threshold.
-    ``on_host``: the batches run on the CPU, where a batch with the observation site stops being
-    faster per sample early (``saturation_batch``; see :data:`OBS_SATURATION_ELEMENTS`), the
-    later the more ``threads`` draw it.
-    No data needed: usable before training starts.
-    """
-    check_shapes(n_cells, n_features, n_groups, n_categories)
-    check_choice(distribution, DISTRIBUTIONS, "distribution")
-    check_choice(guide, GUIDES, "guide")
-    check_int(threads, "threads")
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype: expected a torch.dtype such as torch.float32; got {dtype!r}")
-    item = torch.empty((), dtype=dtype).element_size()
-    sites = _technical_sites(n_features, n_groups, n_categories, distribution)
-    cells_by_features = n_cells * n_features * (n_categories if distribution == "multinomial" else 1)
-
-    heap = heap_limit = 0
-    if guide == "iaf":
-        per_sample = _IAF_PER_LATENT * sites.latent
-        working = _IAF_WEIGHT_PRODUCTS * 2 * sites.latent * (_IAF_HIDDEN * sites.latent + 1)
-    else:
-        peaks = _NORMAL_GUIDE_PEAKS[distribution] if guide == "normal" else _DELTA_GUIDE_PEAKS
-        per_sample = max(a * sites.effects + b * sites.features for a, b in peaks)
-        heap = _HEAP_PER_FEATURE[guide] * sites.features * item
-        heap_limit = math.ceil(GLIBC_MMAP_THRESHOLD_MAX / (sites.feature_site * item))
-        working = 0.0
-    saturation = None
-    if with_obs:
-        per_sample += _OBS_PER_SAMPLE[distribution] * cells_by_features
-        working += _OBS_FIXED[distribution] * cells_by_features
-        if on_host:
-            saturation = max(1, math.ceil(OBS_SATURATION_ELEMENTS * threads / cells_by_features))
-
-    matrices = 2 if distribution == "binomial" else 1  # counts (and the denominator)
-    data = (matrices * cells_by_features + n_cells + 3 * n_features) * item + 8 * n_cells  # + int64 groups
-    inputs = data + _guide_parameter_floats(guide, sites.latent) * item
-    output = _technical_output_floats(sites, cells_by_features, distribution, with_obs) * item
-    return Footprint(
-        fixed_bytes=int(inputs + working * item),
-        per_sample_bytes=int(math.ceil(per_sample * item)),
-        source=f"analytic technical {distribution}/{guide}{' with obs' if with_obs else ''}"
-        + (f", {threads} draw threads" if saturation is not None and threads > 1 else ""),
-        input_bytes=int(inputs),
-        small_batch_bytes=int(heap),
-        small_batch_limit=int(heap_limit),
-        output_per_sample_bytes=int(output),
-        saturation_batch=saturation,
-    )
-
-
-def _technical_output_floats(sites: _Sites, cells_by_features: int, distribution: str, with_obs: bool) -> int:
-    """Floats of one returned sample: every latent and deterministic site (bayesDREAM's
-    effect site and its two deterministic views), plus y_obs with the observation site."""
-    floats = 3 * sites.effects + sites.features + (1 if distribution == "negbinom" else 0)
-    if distribution == "multinomial":
-        floats = 2 * sites.effects + 2 * sites.features
-    return floats + (cells_by_features if with_obs else 0)
-
-
 # --- probe-calibrated: any model and guide ----------------------------------------------
 
 _PROBE_CACHE: dict[tuple, tuple[Any, Any, Any, Footprint]] = {}
@@ -349,26 +153,6 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None on other C libraries. Looked up among the symbols the
-    process already has loaded (``ctypes.util.find_library`` would start ``ldconfig``)."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-def _trim_host_heap() -> None:
-    """Hand glibc's free heap memory back to the OS, so that a probe batch on the host faults
-    in fresh pages as it would in a fresh process. Measured (technical model with y_obs,
-    1500 x 3000, B=4, three batches in one process): 16-26 [N, T] without it, erratic and below
-    a fresh process's 26-30, because the batch reuses what the previous one freed; 30-34 with it."""
-    trim = _glibc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _check_batch_sizes(batch_sizes: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -474,17 +258,16 @@ def _climb(
     measures = climb.measures
 
     def attempt(batch: int) -> bool:
-        if limit is not None and measures:
-            if _predicted(measures, batch) > limit:
-                climb.max_limit = limit
-                return False
-        try:
-            measures.append(run(batch))
-        except Exception as exc:
-            if not measures or not is_oom(exc):
-                raise
+        if limit is not None and measures and _predicted(measures, batch) > limit:
+            climb.max_limit = limit
             return False
-        return True
+        # out of memory, the batch shrinks to none: the climb ends with what it measured (the
+        # first batch's error stands)
+        for trial in retries(batch, lambda size, exc: 0 if measures else None, is_oom=is_oom):
+            with trial:
+                if trial.state:
+                    measures.append(run(trial.state))
+        return trial.state != 0
 
     if explicit:
         for batch in ladder:
@@ -575,7 +358,8 @@ def probe_footprint(
     whose model builds tensors on a device of its own follows it, as it follows the runner).
     """
     from devicemem.backends import get_backend
-    from devicemem.sampling import PYRO_LOCK, rng_restored
+    from devicemem.sampling import PYRO_LOCK
+    from devicemem.seeds import rng_restored
 
     backend = get_backend(device) if backend is None else backend
     with PYRO_LOCK, rng_restored(backend.torch_device(device)):
@@ -593,7 +377,7 @@ def _probe(
     """:func:`probe_footprint`'s work, under the lock that serialises Pyro's traces and with its
     own copy of the global RNGs, so that a probe never changes what later draws see."""
     from devicemem.placement import guide_tensors, parameters_on, to_device
-    from devicemem.results import batch_moments
+    from devicemem.output.moments import batch_moments
     from devicemem.sampling import Sampler, select_sites
 
     sizes = _check_batch_sizes(batch_sizes)
@@ -623,22 +407,13 @@ def _probe(
         max_batch_size or sys.maxsize,
         min((int(v.shape[0]) for v in posterior.values()), default=sys.maxsize) if posterior else sys.maxsize,
     )
-    if sizes is not None:
-        ladder = [b for b in sizes if b <= cap]
-    else:
-        ladder = [b for b in PROBE_LADDER if b < cap]
-        ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
-    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
-        raise ValueError(
-            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
-            f"posterior samples); got {ladder}"
-        )
+    ladder = _ladder(sizes, cap)
 
     def run(batch: int) -> _Measure:
         gc.collect()
         backend.empty_cache(device)
         if where.type == "cpu":
-            _trim_host_heap()
+            trim_heap()
         backend.reset_peak(device)
         start = backend.current_bytes(device) or 0
         began = time.perf_counter()
@@ -667,7 +442,32 @@ def _probe(
             inputs = _storage_bytes(_tensors((moved_args, moved_kwargs, posterior)) + guide_tensors(guide))
     finally:
         gc.unfreeze()
-    measures = climb.measures
+    footprint = _fitted(climb.measures, inputs, device, on_host=where.type == "cpu")
+    if model_ref is not None and guide_ref is not None:
+        _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)
+    return footprint
+
+
+def _ladder(sizes: tuple[int, ...] | None, cap: int) -> list[int]:
+    """The batch sizes a probe may climb: the explicit ones up to ``cap``, else
+    :data:`PROBE_LADDER` below it (with ``cap`` itself when fewer than two are)."""
+    if sizes is not None:
+        ladder = [b for b in sizes if b <= cap]
+    else:
+        ladder = [b for b in PROBE_LADDER if b < cap]
+        ladder += [cap] if len(ladder) < 2 and cap < sys.maxsize else []
+    if len(ladder) < 2 and ladder != [cap]:  # one posterior sample: its batch is the only one there is
+        raise ValueError(
+            f"probe_footprint: needs two batch sizes of at most {cap} (max_batch_size or the number of "
+            f"posterior samples); got {ladder}"
+        )
+    return ladder
+
+
+def _fitted(measures: list[_Measure], inputs: int, device: str, on_host: bool) -> Footprint:
+    """The footprint the measured batches give, plus :data:`PROBE_MARGIN`: one batch through the
+    origin, a parabola through the last three when they grow faster than linearly, else the line
+    through the last two (and, on the host, where bigger batches stop being faster)."""
     high = measures[-1]
     curvature = 0.0
     if len(measures) == 1:  # one batch (budget, or room to spare): through the origin, an upper bound
@@ -683,9 +483,9 @@ def _probe(
         slope, working = max(slope, 0.0), max(intercept, 0.0)
         # Off the host a draw's time is mostly kernel launches (its work runs asynchronously) and a
         # sample costs far less than a draw's overhead: bigger batches pay until memory binds.
-        saturation = _saturation(measures) if where.type == "cpu" else None
+        saturation = _saturation(measures) if on_host else None
         at = f"B={low.batch_size},{high.batch_size}"
-    footprint = Footprint(
+    return Footprint(
         fixed_bytes=int(inputs + working * (1 + PROBE_MARGIN)),
         per_sample_bytes=int(math.ceil(slope * (1 + PROBE_MARGIN))),
         source=f"probe on {device} at {at}",
@@ -695,6 +495,10 @@ def _probe(
         quadratic_bytes=curvature * (1 + PROBE_MARGIN),
         measured_batch=max(m.batch_size for m in measures),
     )
-    if model_ref is not None and guide_ref is not None:
-        _PROBE_CACHE[key] = (model_ref, guide_ref, climb, footprint)
-    return footprint
+
+
+def __getattr__(name: str) -> Any:
+    """Names that moved to bayesDREAM_ext, for one release (:mod:`devicemem.integrations.moved`)."""
+    from devicemem.integrations.moved import resolve
+
+    return resolve(__name__, name)

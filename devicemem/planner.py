@@ -1,7 +1,7 @@
 """The planner: which device, how many samples per batch, vectorised or sequential, and why.
 
 It reads device memory from the registry (:mod:`devicemem.backends`) and a footprint from
-:mod:`devicemem.footprint` (probed for any model, analytic for the technical model), and
+:mod:`devicemem.footprint` (probed for any model, or built analytically by the caller), and
 decides; the runner executes the :class:`Plan`. Every decision is logged to
 ``logging.getLogger("devicemem.planner")`` as a ``[MEMORY]`` line and kept in
 ``Plan.reasons``.
@@ -15,21 +15,16 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from devicemem.backends.base import DeviceMemory
-from devicemem.checks import check_int
-from devicemem.footprint import (
-    DISTRIBUTIONS,
-    GUIDES,
-    Footprint,
-    check_choice,
-    check_shapes,
-    probe_footprint,
-    technical_footprint,
-)
+from devicemem.backends.base import DeviceMemory, limit_source
+from devicemem.backends.names import HOST, device_name
+from devicemem.backends.view import MemoryView, budget
+from devicemem.checks import check_fraction, check_int
+from devicemem.footprint import Footprint, probe_footprint
 from devicemem.units import format_bytes
 
 if TYPE_CHECKING:
@@ -37,7 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("devicemem.planner")
 
-HOST = "cpu"
 DEVICEMEM_SAFETY_FACTOR = "DEVICEMEM_SAFETY_FACTOR"
 DEVICEMEM_THREADS = "DEVICEMEM_THREADS"
 # Measured accuracy (bench/w3_accuracy.py, 16 points in fresh children, three runs): predicted /
@@ -53,6 +47,30 @@ CONSERVATIVE_BATCH = 50
 SEQUENTIAL_CHUNKS = 100
 
 
+class DrawMode(str, Enum):
+    """How a run draws its samples, decided once per call (:meth:`of`) from the plan and from
+    whether the model vectorises (``parallel``, or the check ``parallel=None`` makes).
+
+    - ``BATCHED``: each batch is one vectorised draw under Pyro's sample plate;
+    - ``PER_SAMPLE``: a vectorising model drawn one sample (a plate of one) at a time: a plan
+      whose one vectorised sample does not fit its budget, or made with no memory reading;
+    - ``UNVECTORISED``: Pyro's sequential mode, the model without a sample plate, one sample at
+      a time (``parallel=False``, or a model that does not vectorise).
+    """
+
+    BATCHED = "batched"
+    PER_SAMPLE = "per-sample"
+    UNVECTORISED = "unvectorised"
+
+    @classmethod
+    def of(cls, vectorized: bool, model_vectorises: bool) -> DrawMode:
+        """The mode of a plan (its ``vectorized`` batches, or one sample at a time) for a model
+        that vectorises or not."""
+        if not model_vectorises:
+            return cls.UNVECTORISED
+        return cls.BATCHED if vectorized else cls.PER_SAMPLE
+
+
 @dataclass(frozen=True)
 class Plan:
     """A decision for one Predictive run; ``reasons`` are the sentences behind each choice.
@@ -62,7 +80,9 @@ class Plan:
     could follow (``batch_size=0``, ``n_batches`` that do not cover ``num_samples``...) is a
     ValueError naming the field; integer fields may be numpy integers and become ints. ``ramp_from``:
     when memory grows faster than linearly, the run starts at this (the largest probed) batch
-    and doubles towards ``batch_size`` while measured peaks allow.
+    and doubles towards ``batch_size`` while measured peaks allow. ``vectorized``: batches drawn
+    vectorised, else one sample at a time (the plan's record; a run's :class:`DrawMode` adds
+    whether the model vectorises).
     """
 
     device: str
@@ -106,32 +126,6 @@ class Plan:
         object.__setattr__(self, "reasons", tuple(self.reasons))
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What the planner reads from the world; None means the real thing. Tests pass fakes.
-
-    ``devices(max_memory)`` lists every device (default :func:`devicemem.backends.devices`);
-    ``probe(model, guide, *args, device=, return_sites=, posterior_samples=, **kwargs)``
-    measures a footprint (default :func:`devicemem.footprint.probe_footprint`); ``environ``
-    is where ``DEVICEMEM_SAFETY_FACTOR`` is read (default ``os.environ``).
-    """
-
-    devices: Callable[[Any], list[DeviceMemory]] | None = None
-    probe: Callable[..., Footprint] | None = None
-    environ: Mapping[str, str] | None = None
-
-    def list_devices(self, max_memory: Any) -> list[DeviceMemory]:
-        if self.devices is not None:
-            return self.devices(max_memory)
-        from devicemem.backends import devices
-
-        return devices(max_memory=max_memory)
-
-    @property
-    def env(self) -> Mapping[str, str]:
-        return os.environ if self.environ is None else self.environ
-
-
 # --- argument checks ---------------------------------------------------------------------
 
 
@@ -140,19 +134,13 @@ def _check_minibatch(minibatch_size: Any) -> int | None:
 
 
 def _check_factor(value: Any, what: str) -> float:
-    try:
-        factor = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected a number in (0, 1], e.g. 0.8; got {value!r}") from None
-    if isinstance(value, bool) or not 0.0 < factor <= 1.0:
-        raise ValueError(f"{what}: expected a number in (0, 1], e.g. 0.8; got {value!r}")
-    return factor
-
-
-def _check_device(device: Any) -> str:
-    if not isinstance(device, (str, torch.device)):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    return str(device).strip().lower()
+    """A safety factor in (0, 1], given as a number or as text (an environment variable)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: expected a number in (0, 1]; got {value!r}") from None
+    return check_fraction(value, what)
 
 
 def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str] | None = None) -> tuple[float, str]:
@@ -165,10 +153,6 @@ def resolve_safety_factor(safety_factor: float | None, environ: Mapping[str, str
     if text:
         return _check_factor(text, DEVICEMEM_SAFETY_FACTOR), DEVICEMEM_SAFETY_FACTOR
     return DEFAULT_SAFETY_FACTOR, "default"
-
-
-def _host_cores(resources: Resources, max_memory: Any) -> int | None:
-    return next((m.cores for m in resources.list_devices(max_memory) if m.device == HOST), None)
 
 
 def resolve_threads(
@@ -187,6 +171,11 @@ def resolve_threads(
         return int(text), DEVICEMEM_THREADS
     usable = cores()
     return (usable, "usable cores") if usable else (1, "default")
+
+
+def view_of(view: MemoryView | None, max_memory: Any) -> MemoryView:
+    """``view``, else one reading of every device with ``max_memory`` applied."""
+    return view if view is not None else MemoryView.read(max_memory)
 
 
 # --- the decision ------------------------------------------------------------------------
@@ -209,27 +198,10 @@ def _describe(memory: DeviceMemory) -> str:
         return f"Available {what}: unknown (nothing readable)"
     extra = ""
     if memory.limit_bytes is not None:
-        from devicemem.backends import limit_source
-
         extra = f" (limit {format_bytes(memory.limit_bytes)} from {limit_source(memory)})"
     elif memory.total_bytes is not None:
         extra = f" (of {format_bytes(memory.total_bytes)} total)"
     return f"Available {what}: {format_bytes(memory.usable_bytes)} usable{extra}"
-
-
-def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
-    """The listed device named ``device`` ("cuda" = the first CUDA device); ValueError else."""
-    for memory in listing:
-        if memory.device == device or (":" not in device and memory.device.split(":")[0] == device):
-            return memory
-    seen = ", ".join(memory.device for memory in listing) or "none"
-    raise ValueError(f"device: {device!r} is not visible to this process; it sees: {seen} (or pass 'auto')")
-
-
-def _is_oom(device: str, exc: BaseException) -> bool:
-    from devicemem.backends import get_backend
-
-    return get_backend(device).is_oom(exc)
 
 
 def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
@@ -238,84 +210,73 @@ def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
     return math.ceil(num_samples / n_batches), n_batches
 
 
-def _decide(
+def decide(
     footprint_for: Callable[[str, int], Footprint],
     num_samples: int,
     device: str,
-    minibatch_size: int | None,
-    safety_factor: float | None,
-    max_memory: Any,
-    output_bytes: int | None,
-    inputs_on: str,
-    resources: Resources,
+    view: MemoryView,
+    *,
+    minibatch_size: int | None = None,
+    safety_factor: float | None = None,
+    output_bytes: int | None = None,
+    inputs_on: str = HOST,
     probe_with_minibatch: bool = True,
     reproducible: bool = False,
 ) -> Plan:
-    factor, factor_source = resolve_safety_factor(safety_factor, resources.environ)
+    """The plan for ``num_samples`` samples on ``device`` ("auto": :meth:`MemoryView.candidates`),
+    from ``footprint_for(device, budget bytes)`` and the memory ``view`` holds; ``inputs_on``
+    names where the model's inputs already live (they are not counted again there)."""
+    factor, factor_source = resolve_safety_factor(safety_factor, view.environ)
     reasons = _Reasons()
-    listing = resources.list_devices(max_memory)
-    if device == "auto":
-        gpus = sorted(
-            (m for m in listing if m.device != HOST and m.usable_bytes),
-            key=lambda m: -(m.usable_bytes or 0),
-        )
-        host = [m for m in listing if m.device == HOST]
-        candidates = gpus[:1] + (host or [DeviceMemory(HOST, "host RAM", None, None, None, None, ())])
-    else:
-        candidates = [_find(listing, device)]
 
-    for index, memory in enumerate(candidates):
-        last = index == len(candidates) - 1
+    def plan_on(memory: DeviceMemory, last: bool) -> Plan | None:
+        nonlocal output_bytes
         reasons.add(_describe(memory))
         if memory.usable_bytes is None:
-            if not last:
-                continue
-            return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons)
+            return _conservative(memory.device, num_samples, minibatch_size, factor, output_bytes, reasons) if last else None
         if minibatch_size is not None and not probe_with_minibatch:
-            return _given_batches(memory.device, num_samples, minibatch_size, factor, memory.usable_bytes,
-                                  output_bytes, reasons)
-        try:
-            footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
-        except Exception as exc:
-            if last or not _is_oom(memory.device, exc):
-                raise
-            reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
-            continue
+            return _given_batches(memory, num_samples, minibatch_size, factor, output_bytes, reasons)
+        footprint = footprint_for(memory.device, budget(memory, factor))
         if output_bytes is None and footprint.output_per_sample_bytes is not None:
             output_bytes = footprint.output_per_sample_bytes * num_samples
         on_host = memory.device == HOST
         resident = memory.device == inputs_on
         results = (output_bytes or 0) if on_host else 0
         usable = memory.usable_bytes - results
-        budget = int(factor * memory.usable_bytes) - results
-        fit = footprint.max_batch(budget, resident)
+        room = budget(memory, factor) - results
+        fit = footprint.max_batch(room, resident)
         if fit < 1 and not last:
             reasons.add(
                 f"{memory.device} cannot hold one vectorised sample: it needs "
-                f"{format_bytes(footprint.peak_bytes(1, resident))} of a {format_bytes(budget)} budget; trying {HOST}"
+                f"{format_bytes(footprint.peak_bytes(1, resident))} of a {format_bytes(room)} budget; trying {HOST}"
             )
-            continue
-        reasons.add(f"Safety factor: {factor:.0%} ({factor_source}); budget {format_bytes(budget)} on {memory.device}"
+            return None
+        reasons.add(f"Safety factor: {factor:.0%} ({factor_source}); budget {format_bytes(room)} on {memory.device}"
                     + (f" after {format_bytes(output_bytes)} for the results" if on_host and output_bytes else ""))
         reasons.add(
             f"Estimated peak for {num_samples} samples on {memory.device}: "
             f"{format_bytes(footprint.peak_bytes(num_samples, resident))} ({footprint.source})"
         )
-        return _size(memory.device, footprint, num_samples, minibatch_size, fit, budget, usable, resident,
+        return _size(memory.device, footprint, num_samples, minibatch_size, fit, room, usable, resident,
                      factor, output_bytes, reasons, reproducible)
-    raise AssertionError("the host is always the last candidate")
+
+    def gave_way(memory: DeviceMemory, error: str) -> None:
+        reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
+
+    return view.pick(device, plan_on, gave_way)
 
 
 def _given_batches(
-    device: str, num_samples: int, minibatch_size: int, factor: float, usable: int, output_bytes: int | None,
+    memory: DeviceMemory, num_samples: int, minibatch_size: int, factor: float, output_bytes: int | None,
     reasons: _Reasons,
 ) -> Plan:
-    """The user's batch size on ``device``, not probed (a probe would cost more than it tells)."""
+    """The user's batch size on ``memory.device``, not probed (a probe would cost more than it tells)."""
+    device = memory.device
     size, n_batches = _batches(num_samples, min(minibatch_size, num_samples))
-    budget = int(factor * usable) - ((output_bytes or 0) if device == HOST else 0)
+    room = budget(memory, factor) - ((output_bytes or 0) if device == HOST else 0)
     reasons.add(f"Using user-specified minibatch_size={minibatch_size}: {n_batches} vectorised batches of {size} "
                 f"on {device} (not probed; an out-of-memory batch is halved)")
-    return Plan(device, num_samples, size, n_batches, True, None, budget, factor, output_bytes, tuple(reasons.lines))
+    return Plan(device, num_samples, size, n_batches, True, None, room, factor, output_bytes, tuple(reasons.lines))
 
 
 def _conservative(
@@ -369,20 +330,7 @@ def _size(
         return plan(size, n_batches, True)
 
     if fit >= 1:
-        cap = min(fit, num_samples)
-        if reproducible and footprint.saturation_batch is not None and footprint.saturation_batch < cap:
-            reasons.add(
-                f"Not capping batches at {footprint.saturation_batch} samples, where the probe's timings say bigger "
-                "batches stop being faster: the run is seeded, timings vary from run to run, and the draws follow "
-                "the plan"
-            )
-        elif footprint.saturation_batch is not None and footprint.saturation_batch < cap:
-            cap = footprint.saturation_batch
-            reasons.add(
-                f"Capping batches at {cap} sample{'s' if cap > 1 else ''}: beyond that a bigger batch is no faster per "
-                f"sample, it only costs memory"
-            )
-        size, n_batches = _batches(num_samples, cap)
+        size, n_batches = _batches(num_samples, _cap(footprint, min(fit, num_samples), reproducible, reasons))
         peak = footprint.peak_bytes(size, resident)
         if n_batches == 1:
             reasons.add(f"Will use one vectorised batch of {size} on {device} (peak {format_bytes(peak)})")
@@ -423,6 +371,26 @@ def _size(
     )
 
 
+def _cap(footprint: Footprint, cap: int, reproducible: bool, reasons: _Reasons) -> int:
+    """The largest batch: ``cap`` (what fits, at most every sample), or less where the probe's
+    timings say bigger batches stop being faster, unless the run is seeded (``reproducible``)."""
+    saturation = footprint.saturation_batch
+    if saturation is None or saturation >= cap:
+        return cap
+    if reproducible:
+        reasons.add(
+            f"Not capping batches at {saturation} samples, where the probe's timings say bigger "
+            "batches stop being faster: the run is seeded, timings vary from run to run, and the draws follow "
+            "the plan"
+        )
+        return cap
+    reasons.add(
+        f"Capping batches at {saturation} sample{'s' if saturation > 1 else ''}: beyond that a bigger batch is no "
+        f"faster per sample, it only costs memory"
+    )
+    return saturation
+
+
 def _after(device: str, output_bytes: int | None) -> str:
     """What an error adds when the results were counted against ``device``'s memory."""
     return f" after {format_bytes(output_bytes)} for the results" if device == HOST and output_bytes else ""
@@ -445,14 +413,14 @@ def _inputs_device(*objects: Any) -> str:
     return HOST
 
 
-def _check_common(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
+def check_plan_arguments(num_samples: Any, device: Any, minibatch_size: Any, safety_factor: Any, output_bytes: Any) -> str:
     check_int(num_samples, "num_samples")
     _check_minibatch(minibatch_size)
     if safety_factor is not None:
         _check_factor(safety_factor, "safety_factor")
     if output_bytes is not None and (isinstance(output_bytes, bool) or not isinstance(output_bytes, int) or output_bytes < 0):
         raise ValueError(f"output_bytes: expected None or a non-negative int; got {output_bytes!r}")
-    return _check_device(device)
+    return device_name(device)
 
 
 def plan_predictive(
@@ -467,7 +435,8 @@ def plan_predictive(
     return_sites: Sequence[str] | None = None,
     posterior_samples: Mapping[str, torch.Tensor] | None = None,
     output_bytes: int | None = None,
-    resources: Resources | None = None,
+    view: MemoryView | None = None,
+    measure: Callable[..., Footprint] | None = None,
     sampler: Sampler | None = None,
     reduce: Sequence[str] = (),
     reproducible: bool = False,
@@ -483,6 +452,8 @@ def plan_predictive(
     returned site times ``num_samples``), capped at ``num_samples`` and where bigger batches
     stop being faster; a user ``minibatch_size`` is kept and nothing is probed (the device is
     the first candidate with a memory reading).
+    ``view``: the memory reading to plan against (default: one taken now, with ``max_memory``);
+    ``measure`` replaces :func:`~devicemem.footprint.probe_footprint` (tests inject fakes).
     ``sampler``: the run's :class:`~devicemem.sampling.Sampler`, for the probe to draw with;
     without one the probe draws with a Sampler on :func:`resolve_threads`'s threads, as
     :class:`devicemem.Predictive` does by default, so its timings (and the cap) see the cores.
@@ -493,29 +464,29 @@ def plan_predictive(
     bigger batches stop paying, as timings vary from run to run and the draws follow the plan.
     Raises ValueError, before any sampling, for bad arguments or when one sample cannot fit.
     """
-    where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
+    where = check_plan_arguments(num_samples, device, minibatch_size, safety_factor, output_bytes)
     if return_sites is not None and (isinstance(return_sites, str) or not all(isinstance(s, str) for s in return_sites)):
         raise ValueError(f"return_sites: expected None or a list of site names; got {return_sites!r}")
     if guide is None and posterior_samples is None:
         raise ValueError("plan_predictive: pass a guide or posterior_samples")
-    resources = resources or Resources()
-    probe = resources.probe or probe_footprint
-    if sampler is None and resources.probe is None:  # draw as Predictive will: its threads time the probe
+    view = view_of(view, max_memory)
+    if sampler is None and measure is None:  # draw as Predictive will: its threads time the probe
         from devicemem.sampling import Sampler
 
-        threads, _ = resolve_threads(None, lambda: _host_cores(resources, max_memory), resources.environ)
+        threads, _ = resolve_threads(None, lambda: view.host.cores, view.environ)
         sampler = Sampler(model, guide, args, kwargs, threads=threads)
+    measure = measure or probe_footprint
 
-    def footprint_for(name: str, budget: int) -> Footprint:
-        return probe(
+    def footprint_for(name: str, room: int) -> Footprint:
+        return measure(
             model, guide, *args, device=name, return_sites=return_sites, posterior_samples=posterior_samples,
-            max_batch_size=max(num_samples, 2), max_probe_bytes=max(budget, 1), sampler=sampler, reduce=reduce,
+            max_batch_size=max(num_samples, 2), max_probe_bytes=max(room, 1), sampler=sampler, reduce=reduce,
             on_device=on_device, **kwargs,
         )
 
-    return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   _inputs_device(args, kwargs), resources, probe_with_minibatch=False,
-                   reproducible=reproducible)
+    return decide(footprint_for, num_samples, where, view, minibatch_size=minibatch_size, safety_factor=safety_factor,
+                  output_bytes=output_bytes, inputs_on=_inputs_device(args, kwargs), probe_with_minibatch=False,
+                  reproducible=reproducible)
 
 
 def plan_sequential(
@@ -525,15 +496,17 @@ def plan_sequential(
     safety_factor: float | None = None,
     output_bytes: int | None = None,
     why: str = "parallel=False",
+    environ: Mapping[str, str] | None = None,
     **kwargs: Any,
 ) -> Plan:
     """Plan Pyro's sequential mode: the model runs one sample at a time, without a sample
     plate, on ``device`` ("auto": where the tensors of ``*args, **kwargs`` live, as in Pyro).
     A sample's memory does not grow with ``num_samples``, so nothing is probed; the samples are
     grouped into at most :data:`SEQUENTIAL_CHUNKS` chunks, each one batch record of
-    the run. ``why`` opens the logged reason."""
-    where = _check_common(num_samples, device, None, safety_factor, output_bytes)
-    factor, _ = resolve_safety_factor(safety_factor)
+    the run. ``why`` opens the logged reason; ``environ`` is where ``DEVICEMEM_SAFETY_FACTOR`` is
+    read (a call's :class:`MemoryView` passes its own; default ``os.environ``)."""
+    where = check_plan_arguments(num_samples, device, None, safety_factor, output_bytes)
+    factor, _ = resolve_safety_factor(safety_factor, environ)
     reasons = _Reasons()
     place = _inputs_device(args, kwargs) if where == "auto" else where
     size, n_batches = _batches(num_samples, math.ceil(num_samples / SEQUENTIAL_CHUNKS))
@@ -544,77 +517,8 @@ def plan_sequential(
     return Plan(place, num_samples, size, n_batches, False, None, None, factor, output_bytes, tuple(reasons.lines))
 
 
-def plan_technical(
-    n_cells: int,
-    n_features: int,
-    n_groups: int,
-    num_samples: int,
-    *,
-    n_categories: int = 1,
-    distribution: str = "negbinom",
-    guide: str = "normal",
-    with_obs: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: str = "auto",
-    minibatch_size: int | None = None,
-    safety_factor: float | None = None,
-    max_memory: Any = None,
-    output_bytes: int | None = None,
-    resources: Resources | None = None,
-    threads: int | None = None,
-) -> Plan:
-    """Plan the technical model's Predictive from shapes alone (:func:`technical_footprint`).
+def __getattr__(name: str) -> Any:
+    """Names that moved to bayesDREAM_ext, for one release (:mod:`devicemem.integrations.moved`)."""
+    from devicemem.integrations.moved import resolve
 
-    The inputs (counts, guide parameters) are taken to live on the host, so they count against
-    a GPU's memory but not again against the host's. Same decisions as :func:`plan_predictive`.
-    ``threads``: how many threads draw the likelihood on the host (:func:`resolve_threads`;
-    default ``DEVICEMEM_THREADS``, else the host's usable cores): with more, a bigger vectorised
-    batch still pays.
-    """
-    check_shapes(n_cells, n_features, n_groups, n_categories)
-    check_choice(distribution, DISTRIBUTIONS, "distribution")
-    if n_categories != 1 and distribution != "multinomial":
-        raise ValueError(
-            f"n_categories: only the multinomial distribution has categories; got {n_categories} with {distribution!r}"
-        )
-    check_choice(guide, GUIDES, "guide")
-    where = _check_common(num_samples, device, minibatch_size, safety_factor, output_bytes)
-    resources = resources or Resources()
-    draw_threads, _ = resolve_threads(threads, lambda: _host_cores(resources, max_memory), resources.environ)
-
-    def footprint_for(name: str, budget: int) -> Footprint:
-        on_host = name.split(":")[0] == HOST
-        return technical_footprint(n_cells, n_features, n_groups, n_categories, distribution, guide, with_obs, dtype,
-                                   on_host=on_host, threads=draw_threads)
-
-    return _decide(footprint_for, num_samples, where, minibatch_size, safety_factor, max_memory, output_bytes,
-                   HOST, resources)
-
-
-def estimate_predictive_memory_and_set_minibatch(
-    N: int,
-    T: int,
-    C: int,
-    nsamples: int,
-    minibatch_size: int | None = None,
-    distribution: str = "negbinom",
-    safety_factor: float | None = None,
-    device: str = "cpu",
-    resources: Resources | None = None,
-) -> tuple[int | None, bool]:
-    """bayesDREAM's ``_estimate_predictive_memory_and_set_minibatch``, planned properly.
-
-    Returns ``(minibatch_size, use_parallel)``: ``None`` when all ``nsamples`` fit in one
-    batch; a user ``minibatch_size`` is returned as is with ``use_parallel=True``; with no
-    memory reading, the seed's ``(50, False)``. Params-only technical Predictive (the seed's
-    case), with an AutoNormal guide.
-    """
-    plan = plan_technical(
-        N, T, C, nsamples, distribution=distribution, device=device, minibatch_size=minibatch_size,
-        safety_factor=safety_factor, resources=resources,
-    )
-    if minibatch_size is not None:
-        return minibatch_size, True
-    if plan.budget_bytes is None:
-        return plan.batch_size, plan.vectorized
-    return (None if plan.n_batches == 1 else plan.batch_size), plan.vectorized
+    return resolve(__name__, name)

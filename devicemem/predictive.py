@@ -1,14 +1,14 @@
-"""The public ``Predictive``: checks its arguments, then runs on one device or in Ray shards.
+"""The public ``Predictive``: Pyro's class, device-aware and memory-safe. A facade only.
 
 ``Predictive`` is a drop-in for ``pyro.infer.Predictive``: same signature, keys, shapes and
-dtypes, on the CPU. Each call becomes a :class:`devicemem.local.Request`, executed
-by :mod:`devicemem.local` (batches on this process's devices) or :mod:`devicemem.distributed`
-(shards on Ray).
+dtypes, on the CPU. It applies Pyro's argument rules, reads devicemem's options once into
+typed records (:mod:`devicemem.options`), and hands each call, as one
+:class:`~devicemem.execute.request.Request`, to :mod:`devicemem.execute.local` (batches on this
+process's devices) or :mod:`devicemem.execute.ray` (shards on Ray).
 """
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -16,29 +16,15 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from devicemem import distributed, local, planner
-from devicemem.checks import check_int, check_path, check_site_names
+from devicemem.backends import MemoryView, SystemProbe
+from devicemem.checks import check_int, check_site_names
+from devicemem.execute import local
+from devicemem.execute import ray as sharded
+from devicemem.execute.local import BatchRecord
+from devicemem.execute.request import Request
+from devicemem.options import DrawOptions, MemoryOptions, OutputOptions
 from devicemem.planner import Plan
-from devicemem.results import STATISTICS, BatchRecord
 from devicemem.sampling import PYRO_LOCK
-
-
-def _check_reduce(reduce: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
-    if reduce is None:
-        return {}
-    form = 'a dict like {"y_obs": ("mean", "var")}'
-    if not isinstance(reduce, Mapping):
-        raise ValueError(f"reduce: expected {form}; got {type(reduce).__name__}")
-    checked = {}
-    for site, statistics in reduce.items():
-        statistics = (statistics,) if isinstance(statistics, str) else tuple(statistics)
-        unknown = [s for s in statistics if s not in STATISTICS]
-        if not statistics or unknown:
-            raise ValueError(
-                f"reduce[{site!r}]: unknown statistic(s) {unknown or statistics}; accepted: {', '.join(STATISTICS)}"
-            )
-        checked[site] = statistics
-    return checked
 
 
 def _check_posterior(posterior_samples: Mapping[str, Tensor], num_samples: int | None) -> int | None:
@@ -65,19 +51,6 @@ def _check_posterior(posterior_samples: Mapping[str, Tensor], num_samples: int |
             f"argument. Defaulting to {size}.", UserWarning,
         )
     return size
-
-
-def _check_out(out: str | Path | None) -> Path | None:
-    path = check_path(out, "out")
-    if path is None:
-        return None
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ValueError(f"out: cannot write numpy memmaps into {str(path)!r}: {exc}") from exc
-    return path
 
 
 class Predictive(torch.nn.Module):
@@ -132,10 +105,14 @@ class Predictive(torch.nn.Module):
     - ``on_device``: called with the ``torch.device`` before batches run on it, and again
       when the run moves to the host (sharded runs call it in each shard's worker: it must
       pickle).
+    - ``probe``: where this call reads device memory, once per call: a
+      :class:`devicemem.backends.SystemProbe` (default: this process's; tests inject fakes), or
+      a :class:`devicemem.backends.MemoryView` already read, used as it is (a caller that planned
+      against it passes it on, so that one call is judged against one reading).
     - ``device``: a name ("auto", "cpu", "cuda:1"...) or a ``torch.device``. ``"all"``, a list of
       several devices (``["cuda:0", "cuda:1"]``) or ``backend="ray"`` (or a
-      :class:`devicemem.distributed.RayOptions`) split the samples into shards run on Ray, one
-      device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
+      :class:`devicemem.RayOptions`) split the samples into shards run on Ray, one
+      device each (see :mod:`devicemem.execute.ray`); needs ``pip install 'devicemem[ray]'``.
       A list of one device runs here, as that device would.
 
     Threads: Pyro's handler stack and the RNG are global to the process, so calls from several
@@ -170,6 +147,7 @@ class Predictive(torch.nn.Module):
         threads: int | None = None,
         on_device: Callable[[torch.device], None] | None = None,
         resume: bool = False,
+        probe: SystemProbe | MemoryView | None = None,
     ) -> None:
         super().__init__()
         if posterior_samples is None and num_samples is None:
@@ -183,44 +161,28 @@ class Predictive(torch.nn.Module):
         num_samples = check_int(num_samples, "num_samples")
         if return_sites is not None:
             return_sites = check_site_names(return_sites)
-        if parallel not in (None, True, False):
-            raise ValueError(f"parallel: expected None (auto), True or False; got {parallel!r}")
-        seed = None if seed is None else check_int(seed, "seed", minimum=0)
-        device = distributed.local_device(device, backend)
-        if threads is not None:
-            planner.resolve_threads(threads, lambda: None)
-        if on_device is not None and not callable(on_device):
-            raise ValueError(f"on_device: expected None or a callable taking a torch.device; got {on_device!r}")
-        if plan is not None:
-            if device != "auto" or minibatch_size is not None or safety_factor is not None:
-                raise ValueError("plan replaces the planner: pass either plan or device/minibatch_size/safety_factor")
-            if plan.num_samples != num_samples:
-                raise ValueError(f"plan is for {plan.num_samples} samples but num_samples is {num_samples}")
-        self.sharding = distributed.check_backend(backend, device, plan)
-        if resume and (out is None or reduce or plan is not None or self.sharding is not None):
-            raise ValueError(
-                "resume: continues a single-device run written to out=DIR, with its own plan; it cannot be "
-                "combined with reduce=, plan= or sharding, and needs out="
-            )
+        self.draw_options = DrawOptions.parse(
+            parallel=parallel, seed=seed, validate=validate, allow_nonfinite=allow_nonfinite, threads=threads,
+            on_device=on_device, progress=progress,
+        )
+        self.memory_options = MemoryOptions.parse(
+            num_samples, device=device, backend=backend, minibatch_size=minibatch_size, safety_factor=safety_factor,
+            max_memory=max_memory, plan=plan, probe=probe,
+        )
+        self.output_options = OutputOptions.parse(self.memory_options, out=out, reduce=reduce, resume=resume)
         self.model = model
         self.posterior_samples = dict(posterior_samples)
         self.num_samples = num_samples
         self.guide = guide
         self.return_sites = return_sites
         self.parallel = parallel
-        self.options = dict(
-            device=device, minibatch_size=minibatch_size, safety_factor=safety_factor, max_memory=max_memory,
-            seed=seed, progress=progress, out=_check_out(out), reduce=_check_reduce(reduce), plan=plan,
-            validate=bool(validate), allow_nonfinite=bool(allow_nonfinite), threads=threads, on_device=on_device,
-            resume=bool(resume),
-        )
         self.plan = plan
-        self.report: list[BatchRecord | distributed.ShardRecord] = []
+        self.report: list[BatchRecord | sharded.ShardRecord] = []
 
-    def _request(self) -> local.Request:
-        return local.Request(
-            self.model, self.guide, self.posterior_samples, self.num_samples, return_sites=self.return_sites,
-            parallel=self.parallel, **self.options,
+    def _request(self) -> Request:
+        return Request(
+            self.model, self.guide, self.posterior_samples, self.num_samples, self.return_sites,
+            self.memory_options, self.draw_options, self.output_options,
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -228,9 +190,9 @@ class Predictive(torch.nn.Module):
         default the sample sites not in ``posterior_samples`` (every one with a guide)."""
         with PYRO_LOCK:
             self.report = []
-            if self.sharding is not None:
+            if self.memory_options.sharding is not None:
                 self.plan = None
-                return distributed.run(self._request(), self.sharding, args, kwargs, self.report)
+                return sharded.run(self._request(), args, kwargs, self.report)
             samples, self.plan = local.run(self._request(), args, kwargs, self.report)
             return samples
 

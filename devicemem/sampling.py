@@ -22,10 +22,10 @@ draws come from the batch's stream, so they do.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyro
@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from devicemem.blockdraw import BlockDraws
+from devicemem.seeds import rng_restored
 
 PLATE_NAME = "_num_predictive_samples"  # Pyro's name, so models can recognise a vectorised run
 # Held around each Predictive call and each planner probe: Pyro's handler stack (and the RNG a
@@ -85,17 +86,6 @@ class Site:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-@contextmanager
-def rng_restored(device: torch.device | None = None) -> Iterator[None]:
-    """Run with the global RNGs put back as they were on exit: the host's, each CUDA device's
-    already initialised, and ``device``'s when it is a CUDA device."""
-    cuda = set(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else set()
-    if device is not None and device.type == "cuda":
-        cuda.add(device.index or 0)
-    with torch.random.fork_rng(devices=sorted(cuda)):
-        yield
 
 
 def _unvectorised_trace(fn: Callable[..., Any], args: tuple, kwargs: dict, seed: int | None = None) -> poutine.Trace:
@@ -255,8 +245,8 @@ class Sampler:
 
     The unvectorised run checks the distributions' arguments as Pyro is set to; draws run with
     Pyro's validation off unless ``validate`` (the checks cost ~20% of a likelihood draw and
-    would only repeat, per sample, what the first run checked), as fit_technical's SVI does
-    after its first step.
+    would only repeat, per sample, what the first run checked), as an SVI loop may turn them
+    off after its first step.
 
     ``threads``: draw the host's large sample sites block-parallel on that many threads
     (:class:`devicemem.blockdraw.BlockDraws`: the same values for any number of threads);

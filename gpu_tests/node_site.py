@@ -2,7 +2,7 @@
 
 ``gpu_tests/run.sh --dry-run`` rehearses the GPU run on a machine without CUDA, whose Python
 may have far more installed than the GPU node (pyro-ppl, pytest, scipy...). This links into
-``DEST`` only what the node has (REFERENCE section 6: torch, numpy, psutil, tqdm and
+``DEST`` only what the node has (torch, numpy, psutil, tqdm and
 nvidia-ml-py, plus whatever those need, found through their ``Requires-Dist`` without extras),
 taken from the running interpreter's installed distributions: each one's top-level packages,
 modules and ``.dist-info``. ``python -S`` with ``PYTHONPATH=DEST`` then sees the standard

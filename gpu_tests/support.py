@@ -15,7 +15,7 @@ from devicemem.units import parse_bytes
 MIB = parse_bytes("1MiB")
 GIB = parse_bytes("1GiB")
 
-# The seed's real size (REFERENCE section 1): NTC cells, features, technical groups, samples.
+# The seed's real size (the user report that started the project): NTC cells, features, technical groups, samples.
 SEED_N, SEED_T, SEED_C, SEED_S = 21_761, 31_467, 2, 1000
 
 

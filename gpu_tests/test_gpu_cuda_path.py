@@ -19,9 +19,10 @@ import torch
 import devicemem
 from bayesDREAM_ext.model import build_model_inputs, technical_model
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 from devicemem.backends.cuda import CUDA_CONTEXT_BYTES
-from devicemem.results import STAGING_BYTES, Sink
+from devicemem.output.sink import STAGING_BYTES, Sink
 from devicemem.sampling import Site
 from gpu_tests.support import GIB, MIB, occupy_gpu, technical_problem
 
@@ -48,8 +49,7 @@ def test_an_iaf_guide_trains_on_the_gpu(figures):
     data = SimpleNamespace(counts=counts, groups=torch.as_tensor(raw.groups, dtype=torch.int64), n_groups=2,
                            distribution="negbinom", sum_factors=totals / totals.mean())
     plan = plan_training(300, 40, 2, 1, distribution="negbinom", device="cuda:0", guide="iaf", safety_factor=0.8)
-    result = train(build_model_inputs(data), plan, niters=20, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
-                   progress=False)
+    result = train(build_model_inputs(data), plan, SVIOptions(niters=20, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     figures.record("2 IAF on the GPU", steps=len(result.losses), last_loss=result.losses[-1],
                    measured_peak_bytes=result.plan.measured_peak_bytes)
     assert result.plan.device == "cuda:0" and len(result.losses) == 20

@@ -7,6 +7,7 @@ import time
 import torch
 
 import devicemem
+from bayesDREAM_ext.memory import plan_technical, technical_footprint
 from bayesDREAM_ext.model import technical_model
 from gpu_tests.support import SEED_C, SEED_N, SEED_S, SEED_T, release_cuda
 
@@ -22,7 +23,7 @@ PARAM_SITES = {  # what bayesDREAM's params-only Predictive returns, shaped as P
 
 
 def test_seed_size_plan_chooses_the_gpu(figures):
-    plan = devicemem.plan_technical(
+    plan = plan_technical(
         SEED_N, SEED_T, SEED_C, SEED_S, distribution="negbinom", guide="normal", with_obs=False, device="auto"
     )
     figures.record(
@@ -48,7 +49,7 @@ def test_seed_size_params_only_runs_on_the_gpu_within_its_budget(seed_problem, f
     batch_peak = max(row.peak_bytes for row in runner.report) - base
     # The analytic estimate's inputs include a counts matrix this run does not pass: compare its
     # working memory (the inputs here, vectors and guide parameters, are a few MB).
-    analytic = devicemem.technical_footprint(SEED_N, SEED_T, SEED_C, with_obs=False).peak_bytes(
+    analytic = technical_footprint(SEED_N, SEED_T, SEED_C, with_obs=False).peak_bytes(
         plan.batch_size, inputs_resident=True
     )
     figures.record(

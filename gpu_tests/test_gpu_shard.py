@@ -11,8 +11,8 @@ import torch
 
 import devicemem
 from bayesDREAM_ext.model import technical_model
-from devicemem.distributed import RayOptions
-from devicemem.results import batch_seed
+from devicemem.options import RayOptions
+from devicemem.seeds import batch_seed
 from gpu_tests.support import technical_problem
 
 ray = pytest.importorskip("ray", reason="Ray is not installed on this machine: pip install 'devicemem[ray]'")

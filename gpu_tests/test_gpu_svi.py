@@ -11,7 +11,8 @@ import torch
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_technical
-from bayesDREAM_ext.training import plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 from gpu_tests.support import GIB, MIB, occupy_gpu, release_cuda
 
 N_CELLS, N_FEATURES = 30_000, 2_000  # 240 MB of float32 counts
@@ -35,9 +36,9 @@ def test_chunked_svi_with_host_kept_counts_follows_the_cpu(problem, figures):
     release_cuda()
     torch.cuda.reset_peak_memory_stats(0)
     base = torch.cuda.memory_allocated(0)
-    gpu = train(problem, plan, niters=20, **SVI)
+    gpu = train(problem, plan, SVIOptions(niters=20, **SVI))
     peak = torch.cuda.max_memory_allocated(0) - base
-    cpu = train(problem, _plan("cpu"), niters=20, **SVI)
+    cpu = train(problem, _plan("cpu"), SVIOptions(niters=20, **SVI))
     figures.record(
         "12 chunked SVI, counts on the host", chunk_cells=plan.chunk_cells, chunks_per_step=plan.chunks_per_step,
         predicted_peak_bytes=plan.predicted_peak_bytes, budget_bytes=plan.budget_bytes, measured_peak_bytes=peak,
@@ -52,7 +53,7 @@ def test_chunked_svi_with_host_kept_counts_follows_the_cpu(problem, figures):
 def test_a_real_cuda_oom_inside_a_chunk_is_recovered_by_a_smaller_chunk(problem, figures):
     plan = _plan("cuda:0", chunk_cells=N_CELLS)  # one chunk of every cell: about 4 GB of activations
     with occupy_gpu(leave_bytes=int(1.5 * GIB)):
-        result = train(problem, plan, niters=3, **SVI)
+        result = train(problem, plan, SVIOptions(niters=3, **SVI))
     figures.record("12 CUDA OOM inside a chunk", planned_chunk=N_CELLS, final_chunk=result.plan.chunk_cells,
                    reasons=list(result.plan.reasons[-4:]))
     assert result.plan.chunk_cells < N_CELLS and any("ran out of memory" in r for r in result.plan.reasons)

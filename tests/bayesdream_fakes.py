@@ -1,7 +1,7 @@
 """A fake bayesDREAM object whose fitters reproduce bayesDREAM's patterns (written here from
 its public description, not its code), for the write-back and routing tests and bench W10.
 
-Patterns reproduced (../shared/REFERENCE.md section 7):
+Patterns reproduced (as bayesDREAM at commit 8dd6414 calls Predictive):
 - the object keeps ``meta`` (cell, target, technical_group_code, sum_factor), ``counts``
   (genes x cells, DataFrame, with the cis gene), a ``gene`` modality without the cis gene and
   a ``cis`` modality with it, ``device``; its fitters reach it as ``self.model``;

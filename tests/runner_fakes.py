@@ -18,7 +18,7 @@ from devicemem.backends import DeviceMemory, get_backend, register_backend
 from devicemem.backends.base import Backend
 from devicemem.backends.host import CpuBackend
 from devicemem.planner import Plan
-from devicemem.results import batch_seed, sample_seeds
+from devicemem.seeds import batch_seed, sample_seeds
 from devicemem.sampling import PLATE_NAME, Sampler, select_sites
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000 bytes."

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from devicemem.backends import DeviceMemory
+from devicemem.backends import DeviceMemory, MemoryView, SystemProbe
 from devicemem.backends.cuda import CUDA_CONTEXT_BYTES, CudaBackend, bare_uuid
 from devicemem.footprint import Footprint
-from devicemem.planner import Resources, plan_predictive
+from devicemem.planner import plan_predictive
 from backend_fakes import (
     FakeCuda, FakeGpu, FakeNvml, FakeOutOfMemoryError, GiB, NVMLError_LibraryNotFound, fake_torch, probe,
 )
@@ -225,6 +225,7 @@ def test_auto_falls_back_to_the_host_when_a_probe_fails_in_cublas(tmp_path: Path
             raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         return Footprint(0, 1 << 20, "fake")
 
-    plan = plan_predictive(lambda: None, lambda: None, 100, resources=Resources(lambda _: listing, probe_footprint, {}))
+    view = MemoryView.read(probe=SystemProbe(listing=tuple(listing)))
+    plan = plan_predictive(lambda: None, lambda: None, 100, view=view, measure=probe_footprint)
     assert plan.device == "cpu"
     assert any("cuda:0 ran out of memory while probing" in reason for reason in plan.reasons)

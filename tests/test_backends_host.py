@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from devicemem.backends.host import CpuBackend
-from devicemem.testing import cgroup_unavailable_reason, run_child
+from tests.support.child import cgroup_unavailable_reason, run_child
 from backend_fakes import GiB, MiB, fake_psutil, meminfo, probe, status, write_tree
 
 V1_NONE = 9223372036854771712

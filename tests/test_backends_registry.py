@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import devicemem
-import devicemem.backends as registry
+import devicemem.backends.registry as registry
 from devicemem.backends import (
     Backend, DeviceMemory, device_memory, devices, get_backend, limit_source, parse_max_memory, register_backend,
 )

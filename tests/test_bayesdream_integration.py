@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bayesDREAM_ext.fit import fit_technical
-from devicemem.integrations.bayesdream import RULE, ObjectDevice, bayesdream_routing, one_planned_call
-from devicemem.testing import cgroup_unavailable_reason, run_child
+from bayesDREAM_ext.routing import RULE, ObjectDevice, bayesdream_routing, one_planned_call
+from tests.support.child import cgroup_unavailable_reason, run_child
 from tests.bayesdream_fakes import make_object
 from tests.runner_fakes import FakeGpu, fake_gpu
 

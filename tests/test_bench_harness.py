@@ -11,7 +11,7 @@ from bench.baselines import batch_sizes, bayesdream_batch_size
 from bench.data import DataSpec, write_dataset
 from bench.harness import Config, run_configs
 from bench.workloads import build_workloads
-from devicemem.testing import cgroup_unavailable_reason
+from tests.support.child import cgroup_unavailable_reason
 
 
 @pytest.fixture(scope="module")

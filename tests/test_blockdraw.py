@@ -16,7 +16,7 @@ from scipy import stats
 
 from devicemem.blockdraw import BLOCK_ELEMENTS, MIN_ELEMENTS, BlockDraws, block_sample, blocks, covered, eligible
 from devicemem.sampling import Sampler
-from devicemem.testing import run_child
+from tests.support.child import run_child
 
 ROWS, COLS = 24, 4096  # 98304 elements: 6 blocks of 16384
 assert ROWS * COLS >= 4 * BLOCK_ELEMENTS

@@ -11,7 +11,7 @@ import pytest
 
 from devicemem.cli import main
 from devicemem.backends import DeviceMemory
-from devicemem.testing import run_child
+from tests.support.child import run_child
 
 GiB = 1 << 30
 

@@ -1,4 +1,5 @@
-"""`devicemem plan`: the technical model's plan from shapes, as text and JSON, and its errors."""
+"""`bayesdream-ext plan-predictive` (was `devicemem plan`): the technical model's Predictive plan from
+shapes, as text and JSON, and its errors."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import json
 
 import pytest
 
-from devicemem.cli import main
+from bayesDREAM_ext.cli import main
 from devicemem.planner import Plan
 
 CAP = ["--max-memory", "cpu=2GB"]  # a fixed budget whatever the machine has free
 
 
 def plan_json(capsys: pytest.CaptureFixture, *args: str) -> dict:
-    assert main(["plan", "--json", *CAP, *args]) == 0
+    assert main(["plan-predictive", "--json", *CAP, *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -42,7 +43,7 @@ def test_results_on_disk_do_not_count(capsys):
 
 
 def test_text_output_says_why(capsys):
-    assert main(["plan", *CAP, "--cells", "500", "--features", "300", "--groups", "3", "--samples", "200",
+    assert main(["plan-predictive", *CAP, "--cells", "500", "--features", "300", "--groups", "3", "--samples", "200",
                  "--guide", "iaf", "--distribution", "normal"]) == 0
     out = capsys.readouterr().out
     assert "batches         1 vectorised of 200 (200 samples)" in out
@@ -63,7 +64,7 @@ SHAPES = ["--cells", "9", "--features", "3", "--groups", "2", "--samples", "5"]
 )
 def test_unreadable_options_exit_2_naming_them(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["plan", *CAP, *args])
+        main(["plan-predictive", *CAP, *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -76,11 +77,13 @@ def test_unreadable_options_exit_2_naming_them(capsys, args, message):
     ],
 )
 def test_bad_values_exit_2_naming_them(capsys, args, message):
-    assert main(["plan", *CAP, *args]) == 2
-    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan-predictive", *CAP, *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_one_sample_that_cannot_fit_is_an_error_with_numbers(capsys):
-    assert main(["plan", "--max-memory", "cpu=100MB", "--cells", "5000", "--features", "5000", "--groups", "2",
-                 "--samples", "10", "--with-obs", "--results-on-disk"]) == 2
-    assert "one sample needs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan-predictive", "--max-memory", "cpu=100MB", "--cells", "5000", "--features", "5000", "--groups", "2",
+              "--samples", "10", "--with-obs", "--results-on-disk"])
+    assert exit_info.value.code == 2 and "one sample needs" in capsys.readouterr().err

@@ -20,11 +20,13 @@ from torch.overrides import TorchFunctionMode
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import plan_training, train
+from bayesDREAM_ext.memory import plan_training
+from bayesDREAM_ext.training import SVIOptions, train
 from devicemem import placement
 from devicemem.backends.base import Backend
 from devicemem.footprint import probe_footprint
-from devicemem.results import Moments, Sink
+from devicemem.output.moments import Moments
+from devicemem.output.sink import Sink
 from devicemem.sampling import PLATE_NAME, Site
 from pyro.poutine.runtime import _PYRO_STACK
 
@@ -131,7 +133,7 @@ def test_an_iaf_guide_is_built_on_the_training_device_not_the_default_one():
     plan = plan_training(data.n_cells, data.n_features, data.n_groups, data.n_categories,
                          distribution=data.distribution, device="cpu", guide="iaf", safety_factor=0.8)
     with torch.device("meta"):
-        result = train(inputs, plan, niters=1, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+        result = train(inputs, plan, SVIOptions(niters=1, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     assert {param.device.type for param in result.guide.parameters()} == {"cpu"}
 
 
@@ -220,7 +222,7 @@ def _tensors_in(obj, seen=None):
 def test_a_gpu_fitted_guide_ships_to_shards_with_every_tensor_on_the_host():
     import ray
 
-    from devicemem.distributed import host_pickle
+    from devicemem.execute.ray import host_pickle
 
     pyro.clear_param_store()
     x = torch.zeros(3)
@@ -246,7 +248,7 @@ def test_a_gpu_fitted_guide_ships_to_shards_with_every_tensor_on_the_host():
 def test_shards_on_an_accelerator_get_a_fresh_ray_worker_each():
     import ray
 
-    from devicemem.distributed import _remote
+    from devicemem.execute.ray import _remote
 
     assert _remote(ray, True, True)._default_options == {"num_gpus": 1, "max_calls": 1}
     assert _remote(ray, False, True)._default_options == {"num_gpus": 0, "max_calls": 1}  # named cuda:<i>

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
-from devicemem.distributed import RayOptions, ShardError, split
+from devicemem.execute.ray import ShardError, split
+from devicemem.options import RayOptions
 from devicemem.predictive import Predictive
 from devicemem.units import parse_bytes
 from tests.distributed_fakes import KillOnce, RegisterFakeGpus, indexed_model

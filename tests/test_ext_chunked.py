@@ -11,12 +11,13 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from bayesDREAM_ext.chunked import CellData, ChunkedELBO, compact_dtype
+from bayesDREAM_ext.chunked import CellData, ChunkedELBO
+from bayesDREAM_ext.counts import Counts
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import ModelInputs, build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import make_guide, plan_training, train
-from devicemem.footprint import technical_latent_size
+from bayesDREAM_ext.memory import plan_training, technical_latent_size
+from bayesDREAM_ext.training import SVIOptions, make_guide, train
 
 DISTRIBUTIONS = ["negbinom", "normal", "studentt", "binomial", "multinomial"]
 CPU = torch.device("cpu")
@@ -30,10 +31,13 @@ def inputs_for(distribution: str, n_cells: int = 103, n_features: int = 12, n_gr
 
 def in_double(inputs: ModelInputs) -> ModelInputs:
     def double(value):
+        if isinstance(value, Counts):
+            return value.astype(torch.float64)
         return value.double() if torch.is_tensor(value) and value.is_floating_point() else value
 
     return dataclasses.replace(
-        inputs, kwargs={k: double(v) for k, v in inputs.kwargs.items()}, init_values={k: double(v) for k, v in inputs.init_values.items()}
+        inputs, arguments={k: double(v) for k, v in inputs.arguments.items()},
+        init_values={k: double(v) for k, v in inputs.init_values.items()},
     )
 
 
@@ -90,10 +94,10 @@ def cpu_plan(inputs: ModelInputs, distribution: str, chunk: int | None = None, m
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_twenty_chunked_steps_follow_the_full_data_losses(distribution):
     inputs = inputs_for(distribution)
-    full = train(inputs, cpu_plan(inputs, distribution), niters=20, **SVI_OPTIONS)
+    full = train(inputs, cpu_plan(inputs, distribution), SVIOptions(niters=20, **SVI_OPTIONS))
     plan = cpu_plan(inputs, distribution, chunk=25)
     assert (plan.chunk_cells, plan.chunks_per_step) == (25, 5)  # ragged: 4 x 25 + 3
-    chunked = train(inputs, plan, niters=20, **SVI_OPTIONS)
+    chunked = train(inputs, plan, SVIOptions(niters=20, **SVI_OPTIONS))
     assert full.plan.chunk_cells is None and chunked.plan.chunk_cells == 25
     np.testing.assert_allclose(chunked.losses, full.losses, rtol=1e-4)
     assert chunked.learning_rates == full.learning_rates
@@ -119,13 +123,13 @@ def test_svi_minibatch_trains_and_learns():
     inputs = inputs_for("negbinom")
     plan = cpu_plan(inputs, "negbinom", minibatch=40)
     assert plan.minibatch == 40 and plan.chunk_cells == 40
-    result = train(inputs, plan, niters=60, **SVI_OPTIONS)
+    result = train(inputs, plan, SVIOptions(niters=60, **SVI_OPTIONS))
     assert sum(result.losses[-10:]) < sum(result.losses[:10])
 
 
 def test_an_out_of_memory_chunk_is_redone_smaller_without_losing_the_step():
     inputs = inputs_for("negbinom")
-    reference = train(inputs, cpu_plan(inputs, "negbinom", chunk=13), niters=5, **SVI_OPTIONS)
+    reference = train(inputs, cpu_plan(inputs, "negbinom", chunk=13), SVIOptions(niters=5, **SVI_OPTIONS))
     calls = []
 
     def runs_out_on_big_chunks(*args, **kwargs):
@@ -135,7 +139,7 @@ def test_an_out_of_memory_chunk_is_redone_smaller_without_losing_the_step():
         return inputs.model(*args, **kwargs)
 
     failing = dataclasses.replace(inputs, model=runs_out_on_big_chunks)
-    result = train(failing, cpu_plan(inputs, "negbinom", chunk=52), niters=5, **SVI_OPTIONS)
+    result = train(failing, cpu_plan(inputs, "negbinom", chunk=52), SVIOptions(niters=5, **SVI_OPTIONS))
     assert calls == [52, 26] and result.plan.chunk_cells == 13
     assert "ran out of memory" in result.plan.reasons[-1] and "chunks of 13" in result.plan.reasons[-1]
     np.testing.assert_allclose(result.losses, reference.losses, rtol=1e-5)
@@ -145,7 +149,7 @@ def test_an_out_of_memory_chunk_is_redone_smaller_without_losing_the_step():
 def test_a_run_killed_mid_training_resumes_bit_identically(tmp_path, chunk):
     inputs = inputs_for("negbinom")
     plan = cpu_plan(inputs, "negbinom", chunk=chunk)
-    straight = train(inputs, plan, niters=20, **SVI_OPTIONS)
+    straight = train(inputs, plan, SVIOptions(niters=20, **SVI_OPTIONS))
     steps = []
 
     def killed_in_step_12(*args, **kwargs):
@@ -157,9 +161,9 @@ def test_a_run_killed_mid_training_resumes_bit_identically(tmp_path, chunk):
 
     path = tmp_path / "svi.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(inputs, model=killed_in_step_12), plan, niters=20, checkpoint=path, checkpoint_every=5, **SVI_OPTIONS)
+        train(dataclasses.replace(inputs, model=killed_in_step_12), plan, SVIOptions(niters=20, checkpoint=path, checkpoint_every=5, **SVI_OPTIONS))
     assert torch.load(path, weights_only=True)["step"] == 10 and not (tmp_path / "svi.pt.partial").exists()
-    resumed = train(inputs, plan, niters=20, resume=path, **{**SVI_OPTIONS, "seed": 123})
+    resumed = train(inputs, plan, SVIOptions(niters=20, resume=path, **{**SVI_OPTIONS, "seed": 123}))
     assert resumed.losses == straight.losses and resumed.learning_rates == straight.learning_rates
     for name, value in straight.guide.state_dict().items():
         assert torch.equal(resumed.guide.state_dict()[name], value), name
@@ -168,16 +172,19 @@ def test_a_run_killed_mid_training_resumes_bit_identically(tmp_path, chunk):
 def test_resume_rejects_a_checkpoint_of_another_fit(tmp_path):
     inputs = inputs_for("negbinom")
     path = tmp_path / "svi.pt"
-    train(inputs, cpu_plan(inputs, "negbinom"), niters=2, checkpoint=path, **SVI_OPTIONS)
+    train(inputs, cpu_plan(inputs, "negbinom"), SVIOptions(niters=2, checkpoint=path, **SVI_OPTIONS))
     other = inputs_for("negbinom", n_cells=60)
     with pytest.raises(ValueError, match="resume: .* was written for"):
-        train(other, cpu_plan(other, "negbinom"), niters=2, resume=path, **SVI_OPTIONS)
+        train(other, cpu_plan(other, "negbinom"), SVIOptions(niters=2, resume=path, **SVI_OPTIONS))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="resume: cannot read"):
-        train(other, cpu_plan(other, "negbinom"), niters=2, resume=tmp_path / "junk.pt", **SVI_OPTIONS)
+        train(other, cpu_plan(other, "negbinom"), SVIOptions(niters=2, resume=tmp_path / "junk.pt", **SVI_OPTIONS))
 
 
 def test_compact_dtype_is_the_smallest_exact_one():
+    def compact_dtype(values):
+        return Counts(values).compact_dtype
+
     assert compact_dtype(torch.tensor([0.0, 255.0])) == torch.uint8
     assert compact_dtype(torch.tensor([0.0, 256.0])) == torch.int16
     assert compact_dtype(torch.tensor([0.0, 40000.0])) == torch.int32
@@ -196,8 +203,8 @@ def test_a_fit_predicted_at_twice_the_cap_trains_in_chunks_inside_it(tmp_path):
     from pathlib import Path
 
     from bayesDREAM_ext.synthetic import synthetic_technical
-    from bayesDREAM_ext.training import training_footprint
-    from devicemem.testing import run_child
+    from bayesDREAM_ext.memory import training_footprint
+    from tests.support.child import run_child
 
     n_cells, n_features, cap = 4000, 4000, 550 * 2**20
     assert training_footprint(n_cells, n_features, 2) > 2 * cap
@@ -224,9 +231,9 @@ def test_sparse_input_stays_sparse_and_trains_to_the_same_losses(distribution):
     data = synthetic_data(distribution, 90, 15, 2, seed=3)
     counts = np.where(np.random.default_rng(0).random(data.counts.shape) < 0.5, 0, data.counts).astype(np.float32)
     prepared = prepare_technical(sparse.csr_matrix(counts), data.groups, distribution=distribution)
-    assert sparse.issparse(prepared.counts)
+    assert prepared.counts.sparse and sparse.issparse(prepared.counts.values)
     dense_prepared = prepare_technical(counts, data.groups, distribution=distribution)
-    np.testing.assert_array_equal(prepared.counts.toarray(), dense_prepared.counts.numpy())
+    np.testing.assert_array_equal(prepared.counts.array(), dense_prepared.counts.array())
     options = dict(distribution=distribution, device="cpu", niters=8, nsamples=4, seed=0, progress=False)
     for chunk in (None, 20):
         dense = fit_technical(counts, data.groups, svi_chunk=chunk, **options)

@@ -9,7 +9,7 @@ from scipy import io as scipy_io
 from scipy import sparse
 
 from bayesDREAM_ext.cli import main
-from bayesDREAM_ext.fit import TechnicalFit
+from bayesDREAM_ext.records import TechnicalFit
 from bayesDREAM_ext.synthetic import synthetic_technical
 
 FAST = ["--niters", "10", "--nsamples", "5", "--seed", "0", "--quiet"]

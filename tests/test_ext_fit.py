@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import bayesDREAM_ext.fit as fit_module
-from bayesDREAM_ext.fit import PredictiveFailedError, TechnicalFit, fit_technical
+from bayesDREAM_ext.fit import PredictiveFailedError, fit_technical
+from bayesDREAM_ext.records import TechnicalFit
 from bayesDREAM_ext.synthetic import synthetic_data, synthetic_technical
 from tests.runner_fakes import fake_gpu
 

@@ -14,7 +14,8 @@ import torch
 
 import bayesDREAM_ext.fit as fit_module
 from bayesDREAM_ext.cli import main
-from bayesDREAM_ext.fit import GuideState, PredictiveInterrupted, TechnicalFit, fit_technical
+from bayesDREAM_ext.fit import PredictiveInterrupted, fit_technical
+from bayesDREAM_ext.records import GuideState, TechnicalFit
 from bayesDREAM_ext.synthetic import synthetic_technical
 
 FAST = dict(niters=20, nsamples=6, progress=False, seed=0)

@@ -16,17 +16,17 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoNormal
 from bayesDREAM_ext.data import prepare_technical
 from bayesDREAM_ext.model import build_model_inputs
 from bayesDREAM_ext.synthetic import synthetic_data
-from bayesDREAM_ext.training import (
+from bayesDREAM_ext.memory import (
     FLOAT_BYTES,
     TrainingPlan,
     iaf_hidden_size,
     plan_training,
-    train,
+    technical_latent_size,
     training_footprint,
 )
-from devicemem.backends import DeviceMemory, get_backend, register_backend
-from devicemem.footprint import technical_latent_size
-from devicemem.testing import run_child
+from bayesDREAM_ext.training import SVIOptions, train
+from devicemem.backends import DeviceMemory, MemoryView, SystemProbe, get_backend, register_backend
+from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
 
 GB = 10**9
@@ -38,16 +38,10 @@ def memory(device: str, usable: int | None) -> DeviceMemory:
 
 
 def plan(n_cells=2000, n_features=1000, n_groups=2, *, gpus=(), host=20 * GB, device="auto", guide="normal", safety=0.8):
-    registry = {"cpu": memory("cpu", host), **{m.device: m for m in gpus}}
-
-    def memory_of(name: str) -> DeviceMemory:
-        if name not in registry:
-            raise ValueError(f"device {name!r} is not visible to this process")
-        return registry[name]
-
+    view = MemoryView.read(probe=SystemProbe(listing=(memory("cpu", host), *gpus)))  # a fake machine
     return plan_training(
         n_cells, n_features, n_groups, distribution="negbinom", device=device, guide=guide, safety_factor=safety,
-        memory_of=memory_of, accelerators=lambda: list(gpus),
+        view=view,
     )
 
 
@@ -140,7 +134,7 @@ def _cpu_plan(data, guide="normal") -> TrainingPlan:
 
 def test_one_cycle_schedule_steps_every_iteration():
     data, inputs = inputs_for()
-    result = train(inputs, _cpu_plan(data), niters=40, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    result = train(inputs, _cpu_plan(data), SVIOptions(niters=40, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     rates = result.learning_rates
     assert len(result.losses) == len(rates) == 40
     assert rates[0] == pytest.approx(0.4e-3)
@@ -153,17 +147,17 @@ def test_one_cycle_schedule_steps_every_iteration():
 
 def test_early_stop_needs_a_full_ewma_window_then_follows_the_tolerance():
     data, inputs = inputs_for()
-    loose = train(inputs, _cpu_plan(data), niters=100, lr=1e-3, tolerance=1.0, alpha_ewma=0.05, progress=False)
+    loose = train(inputs, _cpu_plan(data), SVIOptions(niters=100, lr=1e-3, tolerance=1.0, alpha_ewma=0.05, progress=False))
     assert loose.converged and len(loose.losses) == 21  # the EWMA compared with itself 1 / 0.05 steps earlier
-    late = train(inputs, _cpu_plan(data), niters=300, lr=1e-3, tolerance=1.0, alpha_ewma=0.5, progress=False)
+    late = train(inputs, _cpu_plan(data), SVIOptions(niters=300, lr=1e-3, tolerance=1.0, alpha_ewma=0.5, progress=False))
     assert late.converged and len(late.losses) == 31  # not before the 10% warm-up
-    strict = train(inputs, _cpu_plan(data), niters=30, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    strict = train(inputs, _cpu_plan(data), SVIOptions(niters=30, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     assert not strict.converged and len(strict.losses) == 30
 
 
 def test_training_learns_and_records_its_first_step_peak():
     data, inputs = inputs_for()
-    result = train(inputs, _cpu_plan(data), niters=100, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False, seed=0)
+    result = train(inputs, _cpu_plan(data), SVIOptions(niters=100, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False, seed=0))
     assert sum(result.losses[-20:]) < sum(result.losses[:20])
     assert result.plan.measured_peak_bytes is not None  # tiny here: the step reuses resident heap
     assert result.guide.locs.log2_alpha_y.device.type == "cpu"
@@ -199,8 +193,7 @@ def _gpu_plan(data, budget: int) -> TrainingPlan:
 def test_a_first_gpu_step_over_budget_moves_training_to_chunks_on_the_gpu(fake_gpu):
     data, inputs = inputs_for()
     fake_gpu.peak = 4 * 10**6
-    result = train(inputs, _gpu_plan(data, budget=10**6), niters=5, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
-                   progress=False, fallback_to_host=True)
+    result = train(inputs, _gpu_plan(data, budget=10**6), SVIOptions(niters=5, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False), fallback_to_host=True)
     assert result.plan.device == "cuda:0" and len(result.losses) == 5
     assert "over the budget" in result.plan.reasons[-2] and "in chunks of 45 cells" in result.plan.reasons[-2]  # 200 x 0.9 / 4
     assert result.plan.chunk_cells == 10 and "chunks of 10 cells from now on" in result.plan.reasons[-1]  # measured again
@@ -222,8 +215,7 @@ def test_a_first_gpu_step_out_of_memory_moves_training_to_chunks_on_the_gpu(fake
         return inputs.model(*args, **kwargs)
 
     failing = dataclasses.replace(inputs, model=runs_out_once)
-    result = train(failing, _gpu_plan(data, budget=10**12), niters=3, lr=1e-3, tolerance=0.0, alpha_ewma=0.05,
-                   progress=False, fallback_to_host=True)
+    result = train(failing, _gpu_plan(data, budget=10**12), SVIOptions(niters=3, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False), fallback_to_host=True)
     assert result.plan.device == "cuda:0" and result.plan.chunk_cells == 100
     assert "ran out of memory on cuda:0" in result.plan.reasons[-1] and "chunks of 100 cells" in result.plan.reasons[-1]
 
@@ -240,8 +232,7 @@ def test_a_gpu_out_of_memory_even_in_one_cell_chunks_moves_training_to_the_cpu(f
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         return inputs.model(*args, **kwargs)
 
-    result = train(dataclasses.replace(inputs, model=gpu_always_runs_out), _gpu_plan(data, budget=10**12), niters=2, lr=1e-3,
-                   tolerance=0.0, alpha_ewma=0.05, progress=False, fallback_to_host=True)
+    result = train(dataclasses.replace(inputs, model=gpu_always_runs_out), _gpu_plan(data, budget=10**12), SVIOptions(niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False), fallback_to_host=True)
     assert result.plan.device == "cpu" and len(result.losses) == 2
     assert "even in chunks" in result.plan.reasons[-1]
 
@@ -249,14 +240,14 @@ def test_a_gpu_out_of_memory_even_in_one_cell_chunks_moves_training_to_the_cpu(f
 def test_without_fallback_a_gpu_peak_over_budget_is_only_reported(fake_gpu):
     data, inputs = inputs_for()
     fake_gpu.peak = 10**9
-    result = train(inputs, _gpu_plan(data, budget=10**6), niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False)
+    result = train(inputs, _gpu_plan(data, budget=10**6), SVIOptions(niters=2, lr=1e-3, tolerance=0.0, alpha_ewma=0.05, progress=False))
     assert result.plan.device == "cuda:0" and result.plan.measured_peak_bytes == 10**9
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_cells, n_features, n_groups, guide", [(3000, 3000, 2, "normal"), (200, 400, 2, "iaf")])
 def test_footprint_covers_the_measured_peak_of_training(tmp_path, n_cells, n_features, n_groups, guide):
-    """A fresh child (devicemem.testing.run_child) trains 3 steps; the CPU backend measures
+    """A fresh child (tests.support.child.run_child) trains 3 steps; the CPU backend measures
     what training added to its RSS (VmHWM after clear_refs, exact). The footprint less the
     data, which was resident before, must cover it without being wildly high. (The child's
     ru_maxrss is no use here: it starts from this, much larger, process's high-water mark.)"""

@@ -14,8 +14,9 @@ from pyro.infer.autoguide import AutoNormal
 
 from bench.child import MARKER
 from devicemem.backends.base import Backend
-from devicemem.footprint import PROBE_MARGIN, Footprint, _Measure, _saturation, probe_footprint, technical_footprint
-from devicemem.testing import run_child
+from bayesDREAM_ext.memory import technical_footprint
+from devicemem.footprint import PROBE_MARGIN, Footprint, _Measure, _saturation, probe_footprint
+from tests.support.child import run_child
 
 MB = 10**6
 

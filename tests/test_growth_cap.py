@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from devicemem.testing import cgroup_unavailable_reason, run_child
+from tests.support.child import cgroup_unavailable_reason, run_child
 
 CAP = 3 << 29  # 1.5 GiB
 ROOT = Path(__file__).resolve().parents[1]

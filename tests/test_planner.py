@@ -8,17 +8,15 @@ import logging
 import pytest
 import torch
 
-from devicemem.backends.base import DeviceMemory
+from bayesDREAM_ext.memory import estimate_predictive_memory_and_set_minibatch, plan_technical
+from devicemem.backends import DeviceMemory, MemoryView, SystemProbe
 from devicemem.footprint import Footprint
 from devicemem.planner import (
     CONSERVATIVE_BATCH,
     DEFAULT_SAFETY_FACTOR,
     DEVICEMEM_SAFETY_FACTOR,
     DEVICEMEM_THREADS,
-    Resources,
-    estimate_predictive_memory_and_set_minibatch,
     plan_predictive,
-    plan_technical,
     resolve_threads,
 )
 
@@ -56,14 +54,20 @@ def guide(*args, **kwargs) -> None:
     """Stands in for a guide."""
 
 
+def machine(listing: list[DeviceMemory], environ=None) -> MemoryView:
+    """One reading of a fake machine: a probe that lists these devices, in this environment."""
+    return MemoryView.read(probe=SystemProbe(environ=environ or {}, listing=tuple(listing)))
+
+
 def resources(listing: list[DeviceMemory], footprints: dict[str, Footprint] | None = None, environ=None):
+    """(the planner's keyword arguments for a fake machine and fake footprints, the fake probe)."""
     probe = FakeProbe(footprints or {})
-    return Resources(devices=lambda max_memory: listing, probe=probe, environ=environ or {}), probe
+    return {"view": machine(listing, environ), "measure": probe}, probe
 
 
 def plan(listing, footprints, num_samples=1000, environ=None, **kwargs):
     res, probe = resources(listing, footprints, environ)
-    return plan_predictive(model, guide, num_samples, torch.zeros(3), resources=res, **kwargs), probe
+    return plan_predictive(model, guide, num_samples, torch.zeros(3), **res, **kwargs), probe
 
 
 # --- batch size on one device --------------------------------------------------------------
@@ -182,7 +186,7 @@ def test_auto_falls_back_to_the_host_when_probing_the_gpu_runs_out_of_memory():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return probe(model, guide, *args, device=device, **kwargs)
 
-    result = plan_predictive(model, guide, 100, resources=Resources(res.devices, probe_or_oom, {}))
+    result = plan_predictive(model, guide, 100, view=res["view"], measure=probe_or_oom)
     assert result.device == "cpu" and calls == ["cuda:0", "cpu"]
     assert any("ran out of memory while probing" in r for r in result.reasons)
 
@@ -190,7 +194,7 @@ def test_auto_falls_back_to_the_host_when_probing_the_gpu_runs_out_of_memory():
         raise RuntimeError("not an OOM")
 
     with pytest.raises(RuntimeError, match="not an OOM"):  # other errors are not swallowed
-        plan_predictive(model, guide, 100, resources=Resources(res.devices, broken, {}))
+        plan_predictive(model, guide, 100, view=res["view"], measure=broken)
 
 
 def test_auto_without_gpus_plans_the_host():
@@ -270,7 +274,7 @@ def test_minibatch_size_must_be_a_positive_int(bad):
 def test_plan_predictive_needs_a_guide_or_posterior_samples():
     res, _ = resources([memory("cpu", 10 * GB)])
     with pytest.raises(ValueError, match="guide or posterior_samples"):
-        plan_predictive(model, None, 10, resources=res)
+        plan_predictive(model, None, 10, **res)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +298,7 @@ def test_plan_technical_rejects_bad_input_naming_the_argument(kwargs, name):
     res, _ = resources([memory("cpu", 10 * GB)])
     with pytest.raises(ValueError, match=name):
         plan_technical(args.pop("n_cells"), args.pop("n_features"), args.pop("n_groups"), args.pop("num_samples"),
-                       resources=res, **args)
+                       view=res["view"], **args)
 
 
 # --- the analytic twin, the seed's function and the log lines --------------------------------
@@ -302,31 +306,31 @@ def test_plan_technical_rejects_bad_input_naming_the_argument(kwargs, name):
 
 def test_plan_technical_picks_one_vectorised_batch_for_the_seeds_case():
     res, _ = resources([memory("cpu", 20 * GB)])
-    result = plan_technical(3000, 4000, 2, 1000, resources=res)
+    result = plan_technical(3000, 4000, 2, 1000, view=res["view"])
     assert (result.device, result.batch_size, result.n_batches, result.vectorized) == ("cpu", 1000, 1, True)
 
 
 def test_plan_technical_with_obs_batches_under_the_budget():
     res, _ = resources([memory("cpu", 8 * GB)])
-    result = plan_technical(2000, 2000, 2, 200, with_obs=True, resources=res)
+    result = plan_technical(2000, 2000, 2, 200, with_obs=True, view=res["view"])
     assert result.n_batches > 1 and result.predicted_peak_bytes <= result.budget_bytes
 
 
 def test_seed_function_semantics():
     roomy, _ = resources([memory("cpu", 20 * GB)])
-    assert estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, resources=roomy) == (None, True)
+    assert estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, view=roomy["view"]) == (None, True)
     tight, _ = resources([memory("cpu", 200 * MB)])
-    size, parallel = estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, resources=tight)
+    size, parallel = estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, view=tight["view"])
     assert parallel and 1 <= size < 1000
-    assert estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, minibatch_size=7, resources=roomy) == (7, True)
+    assert estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, minibatch_size=7, view=roomy["view"]) == (7, True)
     unknown, _ = resources([memory("cpu", None)])
-    assert estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, resources=unknown) == (50, False)
+    assert estimate_predictive_memory_and_set_minibatch(3000, 4000, 2, 1000, view=unknown["view"]) == (50, False)
 
 
 def test_memory_lines_in_the_seeds_voice(caplog):
     caplog.set_level(logging.INFO, logger="devicemem")
     res, _ = resources([memory("cpu", 20 * GB, total=32 * GB, limit=24 * GB)])
-    plan_technical(3000, 4000, 2, 1000, resources=res)
+    plan_technical(3000, 4000, 2, 1000, view=res["view"])
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("devicemem")]
     assert lines[0] == "[MEMORY] Available CPU RAM: 20.00 GB usable (limit 24.00 GB from cgroup-v1:/job (memory.limit_in_bytes))"
     assert any(line.startswith("[MEMORY] Estimated peak for 1000 samples on cpu: ") for line in lines)
@@ -352,7 +356,7 @@ def test_plan_technical_caps_host_batches_later_with_more_cores():
     sizes = {}
     for cores in (1, 8):
         res, _ = resources([host(cores)])
-        sizes[cores] = plan_technical(1000, 1000, 2, 200, with_obs=True, resources=res).batch_size
+        sizes[cores] = plan_technical(1000, 1000, 2, 200, with_obs=True, view=res["view"]).batch_size
     assert sizes[8] > sizes[1] * 4
     res, _ = resources([host(8)], environ={DEVICEMEM_THREADS: "1"})
-    assert plan_technical(1000, 1000, 2, 200, with_obs=True, resources=res).batch_size == sizes[1]
+    assert plan_technical(1000, 1000, 2, 200, with_obs=True, view=res["view"]).batch_size == sizes[1]

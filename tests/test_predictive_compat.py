@@ -243,11 +243,11 @@ def test_routing_makes_pyro_infer_predictive_devicemems_and_restores_it():
         with devicemem.routing(progress=False, seed=3):
             routed = pyro.infer.Predictive(plated_model, posterior, None, None, (), True)
             assert isinstance(routed, Predictive) and pyro.infer.predictive.Predictive is pyro.infer.Predictive
-            assert routed.options["seed"] == 3 and routed.parallel is True
-            with devicemem.routing(seed=4, max_memory="1GB"):
+            assert routed.draw_options.seed == 3 and routed.parallel is True
+            with devicemem.routing(seed=4, max_memory="cpu=1GB"):
                 inner = pyro.infer.Predictive(plated_model, posterior_samples=posterior)
-                assert inner.options["seed"] == 4 and inner.options["progress"] is False
-            assert pyro.infer.Predictive(plated_model, posterior).options["seed"] == 3, "the outer route is back"
+                assert inner.draw_options.seed == 4 and inner.draw_options.progress is False
+            assert pyro.infer.Predictive(plated_model, posterior).draw_options.seed == 3, "the outer route is back"
             assert routed()["y"].shape == (4, N, T)
             raise KeyError("inside")
     assert pyro.infer.Predictive is original and pyro.infer.predictive.Predictive is original

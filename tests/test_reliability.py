@@ -16,8 +16,9 @@ from pyro.infer.autoguide import AutoNormal
 
 from bayesDREAM_ext.model import technical_model
 from devicemem.checks import check_finite
-from devicemem.cli import main as devicemem_main
-from devicemem.planner import Plan, plan_technical
+from bayesDREAM_ext.cli import main as ext_main
+from bayesDREAM_ext.memory import plan_technical
+from devicemem.planner import Plan
 from devicemem.predictive import Predictive
 from tests.runner_fakes import make_plan
 
@@ -94,10 +95,12 @@ def test_tiny_max_memory_says_what_is_short():
 
 
 def test_cli_plan_rejects_categories_without_multinomial(capsys):
-    shape = ["plan", "--cells", "10", "--features", "10", "--groups", "2", "--samples", "5"]
-    assert devicemem_main([*shape, "--categories", "3"]) == 2
+    shape = ["plan-predictive", "--cells", "10", "--features", "10", "--groups", "2", "--samples", "5"]
+    with pytest.raises(SystemExit) as exit_info:
+        ext_main([*shape, "--categories", "3"])
+    assert exit_info.value.code == 2
     assert "n_categories: only the multinomial distribution has categories; got 3 with 'negbinom'" in capsys.readouterr().err
-    assert devicemem_main([*shape, "--categories", "3", "--distribution", "multinomial"]) == 0
+    assert ext_main([*shape, "--categories", "3", "--distribution", "multinomial"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -133,7 +136,7 @@ def test_numpy_integers_and_torch_devices_are_accepted(problem):
 def test_a_one_device_list_runs_here_not_on_ray(problem):
     args, guide = problem
     listed = Predictive(technical_model, guide=guide, num_samples=5, seed=2, device=["cpu"], progress=False)
-    assert listed.sharding is None
+    assert listed.memory_options.sharding is None
     expected = Predictive(technical_model, guide=guide, num_samples=5, seed=2, device="cpu", progress=False)(*args)
     got = listed(*args)
     assert listed.plan.device == "cpu"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devicemem.testing import cgroup_unavailable_reason, run_child
+from tests.support.child import cgroup_unavailable_reason, run_child
 
 CAP = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bayesDREAM_ext.model import technical_model
-from devicemem import local, placement
+from devicemem import placement
+from devicemem.execute import local
 from devicemem.predictive import Predictive
 from tests.runner_fakes import CPU_OOM, Faulty, expected_from_report, fake_gpu, make_plan
 

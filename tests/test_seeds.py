@@ -68,7 +68,7 @@ def test_a_seeded_plan_is_not_capped_by_the_probes_timings():
     listing = [memory("cpu", 10 * GB)]
     for reproducible, batch in ((False, 8), (True, 100)):
         res, _ = resources(listing, {"cpu": fp(GB, 10**6, saturation=8)})
-        plan = plan_predictive(lambda: None, lambda: None, 100, device="cpu", resources=res, reproducible=reproducible)
+        plan = plan_predictive(lambda: None, lambda: None, 100, device="cpu", **res, reproducible=reproducible)
         assert plan.batch_size == batch
         assert any("Not capping batches at 8" in reason for reason in plan.reasons) == reproducible
 

@@ -87,3 +87,11 @@ class Backend(ABC):
     @abstractmethod
     def is_oom(self, exc: BaseException) -> bool:
         """Whether ``exc`` is this kind's out-of-memory error."""
+
+
+def limit_source(memory: DeviceMemory) -> str | None:
+    """Where ``memory.limit_bytes`` came from (None when no limit applies)."""
+    if memory.limit_bytes is None:
+        return None
+    limits = memory.sources[1:] if memory.free_bytes is not None else memory.sources
+    return limits[0] if limits else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from devicemem.backends.base import Backend, DeviceMemory
+from devicemem.backends.names import index_of
 from devicemem.backends.probe import SystemProbe
 
 if TYPE_CHECKING:
@@ -135,10 +136,6 @@ def _nvml_readings(probe: SystemProbe, uuids: list[str | None]) -> list[_Reading
             logger.debug("[MEMORY] nvmlShutdown failed: %s", exc)
 
 
-def _index(device: str) -> int:
-    return int(device.partition(":")[2] or 0)
-
-
 def has_context(torch: Any, index: int) -> bool:
     """Whether this process has a CUDA context on device ``index``: none before torch
     initialises CUDA; after, as the driver says (assumed when torch cannot ask)."""
@@ -202,7 +199,7 @@ class CudaBackend(Backend):
         count = cuda.device_count()
         initialized = cuda.is_initialized()  # before the UUID query initialises it
         contexts = [has_context(torch, index) for index in range(count)]
-        current = _index(self.current_device(probe))
+        current = index_of(self.current_device(probe))
         readings = _nvml_readings(probe, [_uuid(cuda, index) for index in range(count)])
         found = []
         for index, reading in enumerate(readings):
@@ -257,27 +254,27 @@ class CudaBackend(Backend):
     def torch_device(self, device: str) -> torch.device:
         import torch
 
-        return torch.device("cuda", _index(device))
+        return torch.device("cuda", index_of(device))
 
     def reset_peak(self, device: str) -> None:
         """Start a peak window; before torch initialises CUDA there is nothing to reset."""
         cuda = self.probe.torch.cuda
         if cuda.is_initialized():
-            cuda.reset_peak_memory_stats(_index(device))
+            cuda.reset_peak_memory_stats(index_of(device))
 
     def current_bytes(self, device: str) -> int | None:
         """Bytes torch's caching allocator holds on the device (reserved, not only allocated)."""
-        return int(self.probe.torch.cuda.memory_reserved(_index(device)))
+        return int(self.probe.torch.cuda.memory_reserved(index_of(device)))
 
     def peak_bytes(self, device: str) -> int | None:
-        return int(self.probe.torch.cuda.max_memory_reserved(_index(device)))
+        return int(self.probe.torch.cuda.max_memory_reserved(index_of(device)))
 
     def empty_cache(self, device: str) -> None:
         """Wait for the device's in-flight work (copies into host memory among it), collect
         garbage (tensors in reference cycles still hold their blocks), hand cached blocks back.
         A device without this process's context has nothing cached and is left alone."""
         torch = self.probe.torch
-        index = _index(device)
+        index = index_of(device)
         if not has_context(torch, index):
             return
         with torch.cuda.device(index):

@@ -49,6 +49,8 @@ class SystemProbe:
     - ``affinity``: the CPUs this process may run on (``os.sched_getaffinity``), or None where
       the platform cannot say.
     - ``cpu_count``: the machine's logical CPUs (``os.cpu_count``), or None.
+    - ``listing``: devices (``DeviceMemory`` records) to report as they are instead of asking
+      the backends: tests, and planning for another machine (``bayesdream-ext plan --assume``).
     """
 
     root: Path = Path("/")
@@ -60,6 +62,7 @@ class SystemProbe:
     pid: int | None = None
     affinity: Callable[[], set[int]] | None = None
     cpu_count: Callable[[], int | None] = _none
+    listing: tuple[Any, ...] | None = None
 
     @classmethod
     def default(cls) -> SystemProbe:

@@ -1,4 +1,4 @@
-"""devicemem.testing: the capped-child runner every memory claim in tests and bench relies on."""
+"""tests.support.child: the capped-child runner every memory claim in tests and bench relies on."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from devicemem.testing import cgroup_unavailable_reason, run_child
+from tests.support.child import cgroup_unavailable_reason, run_child
 
 ALLOC_300MB = "import numpy as np; a = np.ones(300_000_000 // 8); a.sum()"
 

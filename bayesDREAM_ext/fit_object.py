@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bayesDREAM_ext.counts import Counts, issparse
 from bayesDREAM_ext.data import exclusion_masks
-from bayesDREAM_ext.sparsity import issparse
 
 if TYPE_CHECKING:
-    from bayesDREAM_ext.fit import TechnicalFit
+    from bayesDREAM_ext.records import TechnicalFit
 
 logger = logging.getLogger("devicemem.bayesdream")
 
@@ -172,8 +172,8 @@ def read_inputs(model_obj: Any, sum_factor_col: str | None, modality: str | None
 
 def feature_flags(inputs: ObjectInputs, n_groups: int) -> dict[str, np.ndarray]:
     """bayesDREAM's per-feature flag columns (one value per feature of ``inputs.counts``)."""
-    counts = np.moveaxis(inputs.counts, 1, 0)
-    denominator = None if inputs.denominator is None else np.moveaxis(inputs.denominator, 1, 0)
+    counts = Counts(torch.from_numpy(np.moveaxis(inputs.counts, 1, 0)))
+    denominator = None if inputs.denominator is None else Counts(torch.from_numpy(np.moveaxis(inputs.denominator, 1, 0)))
     masks = exclusion_masks(counts, inputs.groups, denominator, inputs.distribution, n_groups)
     flags = {
         column: np.logical_or.reduce([masks[r] for r in reasons if r in masks] or [np.zeros(counts.shape[1], bool)])

@@ -42,16 +42,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from devicemem import local
-from devicemem.backends import device_memory, devices, get_backend, parse_max_memory, split_device
+from devicemem.backends import MemoryView, get_backend, split_device
+from devicemem.backends.names import HOST
+from devicemem.execute import local
+from devicemem.execute.local import BatchRecord
+from devicemem.execute.request import Request, Selection, choose_sites
+from devicemem.options import DrawOptions, MemoryOptions, OutputOptions, RayOptions, import_ray, requested_devices
+from devicemem.output.admission import check_host
+from devicemem.output.moments import Moments
+from devicemem.output.sink import Sink
 from devicemem.placement import parameters_on, to_device
 from devicemem.planner import Plan
-from devicemem.results import HOST, STATISTICS, BatchRecord, Moments, Sink, check_host
 from devicemem.units import format_bytes
 
-logger = logging.getLogger("devicemem.distributed")
+logger = logging.getLogger("devicemem.execute.ray")
 
-INSTALL_HINT = "pip install 'devicemem[ray]'"
 RESOURCE_PREFIX = "devicemem:"
 _NOSET_CUDA = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
 
@@ -62,38 +67,6 @@ class ShardError(RuntimeError):
     def __init__(self, message: str, shard: Shard) -> None:
         super().__init__(message)
         self.shard = shard
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How a sharded run uses Ray; ``backend="ray"`` means ``RayOptions()``.
-
-    - ``num_shards``: shards to split the samples into; None: one per device slot.
-    - ``max_retries``: Ray's retries of a task whose worker or node died (Ray's default, 3).
-    - ``cpus_per_shard``: Ray CPUs a CPU shard takes; its torch threads and its share of the
-      node's host memory (``cpus_per_shard / node CPUs``) follow from it.
-    - ``worker_setup``: called with the :class:`Shard` in the worker before the shard runs
-      (register a backend there, set logging, inject faults in tests); must pickle.
-    """
-
-    num_shards: int | None = None
-    max_retries: int = 3
-    cpus_per_shard: float = 1.0
-    worker_setup: Callable[[Shard], None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_shards is not None and (
-            isinstance(self.num_shards, bool) or not isinstance(self.num_shards, int) or self.num_shards < 1
-        ):
-            raise ValueError(f"num_shards: expected None or a positive integer; got {self.num_shards!r}")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < -1:
-            raise ValueError(f"max_retries: expected a non-negative integer (-1: retry forever); got {self.max_retries!r}")
-        if isinstance(self.cpus_per_shard, bool) or not isinstance(self.cpus_per_shard, (int, float)) or not (
-            self.cpus_per_shard > 0
-        ):
-            raise ValueError(f"cpus_per_shard: expected a positive number of Ray CPUs; got {self.cpus_per_shard!r}")
-        if self.worker_setup is not None and not callable(self.worker_setup):
-            raise ValueError(f"worker_setup: expected None or a callable taking the Shard; got {self.worker_setup!r}")
 
 
 @dataclass(frozen=True)
@@ -135,7 +108,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One finished shard, with the fields of :class:`~devicemem.results.BatchRecord` first.
+    """One finished shard, with the fields of :class:`~devicemem.execute.local.BatchRecord` first.
 
     ``device`` is the device as its node names it ("cuda:3" for Ray's GPU 3), ``node`` the
     node's IP address; ``peak_bytes`` and ``retries`` are the maximum and the sum over the
@@ -170,84 +143,32 @@ class _ShardOutput:
 
 @dataclass(frozen=True)
 class _Job:
-    """Everything a shard task needs besides the shared objects (model, guide, args)."""
+    """Everything a shard task needs besides the shared objects (model, guide, args): its shard,
+    and the call's option records as the driver checked them (its worker reads its own memory)."""
 
     shard: Shard
-    seed: int | None
     return_sites: Collection[str] | None
-    parallel: bool | None
-    on_device: Callable[[torch.device], None] | None
+    memory: MemoryOptions
+    draw: DrawOptions
     reduce: tuple[str, ...]
-    minibatch_size: int | None
-    safety_factor: float | None
-    max_memory: Any
-    cpus_per_shard: float
-    worker_setup: Callable[[Shard], None] | None
-    validate: bool
-    allow_nonfinite: bool
+
+    @property
+    def threads(self) -> int:
+        """The shard's torch and draw threads: its Ray CPUs."""
+        assert self.memory.sharding is not None
+        return max(1, int(self.memory.sharding.cpus_per_shard))
+
+    def request(self, model: Callable[..., Any], guide: Any, posterior: dict[str, Tensor]) -> Request:
+        """The single-device request the worker runs: the shard's samples on its slot's device."""
+        return Request(
+            model, guide, posterior, self.shard.size, self.return_sites,
+            memory=dataclasses.replace(self.memory, device=self.shard.slot.device, sharding=None),
+            draw=dataclasses.replace(self.draw, progress=False, threads=self.threads),
+            output=OutputOptions().reducing_all(self.reduce), with_observed=False, first_sample=self.shard.start,
+        )
 
 
 # --- choosing the backend and the slots --------------------------------------------------------
-
-
-def import_ray() -> ModuleType:
-    """The ``ray`` module; ImportError saying how to install it when it is missing."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise ImportError(f"backend='ray' and multi-device runs need Ray: {INSTALL_HINT} (Ray >= 2.9)") from exc
-    return ray
-
-
-def local_device(device: Any, backend: Any) -> Any:
-    """``device`` as :class:`devicemem.Predictive` passes it on: a ``torch.device`` as its name
-    and, when no backend is asked for, a list of one device as that device, which then runs in
-    this process (a one-shard Ray cluster would only add its start-up). Lists of several
-    devices, ``"all"`` and ``backend="ray"`` shard over Ray. ValueError for a name it cannot read."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    elif isinstance(device, (list, tuple)):
-        device = [str(d) if isinstance(d, torch.device) else d for d in device]
-    names = _requested(device)
-    if backend is None and isinstance(device, list) and len(names) == 1 and names[0] != "all":
-        return names[0]
-    return device
-
-
-def check_backend(backend: Any, device: Any, plan: Plan | None = None) -> RayOptions | None:
-    """The Ray options ``Predictive(device=..., backend=..., plan=...)`` runs with, or None for
-    the single-device path. ValueError for a backend or device it cannot read, or a ``plan``
-    (one device's) with shards; ImportError with the install command when Ray is missing."""
-    if backend is None and isinstance(device, str) and device != "all":
-        return None
-    if backend is None or backend == "ray":
-        options = RayOptions()
-    elif isinstance(backend, RayOptions):
-        options = backend
-    else:
-        raise ValueError(f"backend: expected None, 'ray' or a devicemem.distributed.RayOptions; got {backend!r}")
-    _requested(device)
-    if plan is not None:
-        raise ValueError("plan: a sharded run (Ray, device='all' or a device list) plans each shard on its own device")
-    import_ray()
-    return options
-
-
-def _requested(device: Any) -> list[str]:
-    """``device`` as a list of names; ValueError for anything else."""
-    names = [device] if isinstance(device, str) else device
-    form = "'auto', 'all', 'cpu', 'cuda', a device like 'cuda:1', or a list of devices"
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"device: expected {form}; got {device!r}")
-    cleaned = [n.strip().lower() for n in names]
-    if len(set(cleaned)) != len(cleaned):
-        raise ValueError(f"device: {device!r} names a device twice")
-    for name in cleaned:
-        if name not in ("auto", "all"):
-            split_device(name, "device")
-    if len(cleaned) > 1 and {"auto", "all"} & set(cleaned):
-        raise ValueError(f"device: 'auto' and 'all' stand alone, not in a list; got {device!r}")
-    return cleaned
 
 
 def _slots(names: list[str], cluster: Mapping[str, float], cpus_per_shard: float) -> list[Slot]:
@@ -288,9 +209,9 @@ def split(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _connect(ray: ModuleType) -> None:
+def _connect(ray: ModuleType, view: MemoryView) -> None:
     """Use the initialised Ray, else RAY_ADDRESS / a local ``ray start`` cluster, else start
-    a local instance offering ``devicemem:<device>`` for every accelerator this process sees."""
+    a local instance offering ``devicemem:<device>`` for every accelerator ``view`` holds."""
     if ray.is_initialized():
         return
     try:
@@ -299,7 +220,7 @@ def _connect(ray: ModuleType) -> None:
         return
     except ConnectionError:
         pass
-    named = {RESOURCE_PREFIX + memory.device: 1.0 for memory in devices() if memory.device != HOST}
+    named = {RESOURCE_PREFIX + memory.device: 1.0 for memory in view.devices if memory.device != HOST}
     ray.init(resources=named)
     logger.info(
         "[MEMORY] started a local Ray instance (%s); it stays up for later runs, ray.shutdown() ends it",
@@ -318,18 +239,20 @@ def _node_cpus(ray: ModuleType) -> float | None:
     return None
 
 
-def _host_share(ray: ModuleType, job: _Job) -> Any:
-    """``max_memory`` for a CPU shard: the user's caps, with the host capped at this task's
-    share of the node (its CPUs / the node's CPUs), since the node's CPU shards share its RAM."""
-    node_cpus = _node_cpus(ray)
-    usable = device_memory(HOST, max_memory=job.max_memory).usable_bytes
+def _shard_view(ray: ModuleType, job: _Job) -> MemoryView:
+    """The shard's one memory reading, of its worker's machine with the user's caps; a CPU
+    shard's host is capped at its share of the node (its CPUs / the node's CPUs), since the
+    node's CPU shards share its RAM."""
+    view = MemoryView.read(job.memory.max_memory)
+    node_cpus = _node_cpus(ray) if job.shard.slot.device == HOST else None
+    usable = view.host.usable_bytes
     if not node_cpus or usable is None:
-        return job.max_memory
-    caps: dict[str, Any] = {key: size for key, (size, _) in parse_max_memory(job.max_memory, {}).items()}
-    caps[HOST] = int(usable * min(1.0, job.cpus_per_shard / node_cpus))
-    logger.info("[MEMORY] %s: %s of host memory (%g of the node's %g CPUs)", job.shard, format_bytes(caps[HOST]),
-                job.cpus_per_shard, node_cpus)
-    return caps
+        return view
+    cpus = job.memory.sharding.cpus_per_shard if job.memory.sharding is not None else 1.0
+    share = int(usable * min(1.0, cpus / node_cpus))
+    logger.info("[MEMORY] %s: %s of host memory (%g of the node's %g CPUs)", job.shard, format_bytes(share),
+                cpus, node_cpus)
+    return view.capped(HOST, share, "override:max_memory")
 
 
 def _node_device(ray: ModuleType, slot: Slot) -> str:
@@ -399,29 +322,20 @@ def _run_shard(
 
     shard = job.shard
     guide = _guide(ray, guide_box[0])
-    if job.worker_setup is not None:
-        job.worker_setup(shard)
-    max_memory = job.max_memory
+    if job.memory.sharding is not None and job.memory.sharding.worker_setup is not None:
+        job.memory.sharding.worker_setup(shard)
     if shard.slot.device == HOST:
-        torch.set_num_threads(max(1, int(job.cpus_per_shard)))
-        max_memory = _host_share(ray, job)
+        torch.set_num_threads(job.threads)
+    view = _shard_view(ray, job)
     pyro.clear_param_store()
     if params is not None:
         pyro.get_param_store().set_state(params)
-    request = local.Request(
-        model, guide, posterior, shard.size, return_sites=job.return_sites, parallel=job.parallel,
-        device=shard.slot.device, on_device=job.on_device, with_observed=False,
-        minibatch_size=job.minibatch_size, safety_factor=job.safety_factor, max_memory=max_memory,
-        seed=job.seed, first_sample=shard.start, progress=False,
-        reduce={name: STATISTICS for name in job.reduce}, validate=job.validate,
-        allow_nonfinite=job.allow_nonfinite,
-        threads=max(1, int(job.cpus_per_shard)),
-    )
+    request = job.request(model, guide, posterior)
     report: list[BatchRecord] = []
     plan = None
     began = time.perf_counter()
     try:
-        results, plan = local.run(request, args, kwargs, report)
+        results, plan = local.run(request, args, kwargs, report, view)
     finally:
         pyro.clear_param_store()
         if plan is not None:
@@ -449,13 +363,14 @@ def _remote(ray: ModuleType, gpu: bool, accelerator: bool) -> Any:
 class _Collector:
     """Receives shard outputs in any order and stores each one exactly once, in sample order."""
 
-    def __init__(self, request: local.Request, selection: local.Selection) -> None:
+    def __init__(self, request: Request, selection: Selection) -> None:
         self.request = request
         self.order = selection.order
-        stored = {name: site for name, site in selection.drawn.items() if name not in request.reduce}
-        constants = {name: value for name, value in selection.constants.items() if name not in request.reduce}
-        self.sink = Sink(stored, {}, request.num_samples, request.out, stage=False, constants=constants)
-        self.moments = {name: Moments() for name in request.reduce}
+        reduce = request.output.reduce
+        stored = {name: site for name, site in selection.drawn.items() if name not in reduce}
+        constants = {name: value for name, value in selection.constants.items() if name not in reduce}
+        self.sink = Sink(stored, {}, request.num_samples, request.output.out, stage=False, constants=constants)
+        self.moments = {name: Moments() for name in reduce}
         self.done: dict[int, ShardRecord] = {}
 
     def store(self, shard: Shard, output: _ShardOutput) -> ShardRecord:
@@ -484,7 +399,7 @@ class _Collector:
         if missing:
             raise RuntimeError(f"shards never stored: {', '.join(missing)}")
         result = self.sink.result(self.order)
-        for name, statistics in self.request.reduce.items():
+        for name, statistics in self.request.output.reduce.items():
             for statistic in statistics:
                 result[f"{name}:{statistic}"] = self.moments[name].result(statistic)
         return result
@@ -504,15 +419,18 @@ def _failure(ray: ModuleType, shard: Shard, exc: BaseException, max_retries: int
 
 
 def run(
-    request: local.Request, options: RayOptions, args: tuple, kwargs: dict, report: list[ShardRecord]
+    request: Request, args: tuple, kwargs: dict, report: list[ShardRecord]
 ) -> dict[str, Tensor]:
     """The results of ``request`` drawn in shards on Ray; ``report`` receives one
     :class:`ShardRecord` per shard in sample order (each holds the plan its shard made)."""
     ray = import_ray()
-    names = _requested(request.device)
-    selection = local.choose_sites(request, args, kwargs)
-    check_host(selection.drawn, request.reduce, request.num_samples, request.out, request.max_memory)
-    _connect(ray)
+    options = request.memory.sharding
+    assert options is not None  # the options made this a sharded run
+    names = requested_devices(request.memory.device)
+    view = request.memory.view()
+    selection = choose_sites(request, args, kwargs, view)
+    check_host(selection.drawn, request.output.reduce, request.num_samples, request.output.out, view.host)
+    _connect(ray, view)
     slots = _slots(names, ray.cluster_resources(), options.cpus_per_shard)
     ranges = split(request.num_samples, options.num_shards or len(slots))
     shards = [Shard(k, len(ranges), a, b, slots[k % len(slots)]) for k, (a, b) in enumerate(ranges)]
@@ -524,7 +442,7 @@ def run(
     pending = _submit(ray, request, options, shards, args, kwargs)
     records: list[ShardRecord] = []
     try:
-        with tqdm(total=request.num_samples, unit="sample", disable=not request.progress,
+        with tqdm(total=request.num_samples, unit="sample", disable=not request.draw.progress,
                   desc=f"Predictive [ray: {len(slots)} slot(s)]") as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -549,7 +467,7 @@ def run(
 
 
 def _submit(
-    ray: ModuleType, request: local.Request, options: RayOptions, shards: list[Shard], args: tuple, kwargs: dict
+    ray: ModuleType, request: Request, options: RayOptions, shards: list[Shard], args: tuple, kwargs: dict
 ) -> dict[Any, Shard]:
     """Put the shared objects once (on the host) and start one task per shard."""
     with parameters_on(HOST, request.guide):
@@ -557,15 +475,10 @@ def _submit(
         params_ref = ray.put(pyro.get_param_store().get_state() if pyro.get_param_store().keys() else None)
     model_ref = ray.put(request.model)
     args_ref, kwargs_ref = ray.put(to_device(args, HOST)), ray.put(to_device(kwargs, HOST))
+    memory = dataclasses.replace(request.memory, probe=None)  # each worker reads its own machine
     pending = {}
     for shard in shards:
-        job = _Job(
-            shard=shard, seed=request.seed, return_sites=request.return_sites, parallel=request.parallel,
-            on_device=request.on_device, reduce=tuple(request.reduce),
-            minibatch_size=request.minibatch_size, safety_factor=request.safety_factor, max_memory=request.max_memory,
-            cpus_per_shard=options.cpus_per_shard, worker_setup=options.worker_setup, validate=request.validate,
-            allow_nonfinite=request.allow_nonfinite,
-        )
+        job = _Job(shard, request.return_sites, memory, request.draw, tuple(request.output.reduce))
         posterior = to_device({n: v[shard.start : shard.stop] for n, v in request.posterior_samples.items()}, HOST)
         slot = shard.slot
         task_options: dict[str, Any] = {"num_cpus": slot.num_cpus, "max_retries": options.max_retries}
