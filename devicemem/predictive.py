@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
+import pyro.infer.predictive
 import torch
 from torch import Tensor
 
@@ -21,6 +22,27 @@ from devicemem.checks import check_int, check_path, check_site_names
 from devicemem.planner import Plan
 from devicemem.results import STATISTICS, BatchRecord
 from devicemem.sampling import PYRO_LOCK
+
+
+# Pyro's class, bound before any devicemem.routing() can replace the module attribute.
+_PYRO_PREDICTIVE = pyro.infer.predictive.Predictive
+# functorch's transforms by the interpreter that runs them.
+_FUNCTORCH_TRANSFORMS = {
+    "Functionalize": "torch.func.functionalize", "Grad": "torch.func.grad (or vjp)", "Jvp": "torch.func.jvp",
+    "Vmap": "torch.func.vmap",
+}
+
+
+def active_transform() -> str | None:
+    """The name of the torch transform running this code: ``torch.jit.trace``, a ``torch.func``
+    transform (functionalize, grad/vjp, jvp, vmap; read from functorch's interpreter stack, as
+    torch has no public predicate for them), else None."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None:
+        return _FUNCTORCH_TRANSFORMS.get(interpreter.key().name, f"torch.func ({interpreter.key().name})")
+    return None
 
 
 def _check_reduce(reduce: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -138,6 +160,12 @@ class Predictive(torch.nn.Module):
       device each (see :mod:`devicemem.distributed`); needs ``pip install 'devicemem[ray]'``.
       A list of one device runs here, as that device would.
 
+    Under ``torch.jit.trace`` and the ``torch.func`` transforms (functionalize, grad, vjp, jvp,
+    vmap; see :func:`active_transform`) a call runs ``pyro.infer.Predictive``'s own code on the
+    same model, guide, samples, ``return_sites`` and ``parallel`` (None as Pyro's default,
+    False), so it traces and transforms as Pyro's does; ``out``, ``reduce``, ``resume``,
+    ``seed`` and sharding cannot be honoured there and raise ValueError naming the transform.
+
     Threads: Pyro's handler stack and the RNG are global to the process, so calls from several
     threads are serialised by one process-wide lock (``devicemem.sampling.PYRO_LOCK``, also
     held by the planner's probe): each returns what it would alone, one after the other.
@@ -226,13 +254,43 @@ class Predictive(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Samples of the predictive distribution for the model's ``*args, **kwargs``: by
         default the sample sites not in ``posterior_samples`` (every one with a guide)."""
+        transform = active_transform()
         with PYRO_LOCK:
             self.report = []
+            if transform is not None:
+                self.plan = None
+                return self._pyro_forward(transform, args, kwargs)
             if self.sharding is not None:
                 self.plan = None
                 return distributed.run(self._request(), self.sharding, args, kwargs, self.report)
             samples, self.plan = local.run(self._request(), args, kwargs, self.report)
             return samples
+
+    def _pyro_forward(self, transform: str, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        """Pyro's Predictive on this call, under ``transform``. devicemem's own path cannot run
+        there: its planner and the ``parallel=None`` check catch exceptions from torch ops, and
+        an op that raises under ``torch.jit.trace`` abandons the trace (the tracer then
+        dereferences a null state: a segfault); it moves parameters with ``.data`` swaps and
+        ``Tensor.to``, which a functorch transform answers with wrapped tensors; it measures
+        storages (functional tensors have no data pointer) and draws on worker threads."""
+        options = self.options
+        refused = [
+            name for name, given in (
+                ("out", options["out"] is not None), ("reduce", bool(options["reduce"])),
+                ("resume", options["resume"]), ("seed", options["seed"] is not None),
+                ("sharding (device list, 'all' or backend)", self.sharding is not None),
+            ) if given
+        ]
+        if refused:
+            raise ValueError(
+                f"devicemem.Predictive under {transform} runs pyro.infer.Predictive's own code, which cannot honour "
+                f"{', '.join(refused)}; call it outside {transform}, or leave these options out"
+            )
+        pyro_predictive = _PYRO_PREDICTIVE(
+            self.model, posterior_samples=self.posterior_samples or None, guide=self.guide,
+            num_samples=self.num_samples, return_sites=self.return_sites, parallel=bool(self.parallel),
+        )
+        return pyro_predictive(*args, **kwargs)
 
     def call(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
         """:meth:`forward`'s values as a tuple sorted by name, as Pyro's ``call``."""
