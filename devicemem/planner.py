@@ -227,9 +227,11 @@ def _find(listing: list[DeviceMemory], device: str) -> DeviceMemory:
 
 
 def _is_oom(device: str, exc: BaseException) -> bool:
+    """``device``'s out-of-memory error, or a MemoryError (Python's or numpy's allocation failed
+    on the host, whatever device was probed)."""
     from devicemem.backends import get_backend
 
-    return get_backend(device).is_oom(exc)
+    return isinstance(exc, MemoryError) or get_backend(device).is_oom(exc)
 
 
 def _batches(num_samples: int, batch_size: int) -> tuple[int, int]:
@@ -277,8 +279,16 @@ def _decide(
         try:
             footprint = footprint_for(memory.device, int(factor * memory.usable_bytes))
         except Exception as exc:
-            if last or not _is_oom(memory.device, exc):
+            if not _is_oom(memory.device, exc):
                 raise
+            if last:  # not even the probe's first, smallest batch ran: one sample at a time is all that is left
+                reasons.add(
+                    f"{memory.device} ran out of memory in the probe's first batch ({type(exc).__name__}); drawing "
+                    "one sample at a time", logging.WARNING,
+                )
+                budget = int(factor * memory.usable_bytes) - ((output_bytes or 0) if memory.device == HOST else 0)
+                return Plan(memory.device, num_samples, 1, num_samples, False, None, budget, factor, output_bytes,
+                            tuple(reasons.lines))
             reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
             continue
         if output_bytes is None and footprint.output_per_sample_bytes is not None:
