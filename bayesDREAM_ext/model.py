@@ -70,7 +70,10 @@ class TechnicalNegativeBinomial(dist.NegativeBinomial):
 
 def _effect_prior(scale: Tensor | float, like: Tensor) -> dist.StudentT:
     """StudentT(df=3, 0, scale): bayesDREAM's prior on every technical effect."""
-    return dist.StudentT(torch.tensor(EFFECT_DF, device=like.device), torch.zeros((), device=like.device), scale)
+    return dist.StudentT(
+        torch.tensor(EFFECT_DF, device=like.device, dtype=like.dtype), torch.zeros((), device=like.device, dtype=like.dtype),
+        scale,
+    )
 
 
 def _effects(n_groups: int, features: pyro.plate, scale: Tensor | float, like: Tensor, multiplicative: bool) -> Tensor:
@@ -148,7 +151,7 @@ def technical_model(
     features = pyro.plate(FEATURE_PLATE, n_features, dim=-1)
     log2_full = _effects(n_groups, features, EFFECT_SCALE, mu_prior_mean, multiplicative=True)
     beta_o = pyro.sample(
-        "beta_o", dist.Gamma(torch.tensor(beta_o_alpha, device=mu_prior_mean.device), beta_o_beta)
+        "beta_o", dist.Gamma(torch.tensor(beta_o_alpha, device=mu_prior_mean.device, dtype=mu_prior_mean.dtype), beta_o_beta)
     )
     with features:
         o_y = pyro.sample("o_y", dist.Exponential(beta_o))
@@ -192,7 +195,7 @@ def gaussian_technical_model(
         return
     loc = mu_ntc + add_full[..., groups, :]
     if studentt:
-        likelihood = dist.StudentT(torch.tensor(EFFECT_DF, device=loc.device), loc, sigma_y)
+        likelihood = dist.StudentT(torch.tensor(EFFECT_DF, device=loc.device, dtype=loc.dtype), loc, sigma_y)
     else:
         likelihood = dist.Normal(loc, sigma_y)
     with pyro.plate("cell_plate", groups.shape[0], dim=-2), features:
@@ -260,7 +263,7 @@ def multinomial_technical_model(
             alpha = pyro.deterministic("alpha_logits_y_centered", alpha)
         alpha_full = torch.cat([torch.zeros_like(alpha[..., :1, :, :]), alpha], dim=-3)
     else:
-        alpha_full = torch.zeros((1, n_features, n_categories), device=concentration.device)
+        alpha_full = torch.zeros((1, n_features, n_categories), device=concentration.device, dtype=concentration.dtype)
     with features:
         probs_raw = pyro.sample("probs_baseline_raw", dist.Dirichlet(concentration))
         probs = probs_raw * active

@@ -263,7 +263,16 @@ def decide(
     def gave_way(memory: DeviceMemory, error: str) -> None:
         reasons.add(f"{memory.device} ran out of memory while probing the footprint; trying {HOST}")
 
-    return view.pick(device, plan_on, gave_way)
+    def one_at_a_time(memory: DeviceMemory, error: str) -> Plan:
+        reasons.add(
+            f"{memory.device} ran out of memory in the probe's first batch ({error}); drawing one sample at a time",
+            logging.WARNING,
+        )
+        room = budget(memory, factor) - ((output_bytes or 0) if memory.device == HOST else 0)
+        return Plan(memory.device, num_samples, 1, num_samples, False, None, room, factor, output_bytes,
+                    tuple(reasons.lines))
+
+    return view.pick(device, plan_on, gave_way, one_at_a_time)
 
 
 def _given_batches(

@@ -20,6 +20,7 @@ from devicemem.backends import MemoryView, SystemProbe
 from devicemem.checks import check_int, check_site_names
 from devicemem.execute import local
 from devicemem.execute import ray as sharded
+from devicemem.execute import transformed
 from devicemem.execute.local import BatchRecord
 from devicemem.execute.request import Request
 from devicemem.options import DrawOptions, MemoryOptions, OutputOptions
@@ -115,6 +116,13 @@ class Predictive(torch.nn.Module):
       device each (see :mod:`devicemem.execute.ray`); needs ``pip install 'devicemem[ray]'``.
       A list of one device runs here, as that device would.
 
+    Under ``torch.jit.trace`` and the ``torch.func`` transforms (functionalize, grad, vjp, jvp,
+    vmap) a call runs ``pyro.infer.Predictive``'s own code on the same model, guide, samples,
+    ``return_sites`` and ``parallel`` (None as Pyro's default, False), so it traces and
+    transforms as Pyro's does (:mod:`devicemem.execute.transformed`); ``out``, ``reduce``,
+    ``resume``, ``seed`` and sharding cannot be honoured there and raise ValueError naming the
+    transform.
+
     Threads: Pyro's handler stack and the RNG are global to the process, so calls from several
     threads are serialised by one process-wide lock (``devicemem.sampling.PYRO_LOCK``, also
     held by the planner's probe): each returns what it would alone, one after the other.
@@ -188,8 +196,12 @@ class Predictive(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Samples of the predictive distribution for the model's ``*args, **kwargs``: by
         default the sample sites not in ``posterior_samples`` (every one with a guide)."""
+        transform = transformed.active_transform()
         with PYRO_LOCK:
             self.report = []
+            if transform is not None:
+                self.plan = None
+                return transformed.run(self._request(), transform, args, kwargs)
             if self.memory_options.sharding is not None:
                 self.plan = None
                 return sharded.run(self._request(), args, kwargs, self.report)

@@ -197,6 +197,26 @@ def test_auto_falls_back_to_the_host_when_probing_the_gpu_runs_out_of_memory():
         plan_predictive(model, guide, 100, view=res["view"], measure=broken)
 
 
+def test_a_memory_error_in_the_probes_first_batch_leads_to_one_sample_at_a_time(caplog):
+    """Python's MemoryError (no message) is an out-of-memory error of any device: the GPU's
+    probe moves to the host, and on the host (the last candidate) the plan draws one sample at
+    a time instead of re-raising it."""
+    listing = [memory("cpu", 64 * GB), memory("cuda:0", 4 * GB)]
+    res, _ = resources(listing)
+    calls = []
+
+    def probe_oom(model, guide, *args, device, **kwargs):
+        calls.append(device)
+        raise MemoryError()
+
+    with caplog.at_level(logging.WARNING, logger="devicemem"):
+        result = plan_predictive(model, guide, 100, view=res["view"], measure=probe_oom)
+    assert calls == ["cuda:0", "cpu"]
+    assert (result.device, result.batch_size, result.n_batches, result.vectorized) == ("cpu", 1, 100, False)
+    assert result.budget_bytes is not None and result.budget_bytes > 0
+    assert "cpu ran out of memory in the probe's first batch (MemoryError); drawing one sample at a time" in caplog.text
+
+
 def test_auto_without_gpus_plans_the_host():
     result, _ = plan([memory("cpu", 10 * GB)], {"cpu": fp(0, 1 * MB)})
     assert result.device == "cpu"

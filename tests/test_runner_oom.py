@@ -91,6 +91,39 @@ def test_host_oom_at_one_sample_ends_in_a_memory_error_with_advice(problem):
     assert faulty.failed == [2, 1]
 
 
+def test_memory_error_in_the_two_sample_vectorisation_check_draws_one_sample_at_a_time(problem, caplog):
+    args, guide = problem
+    faulty = Faulty(technical_model, MemoryError, fail_calls=(1,))  # the first vectorised run: parallel=None's check
+    with caplog.at_level(logging.INFO, logger="devicemem"):
+        runner = Predictive(faulty, guide=guide, num_samples=6, seed=4, progress=False)
+        result = runner(*args)
+    assert faulty.failed == [2]
+    assert (runner.plan.batch_size, runner.plan.vectorized) == (1, False) and sum(r.size for r in runner.report) == 6
+    assert "parallel=None: two vectorised samples ran out of memory (MemoryError)" in caplog.text
+    assert result["y_obs"].shape[0] == 6 and bool(torch.all(result["o_y"] > 0))
+
+
+def test_memory_error_in_the_first_probe_batch_plans_one_sample_at_a_time(problem, caplog):
+    args, guide = problem
+    faulty = Faulty(technical_model, MemoryError, fail_calls=(1,))  # parallel=True: the probe's first batch
+    with caplog.at_level(logging.WARNING, logger="devicemem"):
+        runner = Predictive(faulty, guide=guide, parallel=True, num_samples=6, seed=4, progress=False)
+        result = runner(*args)
+    assert faulty.failed == [1] and set(faulty.sizes[1:]) == {1}, "after the probe, plates of one sample"
+    assert (runner.plan.batch_size, runner.plan.n_batches, runner.plan.vectorized) == (1, 6, False)
+    assert "ran out of memory in the probe's first batch (MemoryError); drawing one sample at a time" in caplog.text
+    _assert_exact(technical_model, guide, runner, result, 4, args, 6)
+
+
+def test_memory_error_in_every_vectorised_draw_ends_in_a_memory_error_with_advice(problem):
+    args, guide = problem
+    faulty = Faulty(technical_model, MemoryError, too_big=lambda size: True)
+    runner = Predictive(faulty, guide=guide, parallel=True, num_samples=4, progress=False)
+    with pytest.raises(MemoryError, match=r"out of host memory drawing one sample \(sample 0 of 4\).*out=DIR"):
+        runner(*args)
+    assert faulty.failed == [1, 1], "the probe's first batch, then one sample of the smaller plan"
+
+
 def test_other_errors_are_not_retried(problem):
     args, guide = problem
     faulty = Faulty(technical_model, lambda: ValueError("a bug in the model"), fail_calls=(2,))

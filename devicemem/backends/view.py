@@ -194,11 +194,15 @@ class MemoryView:
     def pick(
         self, device: Any, fits: Callable[[DeviceMemory, bool], T | None],
         gave_way: Callable[[DeviceMemory, str], None] | None = None,
+        exhausted: Callable[[DeviceMemory, str], T] | None = None,
     ) -> T:
         """The first result of ``fits(memory, last)`` over :meth:`candidates`, in order: None,
         or an out-of-memory error on any candidate but the last (:func:`devicemem.recovery.retries`:
         the device's cache is released, then ``gave_way(memory, error type)`` is told), moves on
-        to the next. The last candidate gives a result or raises."""
+        to the next. The last candidate gives a result, or after an out-of-memory error
+        ``exhausted(memory, error type)`` (the smallest plan left), or raises. A MemoryError (an
+        allocation on the host failed, whatever device was tried) counts as out of memory on
+        every candidate."""
         candidates = self.candidates(device)
         for index, memory in enumerate(candidates):
             last = index == len(candidates) - 1
@@ -207,15 +211,20 @@ class MemoryView:
 
             def hand_on(state: Any, exc: BaseException) -> Any:
                 failed.append(type(exc).__name__)
-                return None if last else _NEXT
+                return None if last and exhausted is None else _NEXT
+
+            def is_oom(exc: BaseException) -> bool:
+                return isinstance(exc, MemoryError) or backend.is_oom(exc)
 
             result = None
-            for attempt in retries(memory, hand_on, is_oom=backend.is_oom, release=freeing(backend, memory.device)):
+            for attempt in retries(memory, hand_on, is_oom=is_oom, release=freeing(backend, memory.device)):
                 with attempt:
                     if attempt.state is memory:
                         result = fits(memory, last)
             if result is not None:
                 return result
+            if failed and last and exhausted is not None:
+                return exhausted(memory, failed[-1])
             if failed and gave_way is not None:
                 gave_way(memory, failed[-1])
         raise AssertionError("the last candidate gives a result or raises")

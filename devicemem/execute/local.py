@@ -85,7 +85,8 @@ def _plan(request: Request, device: str, num_samples: int, args: tuple, kwargs: 
 def _vectorises(request: Request, selection: Selection, args: tuple, kwargs: dict) -> tuple[bool, str]:
     """(whether the model is drawn vectorised, why not): ``parallel`` when given; for None,
     whether a vectorised draw of two samples (where the inputs are, the RNG left as it was)
-    gives every sampled site one value per sample of the unvectorised trace's shape."""
+    gives every sampled site one value per sample of the unvectorised trace's shape. Two samples
+    that run out of memory leave the smallest plan: one sample at a time."""
     if request.draw.parallel is not None:
         return bool(request.draw.parallel), "parallel=False"
     num = min(2, request.num_samples)
@@ -94,11 +95,12 @@ def _vectorises(request: Request, selection: Selection, args: tuple, kwargs: dic
     try:
         with torch.random.fork_rng(devices=cuda):
             selection.sampler.draw(num, args, kwargs, selection.drawn, posterior or None)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # how shape errors surface in torch and Pyro
-        if is_oom_anywhere(exc):
-            raise
+    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:  # shape errors, or out of memory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return False, f"parallel=None: the model does not vectorise ({type(exc).__name__}: {first})"
+        error = type(exc).__name__ + (f": {first}" if first else "")
+        if is_oom_anywhere(exc):
+            return False, f"parallel=None: two vectorised samples ran out of memory ({error})"
+        return False, f"parallel=None: the model does not vectorise ({error})"
     return True, ""
 
 
