@@ -1,23 +1,23 @@
 """Fixed-order blocked evaluation: the same floating-point result on 1, 2 or 4 threads.
 
 The fused likelihoods cut their work into *units* (ranges of features) and each unit into
-*blocks*. Every sum inside a block is one torch reduction over a block of fewer than
-``CPU_BLOCK_ELEMENTS`` elements, which torch runs serially (ATen parallelises an elementwise
-op or a reduction only from ``at::internal::GRAIN_SIZE`` = 32768 elements on), so neither the
-summation order nor the SIMD/scalar split of a transcendental depends on how many threads
-torch has. Blocks are folded into a unit's accumulators in a fixed order, units write disjoint
-slices of the outputs, and per-unit scalars are summed in unit order at the end: the thread
-that runs a unit does not matter, only the block layout does, and that depends on the
-problem's shape and the device type alone.
+cache-sized *blocks* (``CPU_BLOCK_BYTES`` per buffer). Blocks are folded into a unit's
+accumulators in a fixed order, units write disjoint slices of the outputs, and per-unit
+scalars are summed in unit order at the end (:func:`ordered_sum`): which thread runs a unit
+does not matter, only the layout does, and that depends on the problem's shape, the dtype
+and the device type alone.
 
 Units run on a pool of ``threads`` Python threads (torch releases the GIL inside each kernel),
-never on the caller's thread. Each pool thread first sets its own OpenMP team to one thread
-(:func:`serial_thread`): torch parallelises its VML ops (log, lgamma, exp, ...) from 2048
-elements on, and an OpenMP team per cache-sized block costs more than the block on a busy
-machine (measured here: 5.9 ms for a 4096-element ``log`` on the main thread at load 7, 0.2
-ns per element serially), so the pool's threads are the only parallelism and ``threads``
-means what it says. On CUDA the blocks are large and run on the caller's thread (the GPU is
-the parallel part).
+never on the caller's thread. Each pool thread first makes its own torch ops serial
+(:func:`serial_thread`: its OpenMP team is one thread), so every op on a block runs the same
+serial loop whatever torch's intra-op thread count: the sums inside a block never change
+order, and ``threads`` is the only parallelism, meaning what it says. (torch would otherwise
+run its VML ops -- log, lgamma, exp -- on its OpenMP team from 2048 elements on; measured
+here, a team per cache-sized block cost more than the block on a busy machine: 5.9 ms for a
+4096-element ``log`` on the main thread at load 7, against 0.2 ns per element serially.)
+Where no OpenMP runtime can be found, a block's ops split as torch's thread count says, the
+same in every pool thread: the result is still the same for any ``threads`` but may change
+with torch's own thread count. On CUDA the blocks are large and run on the caller's thread.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-# One under ATen's GRAIN_SIZE (32768): an op on fewer elements never uses the intra-op pool.
-CPU_BLOCK_ELEMENTS = 32767
+# Bytes per block buffer on the CPU: the few buffers of a block stay in a core's L2 cache
+# (measured at 3000 x 2000: 2.2 ns per count float32 with 256 KiB, 2.7 with 128 KiB, 4.0 with 64 KiB).
+CPU_BLOCK_BYTES = 256 * 2**10
 CUDA_BLOCK_ELEMENTS = 1 << 24
-# Features per unit on the CPU: a block is up to this wide and CPU_BLOCK_ELEMENTS // width cells tall.
+# Features per unit on the CPU: a block is up to this wide and as many cells tall as fit.
 CPU_UNIT_FEATURES = 256
+# ATen reduces fewer elements than this serially whatever its thread count (fixed_sum's pieces).
+SERIAL_ELEMENTS = 32767
 
 R = TypeVar("R")
 logger = logging.getLogger("devicemem.bayesdream")
@@ -51,12 +54,13 @@ class Layout:
     block_elements: int
 
     @classmethod
-    def for_device(cls, device: torch.device, n_features: int, n_groups: int = 1) -> Layout:
-        """The layout for ``device``: cache-sized serial blocks on the CPU, large ones on CUDA.
-        A unit's per-group accumulators ([groups, unit_features]) stay a CPU block too."""
+    def for_device(cls, device: torch.device, n_features: int, n_groups: int = 1, itemsize: int = 4) -> Layout:
+        """The layout for ``device`` and the compute dtype's ``itemsize``: cache-sized blocks on
+        the CPU, large ones on CUDA. A unit's per-group accumulators ([groups, unit_features])
+        fit one CPU block too."""
         if device.type == "cpu":
-            width = max(1, min(CPU_UNIT_FEATURES, CPU_BLOCK_ELEMENTS // max(n_groups, 1), n_features))
-            return cls(width, CPU_BLOCK_ELEMENTS)
+            elements = CPU_BLOCK_BYTES // itemsize
+            return cls(max(1, min(CPU_UNIT_FEATURES, elements // max(n_groups, 1), n_features)), elements)
         return cls(max(1, n_features), CUDA_BLOCK_ELEMENTS)
 
     def units(self, n_features: int) -> list[tuple[int, int]]:
@@ -116,19 +120,29 @@ def ordered_sum(values: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def log1p(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + x) to a few ulps for x >= 0, fast on every device.
-
-    torch's CPU ``log1p`` is slow where ``log`` is not: measured ~20-35 ns per element in
-    float64 and ~50 ns in float32 for x < 1e-20, against ~0.5 ns for ``log``. log(u) -
-    ((u - 1) - x) / u with u = 1 + x corrects the rounding of 1 + x with three cheap ops.
-    """
+    """log(1 + x) to a few ulps for x >= 0, fast on the CPU, differentiable (see :func:`log1p_into`)."""
+    if x.dtype != torch.float64:
+        return torch.log1p(x)
     u = x + 1.0
     return torch.log(u) - (u - 1.0 - x) / u
 
 
+def log1p_into(x: torch.Tensor, u: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """log(1 + x) into ``out``, given u = 1 + x and q = 1 / u (``u`` is overwritten; no autograd).
+
+    torch's float64 ``log1p`` on the CPU is scalar code (measured ~20-35 ns per element,
+    against ~0.5 ns for ``log``), so float64 takes log(u) - ((u - 1) - x) / u, which corrects
+    the rounding of 1 + x to a few ulps. float32 ``log1p`` is vectorised (~0.4 ns) except below
+    1e-20, which needs a dispersion over 1e12 here.
+    """
+    if x.dtype != torch.float64:
+        return torch.log1p(x, out=out)
+    return torch.log(u, out=out).sub_(u.sub_(1.0).sub_(x).mul_(q))
+
+
 def fixed_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """Sum over the last ``dims`` dims of ``x`` in pieces of fewer than ``CPU_BLOCK_ELEMENTS``
-    (each reduced serially) folded in a fixed tree: the same bits for any torch thread count.
+    """Sum over the last ``dims`` dims of ``x`` in pieces of ``SERIAL_ELEMENTS`` (each reduced
+    serially by ATen) folded in a fixed tree: the same bits for any torch thread count.
     Differentiable."""
     flat = x.flatten(-dims) if dims > 1 else x
-    return ordered_sum([piece.sum(-1) for piece in flat.split(CPU_BLOCK_ELEMENTS, dim=-1)])
+    return ordered_sum([piece.sum(-1) for piece in flat.split(SERIAL_ELEMENTS, dim=-1)])

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesDREAM_ext.likelihood.blocks import Layout, log1p, ordered_sum, run_units
+from bayesDREAM_ext.likelihood.blocks import Layout, log1p, log1p_into, ordered_sum, run_units
 from bayesDREAM_ext.likelihood.counts import CellGroups, Nonzeros, held_bytes, read_nonzeros
 
 EPS = 1e-8  # bayesDREAM's guard in log(mu + eps) - log(phi + eps)
@@ -150,7 +150,7 @@ class _Pass:
 
     def __init__(self, stats: NegBinomialStats, rate: Tensor, phi: Tensor, grad: bool) -> None:
         self.stats, self.rate, self.phi, self.grad = stats, rate, phi, grad
-        self.layout = Layout.for_device(rate.device, stats.shape[1], stats.n_groups)
+        self.layout = Layout.for_device(rate.device, stats.shape[1], stats.n_groups, rate.element_size())
         self.offsets = stats.cells.offsets.tolist()
         self.s = stats.sum_factors.to(rate.device, rate.dtype)
         self.phi_eps = phi + EPS
@@ -173,13 +173,10 @@ class _Pass:
             rate_c = self.rate_c[g, t0:t1]
             for n0 in range(self.offsets[g], self.offsets[g + 1], rows):
                 s = self.s[n0 : min(n0 + rows, self.offsets[g + 1]), None]
-                x, u, q, log_u = buffers[:, : s.shape[0] * width].view(4, s.shape[0], width).unbind(0)
-                torch.mul(s, rate_c, out=x).add_(eps_c)
-                torch.add(x, 1.0, out=u)
-                torch.reciprocal(u, out=q)
-                # log1p(x) = log(u) - ((u - 1) - x) / u: see blocks.log1p
-                torch.log(u, out=log_u).sub_(u.sub_(1.0).sub_(x).mul_(q))
-                acc[0, g] += log_u.sum(0)
+                x, u, q, log_x = buffers[:, : s.shape[0] * width].view(4, s.shape[0], width).unbind(0)
+                torch.addcmul(eps_c, s, rate_c, out=x)
+                torch.reciprocal(torch.add(x, 1.0, out=u), out=q)
+                acc[0, g] += log1p_into(x, u, q, log_x).sum(0)
                 if self.grad:
                     acc[1, g] += q.sum(0)
                     acc[2, g] += q.mul_(s).sum(0)
@@ -188,6 +185,7 @@ class _Pass:
     def nonzeros(self, t0: int, t1: int) -> Tensor:
         """-sum y log1p(z) over the non-zero counts of features t0:t1; gradients into the entry accumulators."""
         nz, total = self.stats.nonzeros, torch.zeros((), dtype=self.rate.dtype, device=self.rate.device)
+        n_features = self.stats.shape[1]
         start, stop = int(nz.indptr[t0]), int(nz.indptr[t1])
         rate = self.rate.reshape(-1)
         for e0 in range(start, stop, self.layout.block_elements):
@@ -200,9 +198,13 @@ class _Pass:
             z = phi_eps / m_eps
             total -= (y * log1p(z)).sum()
             if self.grad:
+                # entries of one (group, feature) are adjacent: sum each run, then scatter the runs
+                keys, lengths = torch.unique_consecutive(where, return_counts=True)
                 y_d = torch.div(y, m_eps.add_(phi_eps))
-                self.entry_grad_phi.index_add_(0, feature, y_d, alpha=-1.0)
-                self.entry_grad_rate.index_add_(0, where, y_d.mul_(z).mul_(s))
+                by_phi = torch.segment_reduce(y_d, "sum", lengths=lengths)
+                by_rate = torch.segment_reduce(y_d.mul_(z).mul_(s), "sum", lengths=lengths)
+                self.entry_grad_phi.index_add_(0, keys % n_features, by_phi, alpha=-1.0)
+                self.entry_grad_rate.index_add_(0, keys, by_rate)
         return total
 
     def histogram(self, t0: int, t1: int) -> Tensor:
