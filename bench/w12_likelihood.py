@@ -11,7 +11,7 @@ Gamma(2, 1): ~90% zeros, reported), drawn a block of cells at a time into a CSR 
 technical groups, log-normal sum factors. Everything runs in float32, as training does.
 
 Measured side by side in one process, repetitions round-robin, median reported, with the load
-average before each measurement, for each torch / likelihood thread count:
+average before each measurement, for each thread count k:
 
 - ``dense``: the technical model's likelihood, ``TechnicalNegativeBinomial(phi, logits).log_prob(y).sum()``
   forward + backward from the latent sites (mu_ntc, log2_alpha_y, o_y); at sizes whose dense
@@ -21,9 +21,9 @@ average before each measurement, for each torch / likelihood thread count:
 - ``guide+adam``: one SVI step of the parameters-only model (AutoNormal draw, priors, guide
   entropy terms, backward, Adam with gradient clipping at norm 10, as training): what a step
   costs besides the likelihood;
-- ``step fast``: a whole SVI step with the likelihood observed through
-  ``observe_total``; ``step dense``: the same with the dense model where it fits, else
-  estimated as guide+adam + dense.
+- ``step fast``: a whole SVI step with the likelihood observed through ``observe_total``, torch
+  at one thread and the likelihood's pool at k; ``step dense``: the same with the dense model
+  and torch at k threads where it fits, else estimated as guide+adam + dense.
 
 Times are wall-clock medians; the ratios in brackets are of process CPU time, less sensitive to
 a shared machine's load. ns/count divides by N x T (every cell and feature, zeros included).
@@ -134,7 +134,7 @@ def forward_backward(total: Callable[[dict], torch.Tensor], latents: dict[str, t
     return run
 
 
-def fast_model(stats: Any, mu_prior_mean: torch.Tensor, mu_prior_sd: torch.Tensor, n_groups: int, observe: bool = True) -> None:
+def fast_model(stats: Any, mu_prior_mean: torch.Tensor, mu_prior_sd: torch.Tensor, n_groups: int, observe: bool = True, threads: int = 1) -> None:
     """The technical model's sites (as ``technical_model``) observing the exact total."""
     features = pyro.plate(FEATURE_PLATE, mu_prior_mean.shape[-1], dim=-1)
     with features, pyro.plate("c_plate", n_groups - 1, dim=-2):
@@ -146,7 +146,8 @@ def fast_model(stats: Any, mu_prior_mean: torch.Tensor, mu_prior_sd: torch.Tenso
         o_y = pyro.sample("o_y", dist.Exponential(beta_o))
         mu_ntc = pyro.sample("mu_ntc", dist.Gamma(mu_prior_mean**2 / mu_prior_sd**2, mu_prior_mean / mu_prior_sd**2))
     if observe:
-        observe_total("y_obs", stats.log_prob(*_rate_phi({"mu_ntc": mu_ntc, "log2_alpha_y": log2_alpha_y, "o_y": o_y})))
+        rate, phi = _rate_phi({"mu_ntc": mu_ntc, "log2_alpha_y": log2_alpha_y, "o_y": o_y})
+        observe_total("y_obs", stats.log_prob(rate, phi, threads=threads))
 
 
 def svi_step(model: Callable, kwargs: dict[str, Any]) -> Callable[[], None]:
@@ -166,31 +167,43 @@ def _timed(run: Callable[[], None]) -> tuple[float, float, float]:
     return time.perf_counter() - start, time.process_time() - cpu, load
 
 
-def measure_size(n_cells: int, n_features: int, threads: tuple[int, ...], reps: int, dense_bytes: int) -> dict[str, Any]:
-    data = sparse_counts(n_cells, n_features)
+def _cases(data: Data, stats: NegBinomialStats, threads: tuple[int, ...], dense_cells: int) -> dict[str, tuple[int, Callable[[], None]]]:
+    """name -> (torch intra-op threads, timed call). The fast likelihood runs its own ``threads``
+    pool with torch at one thread (its pool threads are serial anyway); the dense likelihood
+    and the guide use torch's threads."""
+    n_cells, n_features = data.shape
     groups, factors = torch.from_numpy(data.groups), torch.from_numpy(data.sum_factors)
-    start = time.perf_counter()
-    stats = NegBinomialStats.from_counts(data.counts, groups, factors)
-    build_s = time.perf_counter() - start
-    dense_cells = min(n_cells, max(1, dense_bytes // (DENSE_BYTES_PER_VALUE * n_features)))
     dense_counts = torch.from_numpy(data.counts[:dense_cells].toarray())
     latents = _latents(n_features, 2)
-    mean, sd = latents["mu_ntc"] + 1e-6, 0.5 * latents["mu_ntc"] + 1e-3
-    cases: dict[str, Callable[[], None]] = {}
+    model_kwargs = dict(stats=stats, mu_prior_mean=latents["mu_ntc"] + 1e-6, mu_prior_sd=0.5 * latents["mu_ntc"] + 1e-3, n_groups=2)
+    dense = dense_likelihood(dense_counts, groups[:dense_cells], factors[:dense_cells])
+    cases: dict[str, tuple[int, Callable[[], None]]] = {}
     for k in threads:
-        cases[f"dense t{k}"] = forward_backward(dense_likelihood(dense_counts, groups[:dense_cells], factors[:dense_cells]), latents)
-        cases[f"fast t{k}"] = forward_backward(fast_likelihood(stats, k), latents)
-        cases[f"guide+adam t{k}"] = svi_step(fast_model, dict(stats=stats, mu_prior_mean=mean, mu_prior_sd=sd, n_groups=2, observe=False))
-        cases[f"step fast t{k}"] = svi_step(fast_model, dict(stats=stats, mu_prior_mean=mean, mu_prior_sd=sd, n_groups=2))
+        cases[f"dense t{k}"] = (k, forward_backward(dense, latents))
+        cases[f"fast t{k}"] = (1, forward_backward(fast_likelihood(stats, k), latents))
+        cases[f"guide+adam torch{k}"] = (k, svi_step(fast_model, {**model_kwargs, "observe": False}))
+        cases[f"step fast t{k}"] = (1, svi_step(fast_model, {**model_kwargs, "threads": k}))
         if dense_cells == n_cells:
-            dense_kwargs = dict(counts=dense_counts, groups=groups, sum_factors=factors, mu_prior_mean=mean, mu_prior_sd=sd, n_groups=2)
-            cases[f"step dense t{k}"] = svi_step(technical_model, dense_kwargs)
+            dense_kwargs = {**model_kwargs, "counts": dense_counts, "groups": groups, "sum_factors": factors}
+            del dense_kwargs["stats"]
+            cases[f"step dense t{k}"] = (k, svi_step(technical_model, dense_kwargs))
+    return cases
+
+
+def measure_size(n_cells: int, n_features: int, threads: tuple[int, ...], reps: int, dense_bytes: int) -> dict[str, Any]:
+    """Every case of one size, ``reps`` rounds round-robin; medians of wall and CPU seconds."""
+    data = sparse_counts(n_cells, n_features)
+    start = time.perf_counter()
+    stats = NegBinomialStats.from_counts(data.counts, data.groups, data.sum_factors)
+    build_s = time.perf_counter() - start
+    dense_cells = min(n_cells, max(1, dense_bytes // (DENSE_BYTES_PER_VALUE * n_features)))
+    cases = _cases(data, stats, threads, dense_cells)
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
     previous = torch.get_num_threads()
     try:
         for _ in range(reps):
-            for name, run in cases.items():
-                torch.set_num_threads(int(name.rsplit("t", 1)[1]))
+            for name, (torch_threads, run) in cases.items():
+                torch.set_num_threads(torch_threads)
                 times[name].append(_timed(run))
     finally:
         torch.set_num_threads(previous)
@@ -199,7 +212,7 @@ def measure_size(n_cells: int, n_features: int, threads: tuple[int, ...], reps: 
     for k in threads:
         for table in (medians, cpu):
             table[f"dense t{k}"] *= scale
-            table.setdefault(f"step dense t{k}", table[f"guide+adam t{k}"] + table[f"dense t{k}"])
+            table.setdefault(f"step dense t{k}", table[f"guide+adam torch{k}"] + table[f"dense t{k}"])
     return {
         "N": n_cells, "T": n_features, "zero_fraction": data.zero_fraction, "nnz": data.counts.nnz,
         "distinct_values": int(stats.hist_value.numel()), "stats_bytes": stats.nbytes, "build_s": build_s,
@@ -217,22 +230,26 @@ def report(result: dict[str, Any], threads: tuple[int, ...]) -> str:
         f"{result['distinct_values']:,} distinct (feature, value) pairs; statistics {result['stats_bytes'] / 2**20:.0f} MiB, "
         f"built in {result['build_s']:.1f} s",
         "",
-        "| threads | dense f+b ms | fast f+b ms | dense ns/count | fast ns/count | likelihood ratio (CPU) | guide+adam ms | step dense ms | step fast ms | step ratio (CPU) | load |",
+        "| threads | dense f+b ms | fast f+b ms | dense ns/count | fast ns/count | likelihood ratio (CPU) | "
+        "guide+adam ms, torch 1 / k | step dense ms | step fast ms | step ratio (CPU) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k in threads:
         dense, fast = med[f"dense t{k}"], med[f"fast t{k}"]
         step_dense, step_fast = med[f"step dense t{k}"], med[f"step fast t{k}"]
+        estimated = "*" if f"step dense t{k}" not in result["loads"] else ""
         loads = [x for name, values in result["loads"].items() if name.endswith(f"t{k}") for x in values]
         lines.append(
             f"| {k} | {1e3 * dense:.0f} | {1e3 * fast:.1f} | {dense * per_count:.1f} | {fast * per_count:.2f} | "
-            f"{dense / fast:.1f}x ({cpu[f'dense t{k}'] / cpu[f'fast t{k}']:.1f}x) | {1e3 * med[f'guide+adam t{k}']:.1f} | "
-            f"{1e3 * step_dense:.0f}{'*' if f'step dense t{k}' not in result['loads'] else ''} | {1e3 * step_fast:.1f} | "
-            f"{step_dense / step_fast:.1f}x ({cpu[f'step dense t{k}'] / cpu[f'step fast t{k}']:.1f}x) | {min(loads):.1f}-{max(loads):.1f} |"
+            f"{dense / fast:.1f}x ({cpu[f'dense t{k}'] / cpu[f'fast t{k}']:.1f}x) | "
+            f"{1e3 * med['guide+adam torch1']:.1f} / {1e3 * med[f'guide+adam torch{k}']:.1f} | {1e3 * step_dense:.0f}{estimated} | "
+            f"{1e3 * step_fast:.1f} | {step_dense / step_fast:.1f}x ({cpu[f'step dense t{k}'] / cpu[f'step fast t{k}']:.1f}x) | "
+            f"{min(loads):.1f}-{max(loads):.1f} |"
         )
+    lines.append("\nstep fast: torch at 1 thread, the likelihood on k; dense and step dense: torch at k threads.")
     if result["dense_scaled"]:
-        lines.append(f"\ndense measured on {result['dense_cells']} of {n} cells and scaled by N / cells; "
-                     "* step dense = guide+adam + dense (the dense step does not fit the process budget)")
+        lines.append(f"dense measured on {result['dense_cells']} of {n} cells and scaled by N / cells; "
+                     "* step dense = guide+adam (torch k) + dense: the dense step does not fit the process budget.")
     return "\n".join(lines)
 
 

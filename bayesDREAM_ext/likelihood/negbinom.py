@@ -148,9 +148,9 @@ class NegBinomialStats:
 class _Pass:
     """One evaluation: the per-evaluation tensors and the three partial passes of a unit."""
 
-    def __init__(self, stats: NegBinomialStats, rate: Tensor, phi: Tensor, grad: bool) -> None:
+    def __init__(self, stats: NegBinomialStats, rate: Tensor, phi: Tensor, grad: bool, layout: Layout | None) -> None:
         self.stats, self.rate, self.phi, self.grad = stats, rate, phi, grad
-        self.layout = Layout.for_device(rate.device, stats.shape[1], stats.n_groups, rate.element_size())
+        self.layout = layout or Layout.for_device(rate.device, stats.shape[1], stats.n_groups, rate.element_size())
         self.offsets = stats.cells.offsets.tolist()
         self.s = stats.sum_factors.to(rate.device, rate.dtype)
         self.phi_eps = phi + EPS
@@ -165,7 +165,7 @@ class _Pass:
     def cells(self, t0: int, t1: int) -> Tensor:
         """[3, C, w]: sum_n log1p(x), sum_n q, sum_n s q per group over features t0:t1."""
         width = t1 - t0
-        rows = self.layout.rows(width)
+        rows = min(self.layout.rows(width), max(int(self.stats.cells.sizes.max()), 1))
         acc = torch.zeros((3, self.stats.n_groups, width), dtype=self.rate.dtype, device=self.rate.device)
         buffers = torch.empty((4, rows * width), dtype=self.rate.dtype, device=self.rate.device)
         eps_c = self.eps_c[t0:t1]
@@ -241,10 +241,13 @@ class _Pass:
         return total
 
 
-def evaluate(stats: NegBinomialStats, rate: Tensor, phi: Tensor, threads: int = 1, grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def evaluate(
+    stats: NegBinomialStats, rate: Tensor, phi: Tensor, threads: int = 1, grad: bool = True, layout: Layout | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(log-likelihood, d/d rate, d/d phi) for [C, T] ``rate`` and [T] ``phi`` (no autograd);
-    the gradients are None without ``grad``. The same bits for any ``threads``."""
-    run = _Pass(stats, rate, phi, grad)
+    the gradients are None without ``grad``. The same bits for any ``threads``; ``layout``
+    defaults to the device's (:meth:`Layout.for_device`)."""
+    run = _Pass(stats, rate, phi, grad, layout)
     parts = run_units(run.unit, run.layout.units(stats.shape[1]), threads, rate.device)
     total = ordered_sum(parts) - stats.log_factorial
     return total, run.grad_rate, run.grad_phi
