@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pyro
-import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 

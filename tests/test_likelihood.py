@@ -138,6 +138,31 @@ def test_negbinom_large_block_layout_and_device_copy():
     assert all(torch.equal(a, b) for a, b in zip(moved, (ref_value, ref_rate, ref_phi)))
 
 
+def test_serial_thread_changes_only_its_own_thread():
+    import threading
+
+    from bayesDREAM_ext.likelihood.blocks import _openmp, serial_thread
+
+    if _openmp() is None:
+        pytest.skip("torch uses no OpenMP runtime here")
+    seen = {}
+
+    def worker():
+        serial_thread()
+        seen["worker"] = torch.get_num_threads()
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # new threads start with 2: the worker's 1 is serial_thread's doing
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert seen["worker"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_negbinom_value_without_gradient_is_the_same_value():
     y, groups, factors, rate, phi = nb_problem()
     stats = NegBinomialStats.from_counts(y, groups, factors)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -76,8 +77,9 @@ class Layout:
 def _openmp() -> Any:
     """The OpenMP runtime torch's CPU kernels use (its bundled libgomp, else whichever the
     process has loaded), or None where there is none to find (torch's native thread pool)."""
-    bundled = [os.path.join(os.path.dirname(torch.__file__), "lib", name) for name in ("libgomp.so.1", "libomp.dylib")]
-    for path in [p for p in bundled if os.path.exists(p)] + [None]:
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    bundled = sorted(path for name in ("libgomp*", "libiomp*", "libomp*") for path in glob.glob(os.path.join(folder, name)))
+    for path in bundled + [None]:
         try:
             library = ctypes.CDLL(path)
         except OSError:

@@ -216,7 +216,8 @@ class _Pass:
         phi = self.phi[t0:t1]
         counts = stats.hist_indptr[t0 + 1 : t1 + 1] - stats.hist_indptr[t0:t1]
         local = torch.repeat_interleave(torch.arange(t1 - t0, device=phi.device), counts.to(phi.device))
-        lgamma_phi, digamma_phi = torch.lgamma(phi), torch.digamma(phi) if self.grad else None
+        lgamma_phi = torch.lgamma(phi)
+        digamma_phi = torch.digamma(phi) if self.grad else None
         for e0 in range(start, stop, self.layout.block_elements):
             block = slice(e0, min(e0 + self.layout.block_elements, stop))
             where = local[block.start - start : block.stop - start]
