@@ -54,8 +54,8 @@ from bayesDREAM_ext.likelihood import NegBinomialStats, observe_total
 from bayesDREAM_ext.model import EPS, FEATURE_PLATE, TechnicalNegativeBinomial, technical_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Bytes per [N, T] element one dense forward + backward holds (float32 counts, means, logits,
-# the log_prob terms and their gradients): measured ~60 B here; the budget check uses 64.
+# Bytes per [N, T] value one dense forward + backward holds: training's STEP_BYTES_PER_VALUE for
+# negbinom (measured there, issue 12), not imported so the bench survives issue 20's moves.
 DENSE_BYTES_PER_VALUE = 64
 
 
