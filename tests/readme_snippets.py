@@ -15,8 +15,9 @@ right before a block (blank lines may come between) change that, and show in the
 ``<!-- readme-output: COMMAND -->`` (optionally ``readme-output (machine-dependent): ...``)
     the next block (any language, or none) shows COMMAND's stdout, after an optional first
     line ``$ ...`` (kept as written). ``update`` replaces it with what COMMAND prints now; the check runs
-    COMMAND and compares line by line with numbers and byte sizes masked (so another
-    machine's figures pass, a changed line does not); machine-dependent ones only have to run.
+    COMMAND and compares line by line with numbers and byte sizes masked and counted words
+    in the singular (so another machine's figures pass, a changed line does not);
+    machine-dependent ones only have to run.
 
     python -m tests.readme_snippets check README.md     # exit 1 when a block fails
     python -m tests.readme_snippets update README.md    # rewrite the shown outputs
@@ -45,6 +46,7 @@ FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
 MARKER = re.compile(r"^\s*<!--\s*readme-(test|output)(\s*\(machine-dependent\))?\s*:\s*(.*?)\s*-->\s*$")
 SIZE = re.compile(r"-?\d+(?:\.\d+)?\s*(?:[KMGT]i?B|B)\b")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+COUNTED = re.compile(r"(#\s+)([A-Za-z]+)")
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,18 @@ def execute(block: Block) -> subprocess.CompletedProcess[str]:
         return _run([sys.executable, "snippet.py"], folder)
 
 
+def _singular(match: re.Match[str]) -> str:
+    """The word after a number without a plural ending: "2 batches" and "1 batch" compare equal."""
+    word = match.group(2)
+    word = word[:-1] if word.endswith("s") else word
+    return match.group(1) + (word[:-1] if word.endswith("e") else word)
+
+
 def masked(text: str) -> list[str]:
-    """``text``'s non-blank lines with byte sizes and numbers replaced by placeholders."""
-    return [NUMBER.sub("#", SIZE.sub("<size>", line)).rstrip() for line in text.splitlines() if line.strip()]
+    """``text``'s non-blank lines with byte sizes and numbers replaced by placeholders, and the
+    word after a number in the singular."""
+    lines = [NUMBER.sub("#", SIZE.sub("<size>", line)).rstrip() for line in text.splitlines() if line.strip()]
+    return [COUNTED.sub(_singular, line) for line in lines]
 
 
 def shown_output(block: Block) -> str:

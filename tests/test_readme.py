@@ -64,8 +64,9 @@ def test_a_broken_or_stale_block_fails(tmp_path, old, new, problem):
 
 
 def test_numbers_and_sizes_are_masked_words_are_not():
-    assert masked("peak 12.50 MB in 3 batches\n\n") == masked("peak 1.2 GB in 30 batches") == ["peak <size> in # batches"]
+    assert masked("peak 12.50 MB in 3 batches\n\n") == masked("peak 1.2 GB in 30 batches") == ["peak <size> in # batch"]
     assert masked("3 batches") != masked("3 chunks")
+    assert masked("1 batch of 1 sample") == masked("2 batches of 2 samples")
 
 
 def test_update_rewrites_the_outputs_and_nothing_else(tmp_path):
