@@ -104,8 +104,9 @@ def _effects_panel(ax: Axes, table: pd.DataFrame) -> None:
     note = f" ({beyond} beyond the axis, counted at its edges)" if beyond else ""
     ax.set(xlim=(low - pad, high + pad), xlabel=f"posterior mean effect ({scale}){note}", ylabel=unit, title="Effects per group")
     ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
     if len(fitted):
-        ax.legend(loc="best", fontsize=8, title=f"{table.attrs.get('interval', 0.9):.0%} interval", title_fontsize=8)
+        ax.legend(loc="upper left", fontsize=8, title=f"{table.attrs.get('interval', 0.9):.0%} interval", title_fontsize=8)
 
 
 def _effect_vs_baseline_panel(ax: Axes, table: pd.DataFrame, distribution: str) -> None:
