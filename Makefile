@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quick gpu-wheels clean
+.PHONY: setup test demo readme bench bench-quick gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bayesdream-ext demo
+
+# Rewrite the command outputs README.md shows (<!-- readme-output: COMMAND --> blocks).
+readme: $(STAMP)
+	$(PY) -m tests.readme_snippets update README.md
 
 bench-quick: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

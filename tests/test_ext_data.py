@@ -171,4 +171,4 @@ def test_anndata_counts_keep_their_feature_names():
     adata.var_names = ["a", "b", "c", "d"]
     data = prepare_technical(adata, groups)
     assert data.feature_names == ("a", "b", "c", "d")
-    assert torch.equal(data.counts.dense(), torch.from_numpy(counts))
+    assert data.counts.sparse and torch.equal(data.counts.dense(), torch.from_numpy(counts))  # sparse stays sparse
