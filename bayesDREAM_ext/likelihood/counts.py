@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesDREAM_ext.sparsity import issparse
+from bayesDREAM_ext.counts import issparse
 
 # Dense input is read in blocks of features of about this many bytes (float64).
 READ_BLOCK_BYTES = 32 * 2**20
