@@ -32,6 +32,7 @@ import numpy as np
 from bayesDREAM_ext.counts import scipy_sparse
 from bayesDREAM_ext.data import DISTRIBUTIONS
 from bayesDREAM_ext.memory import DTYPE_BYTES, FOOTPRINT_GUIDES, plan_technical, plan_training
+from bayesDREAM_ext.training import DEFAULT_SCHEDULE, SCHEDULES
 from devicemem.backends import HOST, MAX_MEMORY_ENV, DeviceMemory, MemoryView, SystemProbe, device_memory, parse_max_memory
 from devicemem.checks import check_fraction, check_int, check_positive, check_seed
 from devicemem.planner import resolve_safety_factor
@@ -61,6 +62,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nsamples", type=int, default=1000, help="posterior samples to draw (default 1000)")
     parser.add_argument("--niters", type=int, default=None, help="maximum SVI steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="base learning rate (OneCycle peak is 10x)")
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
+                        help=f"learning-rate schedule: onecycle (stepped) or bayesdream (as bayesDREAM runs it: 0.4 x lr throughout); default {DEFAULT_SCHEDULE}")
     parser.add_argument("--max-memory", default=None, help="caps, e.g. cpu=8GiB,cuda:0=20GiB")
     parser.add_argument("--safety-factor", type=float, default=None, help="fraction of usable memory to plan for")
     parser.add_argument("--seed", type=int, default=None)
@@ -284,7 +287,7 @@ def read_meta(path: str | Path, counts: Any, cells_axis: int, group_col: str, su
 
 def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        device=args.device, nsamples=args.nsamples, niters=args.niters, lr=args.lr, max_memory=args.max_memory,
+        device=args.device, nsamples=args.nsamples, niters=args.niters, lr=args.lr, schedule=args.schedule, max_memory=args.max_memory,
         safety_factor=args.safety_factor, seed=args.seed, progress=not args.quiet,
     )
 

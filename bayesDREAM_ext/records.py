@@ -39,6 +39,7 @@ class GuideState:
     learning_rates: list[float]
     svi_plan: TrainingPlan
     training_s: float
+    schedule: str | None = None
 
     def save(self, path: str | Path) -> None:
         """One file that :meth:`load` reads (``torch.load`` with ``weights_only=True``)."""
@@ -49,6 +50,7 @@ class GuideState:
             "latent_size": self.latent_size,
             "svi_plan": dataclasses.asdict(self.svi_plan),
             "training_s": self.training_s,
+            "schedule": self.schedule,
         }
         _save(path, {"state_dict": self.state_dict, "feature_mask": torch.from_numpy(self.feature_mask)}, self, meta)
 
@@ -65,6 +67,7 @@ class GuideState:
             learning_rates=stored["learning_rates"].tolist(),
             svi_plan=_record(TrainingPlan, meta["svi_plan"]),
             training_s=meta["training_s"],
+            schedule=meta.get("schedule"),
         ))
 
 
@@ -93,6 +96,7 @@ class TechnicalFit:
     svi_plan: TrainingPlan
     predictive_plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
+    schedule: str | None = None
 
     def save(self, path: str | Path) -> None:
         """One file: the tensors and a JSON string of everything else (``torch.load`` with
@@ -106,6 +110,7 @@ class TechnicalFit:
             "svi_plan": dataclasses.asdict(self.svi_plan),
             "predictive_plan": dataclasses.asdict(self.predictive_plan),
             "timings": self.timings,
+            "schedule": self.schedule,
         }
         _save(path, {"posterior_samples": self.posterior_samples, "feature_mask": self.feature_mask}, self, meta)
 
@@ -125,6 +130,7 @@ class TechnicalFit:
             svi_plan=_record(TrainingPlan, meta["svi_plan"]),
             predictive_plan=_record(Plan, meta["predictive_plan"]),
             timings=meta["timings"],
+            schedule=meta.get("schedule"),
         ))
 
 

@@ -51,9 +51,10 @@ def test_fit_technical_from_npz_and_mtx(dataset, fmt):
     meta.to_csv(tmp / "meta_ordered.csv")
     axis = ["--cells-axis", "1"] if fmt == "mtx" else []
     code = main(["fit-technical", "--counts", str(path), "--meta", str(tmp / "meta_ordered.csv"), "--group-col", "lane",
-                 "--out", str(tmp / "fit.pt"), *axis, *FAST])
+                 "--out", str(tmp / "fit.pt"), "--schedule", "bayesdream", *axis, *FAST])
     assert code == 0
-    assert TechnicalFit.load(tmp / "fit.pt").posterior_samples["alpha_y_mult"].shape == (5, 2, 6)
+    fit = TechnicalFit.load(tmp / "fit.pt")
+    assert fit.posterior_samples["alpha_y_mult"].shape == (5, 2, 6) and fit.schedule == "bayesdream"
 
 
 def test_bad_arguments_exit_2_with_the_problem(dataset, capsys):
