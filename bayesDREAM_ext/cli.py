@@ -30,6 +30,7 @@ import numpy as np
 
 from bayesDREAM_ext.data import DISTRIBUTIONS
 from bayesDREAM_ext.memory import DTYPE_BYTES, FOOTPRINT_GUIDES, GUIDE_CHOICES, plan_technical, plan_training
+from bayesDREAM_ext.training import DEFAULT_SCHEDULE, SCHEDULES
 from devicemem import logs
 from devicemem.backends import device_memory, parse_max_memory
 from devicemem.checks import check_fraction, check_int, check_positive, check_seed
@@ -59,6 +60,8 @@ def _add_training(parser: argparse.ArgumentParser, niters: int | None, seed: int
     add_num_samples(group, "posterior samples to draw (Pyro's num_samples)")
     group.add_argument("--niters", type=positive_int, default=niters, metavar="N", help=NITERS_HELP if niters is None else "maximum SVI steps")
     group.add_argument("--lr", type=float, default=1e-3, help="base learning rate (OneCycle's peak is 10x)")
+    group.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
+                       help="learning-rate schedule: onecycle (stepped) or bayesdream (as bayesDREAM runs it: 0.4 x lr throughout)")
     group.add_argument("--seed", type=int, default=seed, help="random seed" + (" (default: random)" if seed is None else ""))
     memory = parser.add_argument_group("memory and devices")
     add_memory(memory)
@@ -231,7 +234,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        device=args.device, nsamples=args.num_samples, niters=args.niters, lr=args.lr, max_memory=args.max_memory,
+        device=args.device, nsamples=args.num_samples, niters=args.niters, lr=args.lr, schedule=args.schedule, max_memory=args.max_memory,
         safety_factor=args.safety_factor, seed=args.seed, progress=show_progress(args), threads=args.threads,
     )
 

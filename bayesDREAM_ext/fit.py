@@ -32,7 +32,7 @@ from bayesDREAM_ext.memory import GUIDE_CHOICES, TrainingPlan, plan_technical, p
 from bayesDREAM_ext.model import ModelInputs, Priors, build_model_inputs
 from bayesDREAM_ext.posterior import assemble
 from bayesDREAM_ext.records import GuideState, TechnicalFit
-from bayesDREAM_ext.training import SVIOptions, TrainResult, make_guide, train
+from bayesDREAM_ext.training import DEFAULT_SCHEDULE, SVIOptions, TrainResult, make_guide, train
 from devicemem import logs
 from devicemem.backends import Caps, MemoryView, SystemProbe, split_device
 from devicemem.backends.names import device_name, is_host
@@ -145,6 +145,7 @@ def fit_technical(
     lr: float = 1e-3,
     tolerance: float = 1e-4,
     alpha_ewma: float = 0.05,
+    schedule: str = DEFAULT_SCHEDULE,
     beta_o_alpha: float = 9.0,
     beta_o_beta: float = 3.0,
     epsilon: float = 1e-6,
@@ -187,7 +188,10 @@ def fit_technical(
     budget, else on the CPU; Predictive then goes wherever devicemem's planner puts it.
     ``niters`` defaults to bayesDREAM's 50,000 (100,000 for multinomial); training stops
     earlier once the loss's EWMA settles (moves by less than ``tolerance`` x |EWMA| per step
-    over 1 / ``alpha_ewma`` steps). ``guide``: "normal"
+    over 1 / ``alpha_ewma`` steps). ``schedule``: "onecycle" steps bayesDREAM's OneCycleLR every
+    iteration; "bayesdream" does what bayesDREAM's own loop does (the schedule never stepped:
+    Adam at 0.4 x ``lr`` throughout, bayesDREAM's absolute stop rule on ``tolerance``), to
+    match its posteriors (:data:`~bayesDREAM_ext.training.SCHEDULES`). ``guide``: "normal"
     (AutoNormal), "iaf" (AutoIAFNormal, ValueError if it cannot fit) or "auto". If Predictive
     fails, :class:`PredictiveFailedError` (:class:`PredictiveInterrupted` on Ctrl-C) carries
     the trained guide and names the recovery file it was saved to: pass its ``guide_state``
@@ -216,7 +220,7 @@ def fit_technical(
     if distribution is not None:
         check_distribution(distribution)
     options = _FitOptions(
-        SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume),
+        SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume, schedule),
         Priors(epsilon, beta_o_alpha, beta_o_beta), nsamples, guide, device_name(device), minibatch_size,
         safety_factor, Caps.parse(max_memory), probe, svi_chunk, svi_minibatch, guide_state, threads,
     )
@@ -304,7 +308,7 @@ def _fit_data(data: TechnicalData, options: _FitOptions) -> TechnicalFit:
         feature_mask=torch.from_numpy(data.feature_mask.copy()), group_levels=data.group_levels,
         feature_names=data.feature_names, excluded=dict(data.excluded), losses=list(training.losses),
         learning_rates=list(training.learning_rates), svi_plan=training.plan, predictive_plan=predictive.plan,
-        timings=timings, cell_names=data.cell_names, ntc=data.ntc, source=data.source,
+        timings=timings, schedule=training.schedule, cell_names=data.cell_names, ntc=data.ntc, source=data.source,
     )
 
 
@@ -319,6 +323,7 @@ class _Training:
     learning_rates: list[float]
     seconds: float
     state: Callable[[], GuideState]
+    schedule: str | None
 
 
 def _trained(inputs: ModelInputs, data: TechnicalData, options: _FitOptions, plan: TrainingPlan,
@@ -328,10 +333,11 @@ def _trained(inputs: ModelInputs, data: TechnicalData, options: _FitOptions, pla
     given = options.guide_state
     if given is not None:
         guide = _restore_guide(inputs, given, data)
-        return _Training(guide, given.svi_plan, given.losses, given.learning_rates, given.training_s, lambda: given)
+        return _Training(guide, given.svi_plan, given.losses, given.learning_rates, given.training_s, lambda: given,
+                         given.schedule)
     result = train(inputs, plan, options.svi, fallback_to_host=options.device == "auto", view=view)
     return _Training(result.guide, result.plan, result.losses, result.learning_rates, result.seconds,
-                     lambda: _guide_state(data, result))
+                     lambda: _guide_state(data, result), result.schedule)
 
 
 def _site_names(inputs: ModelInputs) -> list[str]:
@@ -352,6 +358,7 @@ def _guide_state(data: TechnicalData, result: TrainResult) -> GuideState:
         learning_rates=list(result.learning_rates),
         svi_plan=result.plan,
         training_s=result.seconds,
+        schedule=result.schedule,
     )
 
 

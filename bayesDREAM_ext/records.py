@@ -42,6 +42,7 @@ class GuideState:
     learning_rates: list[float]
     svi_plan: TrainingPlan
     training_s: float
+    schedule: str | None = None
 
     def save(self, path: str | Path) -> None:
         """One file that :meth:`load` reads (``torch.load`` with ``weights_only=True``)."""
@@ -52,6 +53,7 @@ class GuideState:
             "latent_size": self.latent_size,
             "svi_plan": dataclasses.asdict(self.svi_plan),
             "training_s": self.training_s,
+            "schedule": self.schedule,
         }
         _save(path, {"state_dict": self.state_dict, "feature_mask": torch.from_numpy(self.feature_mask)}, self, meta)
 
@@ -68,6 +70,7 @@ class GuideState:
             learning_rates=stored["learning_rates"].tolist(),
             svi_plan=_record(TrainingPlan, meta["svi_plan"]),
             training_s=meta["training_s"],
+            schedule=meta.get("schedule"),
         ))
 
 
@@ -92,7 +95,8 @@ class TechnicalFit:
     - ``group_levels``: the technical groups, the baseline first (C of them).
     - ``cell_names``: the NTC cells fitted (None when the input had no names); ``ntc``: how they
       were chosen; ``source``: what the counts were read from, and in which orientation.
-    - ``losses``, ``learning_rates``: per SVI step; ``svi_plan`` (a ``TrainingPlan``) and
+    - ``losses``, ``learning_rates``: per SVI step; ``schedule``: the learning-rate schedule
+      ("onecycle" or "bayesdream"); ``svi_plan`` (a ``TrainingPlan``) and
       ``predictive_plan`` (a ``devicemem.Plan``): where and how training and Predictive ran,
       with the memory predicted, measured and budgeted; ``timings``: seconds per stage.
     """
@@ -108,6 +112,7 @@ class TechnicalFit:
     svi_plan: TrainingPlan
     predictive_plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
+    schedule: str | None = None
     cell_names: tuple[str, ...] | None = None
     ntc: str | None = None
     source: str | None = None
@@ -144,6 +149,7 @@ class TechnicalFit:
             "svi_plan": dataclasses.asdict(self.svi_plan),
             "predictive_plan": dataclasses.asdict(self.predictive_plan),
             "timings": self.timings,
+            "schedule": self.schedule,
             "cell_names": None if self.cell_names is None else list(self.cell_names),
             "ntc": self.ntc,
             "source": self.source,
@@ -166,6 +172,7 @@ class TechnicalFit:
             svi_plan=_record(TrainingPlan, meta["svi_plan"]),
             predictive_plan=_record(Plan, meta["predictive_plan"]),
             timings=meta["timings"],
+            schedule=meta.get("schedule"),
             cell_names=None if meta.get("cell_names") is None else tuple(meta["cell_names"]),
             ntc=meta.get("ntc"),
             source=meta.get("source"),

@@ -1,9 +1,11 @@
 """Device-aware SVI for the technical model: the training loop, on the plan
 :func:`bayesDREAM_ext.memory.plan_training` made (device, guide, full-data steps or chunks).
 
-:func:`train` runs SVI exactly as bayesDREAM configures it (Adam in a OneCycleLR schedule with
-max_lr = 10 x lr and 10% warm-up, stepped every iteration; gradient clipping at norm 10;
-TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss), checks the first
+:func:`train` runs SVI as bayesDREAM configures it (Adam in a OneCycleLR schedule with
+max_lr = 10 x lr and 10% warm-up; gradient clipping at norm 10 per parameter;
+TraceMeanField_ELBO for AutoNormal; early stop on the EWMA of the loss) in one of
+:data:`SCHEDULES`: the schedule stepped every iteration ("onecycle"), or never stepped, as
+bayesDREAM's own loop leaves it ("bayesdream"); it checks the first
 step's measured peak against the budget (a chunked step over it shrinks the chunk; a full
 GPU step over it restarts in chunks on that GPU on ``device="auto"``, and on the CPU only when
 chunks run out of memory too), and saves and resumes checkpoints.
@@ -33,7 +35,7 @@ from bayesDREAM_ext.chunked import CellData, ChunkedELBO
 from bayesDREAM_ext.memory import TrainingPlan, chunk_cell_bytes, iaf_hidden_size, plan_training
 from bayesDREAM_ext.model import ModelInputs
 from devicemem.backends import HOST, Backend, MemoryView, get_backend
-from devicemem.checks import check_fraction, check_int, check_positive, check_seed
+from devicemem.checks import check_choice, check_fraction, check_int, check_positive, check_seed
 from devicemem.recovery import freeing, retries
 from devicemem.units import format_bytes
 
@@ -43,6 +45,14 @@ WARMUP_FRACTION = 0.1
 MAX_LR_FACTOR = 10.0
 CLIP_NORM = 10.0
 CHECKPOINT_FORMAT = "bayesDREAM_ext.SVICheckpoint/1"
+# How the learning rate moves. Both build bayesDREAM's optimizer (Adam in torch's OneCycleLR,
+# clipped per parameter at CLIP_NORM): "onecycle" steps the schedule every iteration (warm-up
+# to MAX_LR_FACTOR x lr over the first WARMUP_FRACTION of niters, then cosine annealing to
+# lr / 2500); "bayesdream" never steps it, as bayesDREAM's loop does (it calls only svi.step),
+# so every step runs at the schedule's initial rate, max_lr / 25 = 0.4 x lr, and momentum
+# (beta1 0.95), and stops by bayesDREAM's own rule (:func:`_bayesdream_stop`).
+SCHEDULES = ("onecycle", "bayesdream")
+DEFAULT_SCHEDULE = "onecycle"
 # bayesDREAM's default number of SVI steps, by distribution.
 DEFAULT_NITERS = {"multinomial": 100_000}
 DEFAULT_NITERS_OTHER = 50_000
@@ -65,6 +75,7 @@ class TrainResult:
     seconds: float
     steps_run: int = 0
     first_step_s: float = 0.0
+    schedule: str = DEFAULT_SCHEDULE
     ms_per_step: float = field(init=False)
     steady_ms_per_step: float | None = field(init=False)
 
@@ -124,9 +135,11 @@ class SVIOptions:
     """How long and how fast SVI runs, and where it saves and resumes; checked when made.
 
     ``niters`` steps at most (early stop: see :func:`train`; None: bayesDREAM's default for the
-    distribution, :meth:`for_distribution`), Adam at ``lr`` in a OneCycle
-    schedule, stopping once the loss's EWMA (weight ``alpha_ewma``) moves by less than
-    ``tolerance``; ``seed`` for Pyro's RNGs; ``checkpoint``: a file to save the training state
+    distribution, :meth:`for_distribution`), Adam at ``lr`` in bayesDREAM's OneCycle
+    schedule, stepped or not as ``schedule`` says (:data:`SCHEDULES`), stopping once the
+    loss's EWMA (weight ``alpha_ewma``) moves by less than ``tolerance`` (relative, per step
+    over a window; in bayesDREAM's absolute sense with ``schedule="bayesdream"``);
+    ``seed`` for Pyro's RNGs; ``checkpoint``: a file to save the training state
     to every ``checkpoint_every`` steps (and at the end); ``resume``: a file written that way to
     continue from (it must exist).
     """
@@ -140,9 +153,11 @@ class SVIOptions:
     checkpoint: str | Path | None = None
     checkpoint_every: int = 100
     resume: str | Path | None = None
+    schedule: str = DEFAULT_SCHEDULE
 
     def __post_init__(self) -> None:
         check_int(self.niters, "niters", allow_none=True)
+        check_choice(self.schedule, SCHEDULES, "schedule")
         check_positive(self.lr, "lr")
         check_positive(self.tolerance, "tolerance", allow_zero=True)
         check_fraction(self.alpha_ewma, "alpha_ewma")
@@ -184,11 +199,12 @@ def train(
     :func:`devicemem.recovery.retries` loop over the three stages. Clears Pyro's global param
     store first, as bayesDREAM does.
 
-    Early stop: after the warm-up, stop when the loss's EWMA has moved by less than
+    Early stop ("onecycle"): after the warm-up, stop when the loss's EWMA has moved by less than
     ``tolerance`` x |EWMA| per step over its own window (W = 1 / alpha_ewma steps).
     bayesDREAM compares one step's move (alpha_ewma x |loss - EWMA|) with ``tolerance`` in
     nats: at real sizes (losses ~1e7) that never fires, and on small data it fires by chance
     on the loss's noise; the windowed, relative move is scale-free and averages the noise out.
+    ``schedule="bayesdream"`` keeps bayesDREAM's rule, as its loop runs it.
 
     ``checkpoint`` / ``checkpoint_every``: save guide, optimizer and scheduler state, step,
     losses and RNG states atomically every K steps; ``resume``: continue from such a file,
@@ -286,7 +302,8 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
                 with pyro.validation_enabled(False):
                     loss = svi.step(**kwargs)
             rates.append(_current_lr(optimizer))
-            optimizer.step()
+            if options.schedule == "onecycle":
+                optimizer.step()
             if not math.isfinite(loss):
                 raise RuntimeError(
                     f"fit_technical: the loss became {loss} at SVI step {step}; try a lower lr (e.g. lr=1e-4) "
@@ -296,9 +313,11 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
             bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss:.4g}")
+            if options.schedule == "bayesdream":
+                converged = _bayesdream_stop(history, loss, options)
             history.append(loss if not history else options.alpha_ewma * loss + (1 - options.alpha_ewma) * history[-1])
             settled = len(history) > window and abs(history[-1] - history[0]) < window * options.tolerance * abs(history[-1])
-            if step >= warmup and settled:
+            if options.schedule == "onecycle" and step >= warmup and settled:
                 converged = True
             if options.checkpoint is not None and (converged or (step + 1) % options.checkpoint_every == 0 or step + 1 == options.niters):
                 save_checkpoint(options.checkpoint, plan, step + 1, guide, optimizer, losses, rates, history, chunked)
@@ -311,7 +330,13 @@ def _train_on(inputs: ModelInputs, plan: TrainingPlan, options: SVIOptions, chec
         plan = replace(plan, chunk_cells=chunked.chunk_cells, reasons=plan.reasons + tuple(chunked.shrinks))
     steps = max(len(losses) - first, 1)
     logger.info("SVI on %s: %d steps in %.1f s (%.1f ms/step)%s", plan.device, steps, seconds, 1e3 * seconds / steps, ", converged" if converged else "")
-    return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s)
+    return TrainResult(guide, plan, losses, rates, converged, seconds, steps, first_step_s, options.schedule)
+
+
+def _bayesdream_stop(history: deque[float], loss: float, options: SVIOptions) -> bool:
+    """bayesDREAM's stop rule, checked before the EWMA takes ``loss`` in: from the second step
+    on, stop when alpha_ewma x |loss - EWMA| < tolerance (nats, not relative)."""
+    return bool(history) and abs(options.alpha_ewma * (loss - history[-1])) < options.tolerance
 
 
 def _svi(

@@ -70,10 +70,10 @@ def test_npz_and_mtx_either_way_round(dataset, fmt):
     meta = pd.read_csv(tmp / "meta.csv", index_col=0).loc[[f"cell{i}" for i in range(40)]]
     meta.to_csv(tmp / "meta_ordered.csv")
     code = main(["fit-technical", "--counts", str(path), "--meta", str(tmp / "meta_ordered.csv"), "--group-col", "lane",
-                 "--out", str(tmp / "fit.pt"), *FAST])
+                 "--out", str(tmp / "fit.pt"), "--schedule", "bayesdream", *FAST])
     assert code == 0
     fit = TechnicalFit.load(tmp / "fit.pt")
-    assert fit.posterior_samples["alpha_y_mult"].shape == (5, 2, 6)
+    assert fit.posterior_samples["alpha_y_mult"].shape == (5, 2, 6) and fit.schedule == "bayesdream"
     assert fit.cell_names == tuple(meta.index)  # the metadata names cells that the file does not
 
 

@@ -4,6 +4,7 @@ from the trained guide when Predictive fails."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 
 import numpy as np
@@ -126,7 +127,8 @@ def test_feature_names_and_genes_by_cells_input():
 
 def test_save_and_load_round_trip(tmp_path):
     data = synthetic_technical(60, 7, 3, seed=7)
-    fit = fit_technical(data.counts, data.groups, data.sum_factors, niters=12, nsamples=5, **QUIET)
+    fit = fit_technical(data.counts, data.groups, data.sum_factors, niters=12, nsamples=5, schedule="bayesdream", **QUIET)
+    assert fit.schedule == "bayesdream" and fit.learning_rates == [pytest.approx(0.4e-3)] * len(fit.losses)
     path = tmp_path / "fit.pt"
     fit.save(path)
     loaded = TechnicalFit.load(path)
@@ -136,7 +138,11 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded.feature_mask, fit.feature_mask)
     assert loaded.losses == fit.losses and loaded.learning_rates == fit.learning_rates
     assert loaded.svi_plan == fit.svi_plan and loaded.predictive_plan == fit.predictive_plan
-    assert loaded.group_levels == (0, 1, 2) and loaded.timings == fit.timings
+    assert loaded.group_levels == (0, 1, 2) and loaded.timings == fit.timings and loaded.schedule == "bayesdream"
+    stored = torch.load(path, weights_only=True)
+    stored["metadata"] = json.dumps({k: v for k, v in json.loads(stored["metadata"]).items() if k != "schedule"})
+    torch.save(stored, tmp_path / "older.pt")  # written before the schedule was recorded
+    assert TechnicalFit.load(tmp_path / "older.pt").schedule is None
     torch.save({"something": torch.zeros(1), "metadata": '{"format": "other"}'}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a saved TechnicalFit"):
         TechnicalFit.load(tmp_path / "other.pt")

@@ -24,7 +24,7 @@ from bayesDREAM_ext.memory import (
     technical_latent_size,
     training_footprint,
 )
-from bayesDREAM_ext.training import SVIOptions, train
+from bayesDREAM_ext.training import SVIOptions, make_guide, train
 from devicemem.backends import DeviceMemory, MemoryView, SystemProbe, get_backend, register_backend
 from tests.support.child import run_child
 from tests.runner_fakes import FakeGpu
@@ -143,6 +143,44 @@ def test_one_cycle_schedule_steps_every_iteration():
     assert all(a < b for a, b in zip(rates[: peak + 1], rates[1 : peak + 1]))
     assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1 :]))
     assert rates[-1] < 1e-5
+
+
+def _bayesdreams_own_loop(inputs, plan, niters, lr, tolerance, alpha_ewma, seed):
+    """bayesDREAM's fit_technical loop (fitting/technical.py:1544-1599 at 8dd6414), written out:
+    its PyroLRScheduler(OneCycleLR) built and never stepped, svi.step only, its EWMA stop."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide(inputs, "normal", plan.latent_size, torch.device("cpu"))
+    optimizer = pyro.optim.PyroLRScheduler(torch.optim.lr_scheduler.OneCycleLR, {
+        "optimizer": torch.optim.Adam, "optim_args": {"lr": lr, "betas": (0.9, 0.999)}, "max_lr": lr * 10,
+        "total_steps": niters, "pct_start": 0.1, "div_factor": 25, "final_div_factor": 1e4,
+    }, clip_args={"clip_norm": 10.0})
+    svi = pyro.infer.SVI(inputs.model, guide, optimizer, loss=pyro.infer.TraceMeanField_ELBO(max_plate_nesting=2))
+    losses, smoothed = [], None
+    for _ in range(niters):
+        loss = svi.step(**inputs.kwargs)
+        losses.append(loss)
+        if smoothed is None:
+            smoothed = loss
+        else:
+            if abs(alpha_ewma * (loss - smoothed)) < tolerance:
+                break
+            smoothed = alpha_ewma * loss + (1 - alpha_ewma) * smoothed
+    return losses, [float(s.get_last_lr()[0]) for s in optimizer.optim_objs.values()]
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.1])
+def test_bayesdream_schedule_is_bayesdreams_own_loop(tolerance):
+    data, inputs = inputs_for()
+    options = SVIOptions(niters=60, lr=2e-3, tolerance=tolerance, alpha_ewma=0.05, progress=False, seed=3, schedule="bayesdream")
+    result = train(inputs, _cpu_plan(data), options)
+    losses, rates = _bayesdreams_own_loop(inputs, result.plan, 60, 2e-3, tolerance, 0.05, seed=3)
+    assert result.losses == losses  # the same steps, bit for bit, and the same stopping step
+    assert (len(losses) == 60) == (tolerance == 0.0) and result.converged == (tolerance > 0)  # 0.1: stops at step 25
+    assert result.learning_rates == [pytest.approx(0.4 * 2e-3)] * len(losses) and rates == [pytest.approx(0.4 * 2e-3)] * len(rates)
+    assert result.schedule == "bayesdream"
+    with pytest.raises(ValueError, match="schedule"):
+        SVIOptions(schedule="cosine")
 
 
 def test_early_stop_needs_a_full_ewma_window_then_follows_the_tolerance():
