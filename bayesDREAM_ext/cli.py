@@ -35,7 +35,7 @@ from devicemem import logs
 from devicemem.backends import device_memory, parse_max_memory
 from devicemem.checks import check_fraction, check_int, check_positive, check_seed
 from devicemem.cliargs import (
-    THREADS_DEFAULT, HelpFormatter, add_assume, add_json, add_memory, add_num_samples, add_option, add_progress, add_threads,
+    THREADS_DEFAULT, HelpFormatter, add_assume, add_json, add_memory, add_num_samples, add_progress, add_threads,
     add_verbosity, log_level, plan_view, positive_int, show_progress,
 )
 from devicemem.planner import resolve_safety_factor
@@ -58,7 +58,8 @@ def _add_training(parser: argparse.ArgumentParser, niters: int | None, seed: int
     """The sampling, training, memory and thread options of the commands that fit."""
     group = parser.add_argument_group("training and sampling")
     add_num_samples(group, "posterior samples to draw (Pyro's num_samples)")
-    group.add_argument("--niters", type=positive_int, default=niters, metavar="N", help=NITERS_HELP if niters is None else "maximum SVI steps")
+    group.add_argument("--niters", type=positive_int, default=niters, metavar="N",
+                       help=NITERS_HELP if niters is None else "maximum SVI steps")
     group.add_argument("--lr", type=float, default=1e-3, help="base learning rate (OneCycle's peak is 10x)")
     group.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
                        help="learning-rate schedule: onecycle (stepped) or bayesdream (as bayesDREAM runs it: 0.4 x lr throughout)")
@@ -80,22 +81,27 @@ def _add_fit(commands: Any) -> None:
     data.add_argument("--meta", default=None, metavar="FILE",
                       help="cell metadata .csv/.tsv, one row per cell, first column the cell names (default: an .h5ad's obs)")
     data.add_argument("--group-col", required=True, metavar="COL", help="metadata column with each cell's technical group")
-    data.add_argument("--sum-factor-col", default=None, metavar="COL", help="metadata column with sum factors (default: library size / mean)")
+    data.add_argument("--sum-factor-col", default=None, metavar="COL",
+                      help="metadata column with sum factors (default: library size / mean)")
     data.add_argument("--distribution", default="negbinom", choices=DISTRIBUTIONS, help="the observation model")
-    data.add_argument("--denominator", default=None, metavar="PATH", help="binomial's denominator, same format and shape as the counts (default: none)")
+    data.add_argument("--denominator", default=None, metavar="PATH",
+                      help="binomial's denominator, same format and shape as the counts (default: none)")
     data.add_argument("--cells-axis", type=int, default=None, choices=(0, 1),
                       help="override the detected orientation: 0 cells x features, 1 features x cells (default: detect)")
     data.add_argument("--layer", default=None, metavar="NAME", help=".h5ad: a layer, or raw (default: X)")
     data.add_argument("--feature-type", default="Gene Expression", metavar="TYPE", help="10x feature type to keep; all keeps every type")
     ntc = parser.add_argument_group("NTC cells", "the cells the technical model is fitted to")
-    ntc.add_argument("--ntc-col", default=None, metavar="COL", help="metadata column that marks the NTC cells (default: every cell is an NTC cell)")
+    ntc.add_argument("--ntc-col", default=None, metavar="COL",
+                     help="metadata column that marks the NTC cells (default: every cell is an NTC cell)")
     ntc.add_argument("--ntc-value", nargs="+", action="extend", default=None, metavar="V",
                      help="the value(s) of --ntc-col that mark NTC cells, e.g. ntc or NTC non-targeting (default: none)")
     out = parser.add_argument_group("output and recovery")
     out.add_argument("--out", required=True, metavar="FILE", help="where to save the fit (.pt)")
     out.add_argument("--guide", default="normal", choices=GUIDE_CHOICES, help="AutoNormal, AutoIAFNormal, or auto (IAF when it fits)")
-    out.add_argument("--guide-state", default=None, metavar="FILE", help="a trained guide's recovery file: draw the samples without training (default: train)")
-    out.add_argument("--checkpoint", default=None, metavar="FILE", help="save the SVI state to FILE every --checkpoint-every steps (default: no checkpoint)")
+    out.add_argument("--guide-state", default=None, metavar="FILE",
+                     help="a trained guide's recovery file: draw the samples without training (default: train)")
+    out.add_argument("--checkpoint", default=None, metavar="FILE",
+                     help="save the SVI state to FILE every --checkpoint-every steps (default: no checkpoint)")
     out.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N", help="steps between checkpoints")
     out.add_argument("--resume", default=None, metavar="FILE", help="continue SVI from a checkpoint file (default: start afresh)")
     _add_training(parser, niters=None, seed=None)
@@ -109,7 +115,7 @@ def _add_results(commands: Any) -> None:
     summary.add_argument("--csv", default=None, metavar="FILE", help="write the whole table to FILE (default: print only)")
     summary.add_argument("--interval", type=float, default=0.9, metavar="P", help="probability of the central interval")
     summary.add_argument("--top", type=int, default=SUMMARY_TOP, metavar="N", help="rows printed, largest |effect_mean| first")
-    add_json(summary, "the whole table (one object per row) instead of the text")
+    add_json(summary, "the whole table (one object per row), instead of the text,")
     report = _subcommand(commands, "report", "draw a saved fit's report (.png, or .html with the tables)",
                          "Loss and learning rate, convergence, effects per group and the memory plans, as a PNG or an "
                          "HTML page with the picture, the plans' reasons and the largest effects.")
@@ -255,7 +261,8 @@ def run_demo(args: argparse.Namespace) -> int:
     t = fit.timings
     print(
         f"SVI: {len(fit.losses)} steps on {fit.svi_plan.device}, {t['svi_ms_per_step']:.0f} ms/step; "
-        f"Predictive: {args.num_samples} samples on {fit.predictive_plan.device if fit.predictive_plan else '?'} in {t['predictive_s']:.2f} s; "
+        f"Predictive: {args.num_samples} samples on {fit.predictive_plan.device if fit.predictive_plan else '?'} "
+        f"in {t['predictive_s']:.2f} s; "
         f"total {time.perf_counter() - start:.1f} s"
     )
     return 0
@@ -392,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_args(args)
-        with logs.shown(log_level(args)), _torch_threads(getattr(args, "threads", None) if args.command in ("demo", "fit-technical") else None):
+        threads = args.threads if args.command in ("demo", "fit-technical") else None  # the plans pass theirs on
+        with logs.shown(log_level(args)), _torch_threads(threads):
             return COMMANDS[args.command](args)
     except (ValueError, ImportError) as exc:
         parser.exit(2, f"bayesdream-ext: error: {exc}\n")

@@ -250,19 +250,14 @@ def prepare_technical(
     *,
     distribution: str = "negbinom",
     denominator: Any = None,
-    cells_axis: int | None = None,
-    meta: Any = None,
-    layer: str | None = None,
-    ntc: Any = None,
-    ntc_col: str | None = None,
-    ntc_value: Any = None,
+    **selection: Any,
 ) -> TechnicalData:
-    """Check and convert ``fit_technical``'s data arguments (:func:`select_cells`, then the
-    values); ValueError for every bad input. The counts become
+    """Check and convert ``fit_technical``'s data arguments (:func:`select_cells`, which takes
+    the ``selection`` keywords: ``cells_axis``, ``meta``, ``layer``, ``ntc``, ``ntc_col``,
+    ``ntc_value``; then the values); ValueError for every bad input. The counts become
     :class:`~bayesDREAM_ext.counts.Counts` here, once."""
     check_distribution(distribution)
-    cells = select_cells(counts, groups, sum_factors, denominator=denominator, cells_axis=cells_axis, meta=meta, layer=layer,
-                         ntc=ntc, ntc_col=ntc_col, ntc_value=ntc_value)
+    cells = select_cells(counts, groups, sum_factors, denominator=denominator, **selection)
     logger.info("%s", cells.ntc)
     values = _read_counts(cells.counts, distribution)
     codes, levels = _group_codes(cells.groups, values.n_cells)

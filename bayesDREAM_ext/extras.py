@@ -22,7 +22,8 @@ class MissingDependencyError(ImportError):
 def install_hint(module: str) -> str:
     """The commands that install ``module``'s extra: in a clone, and from a package index."""
     extra = EXTRAS.get(module.split(".")[0], "io")
-    return f'in the repository run `make setup` (or `pip install -e ".[{extra}]"`); installed from an index: pip install "devicemem[{extra}]"'
+    return (f'in the repository run `make setup` (or `pip install -e ".[{extra}]"`); '
+            f'installed from an index: pip install "devicemem[{extra}]"')
 
 
 def require(module: str, what: str) -> ModuleType:

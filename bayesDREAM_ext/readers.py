@@ -531,7 +531,8 @@ def load(
         record = from_anndata(values, layer=layer, source=f"AnnData {what}")
     else:
         kind = type(values).__name__
-        read = _frame(values, what, kind) if hasattr(values, "columns") and hasattr(values, "to_numpy") else (_matrix(values, what), None, None)
+        frame = hasattr(values, "columns") and hasattr(values, "to_numpy")
+        read = _frame(values, what, kind) if frame else (_matrix(values, what), None, None)
         record = _oriented(read, table, cells_axis, None, None, f"{what} ({kind})", f"{what} ({kind})",
                            n_cells=n_cells, cells_from=cells_from, default=0)
     return record if table is None else _with_meta(record, table)

@@ -128,7 +128,8 @@ def test_bad_input_exits_2_with_the_problem_and_a_hint(dataset, capsys):
     data, _, tmp = dataset
     common = ["--meta", str(tmp / "meta.csv"), "--group-col", "lane", "--out", str(tmp / "fit.pt"), *FAST]
     (tmp / "counts.txt").write_text("1 2 3")
-    assert "cannot read 'counts.txt'; expected a 10x directory" in run_fails(capsys, ["fit-technical", "--counts", str(tmp / "counts.txt"), *common])
+    err = run_fails(capsys, ["fit-technical", "--counts", str(tmp / "counts.txt"), *common])
+    assert "cannot read 'counts.txt'; expected a 10x directory" in err
     np.savez(tmp / "counts.npz", counts=data.counts)
     err = run_fails(capsys, ["fit-technical", "--counts", str(tmp / "counts.npz"), *common[:2], "--group-col", "batch", *common[4:]])
     assert "groups: no column 'batch' in the cell metadata (--group-col); it has lane, sf, target" in err
@@ -155,7 +156,8 @@ def test_half_an_ntc_selection_exits_2_before_reading(dataset, capsys, extra, me
 def test_report_checks_its_output_before_loading(dataset, capsys):
     _, _, tmp = dataset
     (tmp / "fit.pt").write_bytes(b"not read")
-    assert "--out: expected a path ending in .html or .png" in run_fails(capsys, ["report", str(tmp / "fit.pt"), "--out", str(tmp / "r.pdf")])
+    err = run_fails(capsys, ["report", str(tmp / "fit.pt"), "--out", str(tmp / "r.pdf")])
+    assert "--out: expected a path ending in .html or .png" in err
     assert "FIT: no such file" in run_fails(capsys, ["report", str(tmp / "nothing.pt"), "--out", str(tmp / "r.png")])
 
 
@@ -183,4 +185,5 @@ def test_plan_prints_the_training_and_predictive_plans_for_an_assumed_machine(ca
 
 
 def test_plan_rejects_a_malformed_assumption(capsys):
-    assert "assume: expected DEVICE=SIZE" in run_fails(capsys, ["plan", "--cells", "10", "--features", "10", "--groups", "2", "--assume", "cuda:0"])
+    err = run_fails(capsys, ["plan", "--cells", "10", "--features", "10", "--groups", "2", "--assume", "cuda:0"])
+    assert "assume: expected DEVICE=SIZE" in err

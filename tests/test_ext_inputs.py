@@ -68,6 +68,8 @@ def test_a_genes_by_cells_array_is_turned_by_the_groups_length(data):
     told = fit_technical(data.counts.T.copy(), data.groups, data.sum_factors, cells_axis=1, **FAST)
     assert samples_equal(cells_first, detected) and samples_equal(cells_first, told)
     assert "columns match the 40 group labels: features x cells, transposed" in detected.source
+    square = fit_technical(data.counts[:T], [0, 0, 0, 1, 1, 1], **FAST)  # 6 x 6: nothing tells, so cells x features
+    assert "cells x features, the convention for arrays: nothing tells the axes apart" in square.source
 
 
 def test_an_ntc_mask_or_indices_equal_the_cells_taken_by_hand(data):
