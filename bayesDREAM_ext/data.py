@@ -204,7 +204,8 @@ def _per_cell(values: Any, record: CountsFile, what: str, option: str) -> Any:
         return values
     meta = record.cell_meta
     if meta is None or values not in meta.columns:
-        has = "it has " + (", ".join(map(str, meta.columns)) or "no columns") if meta is not None else "the counts came with none"
+        has = ("it has " + (", ".join(map(str, meta.columns)) or "no columns") if meta is not None
+               else "the counts came with none: pass --meta FILE (meta= in Python)")
         raise ValueError(f"{what}: no column {values!r} in the cell metadata ({option}); {has}")
     return meta[values]
 
