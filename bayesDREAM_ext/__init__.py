@@ -2,7 +2,8 @@
 
 Public names (imported lazily, so the CLI starts fast): ``fit_technical``,
 ``PredictiveFailedError``, ``PredictiveInterrupted`` (bayesDREAM_ext.fit); ``TechnicalFit``,
-``GuideState`` (bayesDREAM_ext.records); ``TrainingPlan``,
+``GuideState`` (bayesDREAM_ext.records); ``read_counts`` (bayesDREAM_ext.readers); ``select_ntc``
+(bayesDREAM_ext.ntc); ``TrainingPlan``,
 ``plan_training``, ``training_footprint`` (bayesDREAM_ext.memory); ``synthetic_technical``,
 ``synthetic_data`` (bayesDREAM_ext.synthetic).
 """
@@ -16,6 +17,8 @@ _EXPORTS = {
     "fit_technical": "bayesDREAM_ext.fit",
     "TechnicalFit": "bayesDREAM_ext.records",
     "GuideState": "bayesDREAM_ext.records",
+    "read_counts": "bayesDREAM_ext.readers",
+    "select_ntc": "bayesDREAM_ext.ntc",
     "PredictiveFailedError": "bayesDREAM_ext.fit",
     "PredictiveInterrupted": "bayesDREAM_ext.fit",
     "TrainingPlan": "bayesDREAM_ext.memory",

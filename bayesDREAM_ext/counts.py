@@ -1,15 +1,15 @@
 """The counts, in one form from ``fit_technical``'s entry to the last chunk of training.
 
-Input of any kind (numpy, scipy.sparse, pandas, AnnData, torch) is read here, once
-(:func:`read_input`, :func:`check_values`), and becomes :class:`Counts`: cells first, float32,
-dense (a tensor) or sparse (a CSR matrix that is never densified whole), with its shape and the
-statistics the model and training need (per-cell totals, per-feature extremes, blocks of
-features, rows of cells, the smallest exact dtype). Everything after asks the Counts, never
-whether they are sparse.
+Input of any kind (a file or 10x folder, AnnData, pandas, numpy, scipy.sparse, torch) is read
+once, cells first, by :func:`bayesDREAM_ext.readers.load`; here its values are checked
+(:func:`check_values`) and it becomes :class:`Counts`: float32, dense (a tensor) or sparse (a
+CSR matrix that is never densified whole), with its shape and the statistics the model and
+training need (per-cell totals, per-feature extremes, blocks of features, rows of cells, the
+smallest exact dtype). Everything after asks the Counts, never whether they are sparse.
 
 scipy is not a core dependency: a matrix can only be a ``scipy.sparse`` one when the caller has
-loaded scipy, so :func:`issparse` looks it up only when it is already imported, and turning a
-pandas sparse frame into a matrix asks for it with an install hint (:func:`scipy_sparse`).
+loaded scipy, so :func:`issparse` looks it up only when it is already imported, and reading
+sparse input asks for it with an install hint (:func:`scipy_sparse`).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bayesDREAM_ext.extras import require
+
 if TYPE_CHECKING:
     from scipy.sparse import spmatrix
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Exact integer ranges of the dtypes counts may be stored in, smallest first.
 COMPACT_DTYPES = ((torch.uint8, 255), (torch.int16, 32767), (torch.int32, 2**31 - 1))
-SPARSE_HINT = "pip install 'devicemem[io]'"
 RawMatrix = Union[np.ndarray, "spmatrix"]
-Names = tuple[tuple[str, ...] | None, tuple[str, ...] | None]
 
 
 def issparse(value: Any) -> bool:
@@ -42,46 +42,12 @@ def issparse(value: Any) -> bool:
 
 
 def scipy_sparse(what: str) -> ModuleType:
-    """``scipy.sparse``; ImportError naming ``what`` and the install command without scipy."""
-    try:
-        import scipy.sparse
-    except ImportError as exc:
-        raise ImportError(f"{what}: sparse input needs scipy ({SPARSE_HINT})") from exc
-    return scipy.sparse
-
-
-def _is_anndata(obj: Any) -> bool:
-    return all(hasattr(obj, name) for name in ("X", "obs_names", "var_names"))
-
-
-def read_input(values: Any, what: str) -> tuple[RawMatrix, Names]:
-    """(a dense array or a CSR matrix, (row names, column names) where the container has them)
-    from any accepted container; ValueError naming ``what`` for anything else."""
-    names: Names = (None, None)
-    if _is_anndata(values):
-        names = tuple(map(str, values.obs_names)), tuple(map(str, values.var_names))
-        values = values.X
-    elif hasattr(values, "to_numpy") and hasattr(values, "columns"):
-        names = tuple(map(str, values.index)), tuple(map(str, values.columns))
-        if any(hasattr(dtype, "sparse") for dtype in values.dtypes):
-            values = scipy_sparse(what).csr_matrix(values.sparse.to_coo())
-        else:
-            values = values.to_numpy()
-    if isinstance(values, Tensor):
-        values = values.detach().cpu().numpy()
-    if issparse(values):
-        return values.tocsr(), names
-    try:
-        array = np.asarray(values)
-    except Exception as exc:
-        raise ValueError(f"{what}: expected a numpy array, scipy.sparse matrix, pandas DataFrame or AnnData; got {type(values).__name__}") from exc
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(f"{what}: expected numeric values; got dtype {array.dtype}")
-    return array, names
+    """``scipy.sparse``; MissingDependencyError naming ``what`` and the install command without scipy."""
+    return require("scipy.sparse", f"{what}: sparse input")
 
 
 def input_ndim(matrix: RawMatrix) -> int:
-    """The dimensions of a matrix :func:`read_input` gave (a sparse one has two)."""
+    """The dimensions of a dense array or a sparse matrix (which has two)."""
     return 2 if issparse(matrix) else matrix.ndim
 
 
@@ -91,7 +57,7 @@ def _stored_values(matrix: RawMatrix) -> np.ndarray:
 
 
 def all_zero(matrix: RawMatrix) -> bool:
-    """Whether a matrix :func:`read_input` gave stores no value but zero."""
+    """Whether a dense array or sparse matrix stores no value but zero."""
     values = _stored_values(matrix)
     return values.size == 0 or not values.any()
 
@@ -144,12 +110,10 @@ class Counts:
     sparse: bool = False
 
     @classmethod
-    def from_input(cls, matrix: RawMatrix, cells_axis: int, keep_sparse: bool) -> Counts:
-        """A checked input matrix (:func:`read_input`, :func:`check_values`), cells first, as
-        float32: sparse when it is and ``keep_sparse``, else dense."""
+    def from_input(cls, matrix: RawMatrix, keep_sparse: bool) -> Counts:
+        """A checked input matrix, cells first (:func:`bayesDREAM_ext.readers.load`,
+        :func:`check_values`), as float32: sparse when it is and ``keep_sparse``, else dense."""
         sparse = issparse(matrix)
-        if cells_axis == 1:
-            matrix = matrix.T.tocsr() if sparse else np.swapaxes(matrix, 0, 1)
         if sparse and keep_sparse:
             return cls(matrix.astype(np.float32), sparse=True)
         dense = matrix.toarray() if sparse else np.asarray(matrix)

@@ -1,13 +1,16 @@
 """Input validation and conversion for ``fit_technical``: everything is checked here, before
 any training, and every problem is a ValueError that names the argument.
 
-Accepted counts: numpy arrays, scipy.sparse matrices, pandas DataFrames, torch tensors and
-AnnData objects (duck-typed on ``.X``, ``.obs_names``, ``.var_names``; anndata itself is only
-needed to build one). ``cells_axis`` says which axis holds the cells (bayesDREAM stores genes x
-cells, so it uses ``cells_axis=1``); multinomial counts are [N, T, K] (or [T, N, K] with
-``cells_axis=1``). The counts (and a binomial denominator) are read and value-checked by
-:mod:`bayesDREAM_ext.counts`, once, into :class:`~bayesDREAM_ext.counts.Counts`; here the groups,
-sum factors and excluded features are worked out from them.
+Accepted counts: a counts file or 10x folder, a :class:`~bayesDREAM_ext.readers.CountsFile`,
+AnnData objects (duck-typed on ``.X``, ``.obs_names``, ``.var_names``), pandas DataFrames,
+numpy arrays, scipy.sparse matrices and torch tensors, all read by
+:func:`bayesDREAM_ext.readers.load` (cells first, names kept; the orientation from the format,
+the metadata or the groups' length, or ``cells_axis``: bayesDREAM stores genes x cells, so it
+uses ``cells_axis=1``); multinomial counts are [N, T, K]. ``groups`` and ``sum_factors`` may
+name columns of the cell metadata; the NTC cells are chosen (:func:`select_cells`, with
+:mod:`bayesDREAM_ext.ntc`) before anything else is worked out. The counts (and a binomial
+denominator) are value-checked into :class:`~bayesDREAM_ext.counts.Counts` once; here the
+groups, sum factors and excluded features are worked out from them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesDREAM_ext.counts import FLOAT32_MAX, Counts, Names, all_zero, check_values, input_ndim, read_input
+from bayesDREAM_ext.counts import FLOAT32_MAX, Counts, all_zero, check_values, input_ndim
+from bayesDREAM_ext.ntc import choose_ntc
+from bayesDREAM_ext.readers import CountsFile, load
 from devicemem.checks import check_choice
 
 logger = logging.getLogger("devicemem.bayesdream")
@@ -40,7 +45,8 @@ class TechnicalData:
     codes with 0 the baseline (``group_levels[code]`` is the user's label); ``sum_factors``
     [N] (ones where the distribution does not use them); ``denominator`` [N, T_fit] for
     binomial. ``feature_mask`` [T] is True for the fitted features; ``excluded`` counts the
-    excluded ones by reason.
+    excluded ones by reason. ``cell_names`` are the NTC cells' names (None when the input has
+    none), ``ntc`` says how they were chosen and ``source`` what the counts were read from.
     """
 
     distribution: str
@@ -52,6 +58,9 @@ class TechnicalData:
     group_levels: tuple[Any, ...]
     feature_names: tuple[str, ...] | None
     excluded: dict[str, int]
+    cell_names: tuple[str, ...] | None = None
+    ntc: str = ""
+    source: str = ""
 
     @property
     def n_cells(self) -> int:
@@ -166,6 +175,75 @@ def exclusion_masks(
     return reasons
 
 
+@dataclass(frozen=True)
+class Cells:
+    """The NTC cells a fit uses, read and chosen: ``counts`` (and ``denominator``) cells first
+    with their names, ``groups`` and ``sum_factors`` one per cell (as given, or the metadata's
+    columns), ``ntc`` a line saying how the cells were chosen."""
+
+    counts: CountsFile
+    groups: Any
+    sum_factors: Any
+    denominator: CountsFile | None
+    ntc: str
+
+
+def _length(values: Any) -> int | None:
+    """How many values a per-cell argument holds (None for a column name or nothing)."""
+    if values is None or isinstance(values, str):
+        return None
+    try:
+        return len(values)
+    except TypeError:
+        return None
+
+
+def _per_cell(values: Any, record: CountsFile, what: str, option: str) -> Any:
+    """``values`` as given, or the cell metadata's column when ``values`` names one."""
+    if not isinstance(values, str):
+        return values
+    meta = record.cell_meta
+    if meta is None or values not in meta.columns:
+        has = ("it has " + (", ".join(map(str, meta.columns)) or "no columns") if meta is not None
+               else "the counts came with none: pass --meta FILE (meta= in Python)")
+        raise ValueError(f"{what}: no column {values!r} in the cell metadata ({option}); {has}")
+    return meta[values]
+
+
+def _take(values: Any, mask: np.ndarray, what: str) -> Any:
+    """The NTC cells' entries of a per-cell argument (a Series or Categorical keeps its type)."""
+    if values is None:
+        return None
+    if _length(values) != mask.size:
+        raise ValueError(f"{what}: has {_length(values)} values but the counts have {mask.size} cells (before the NTC selection)")
+    if hasattr(values, "iloc"):
+        return values.iloc[mask]
+    if isinstance(values, Tensor):
+        return values[torch.from_numpy(mask)]
+    return values[mask] if hasattr(values, "categories") else np.asarray(values)[mask]
+
+
+def select_cells(
+    counts: Any, groups: Any, sum_factors: Any = None, *, denominator: Any = None, cells_axis: int | None = None,
+    meta: Any = None, layer: str | None = None, ntc: Any = None, ntc_col: str | None = None, ntc_value: Any = None,
+) -> Cells:
+    """Read ``counts`` (:func:`~bayesDREAM_ext.readers.load`: any input, cells first, the
+    orientation from ``cells_axis``, the metadata or the groups' length), look up ``groups`` /
+    ``sum_factors`` given as column names of the cell metadata (``meta``, or AnnData's obs),
+    and keep the NTC cells (``ntc``, or ``ntc_col`` / ``ntc_value``; every cell without them)."""
+    record = load(counts, meta=meta, cells_axis=cells_axis, layer=layer, n_cells=_length(groups))
+    groups = _per_cell(groups, record, "groups", "--group-col")
+    sum_factors = _per_cell(sum_factors, record, "sum_factors", "--sum-factor-col")
+    denom = None if denominator is None else load(
+        denominator, what="denominator", cells_axis=cells_axis, n_cells=record.shape[0], cells_from="cells of the counts", layer=layer,
+    )
+    mask, how = choose_ntc(record.shape[0], record.cell_meta, ntc, ntc_col, ntc_value)
+    if mask is None:
+        return Cells(record, groups, sum_factors, denom, how)
+    return Cells(record.take_cells(mask), _take(groups, mask, "groups"), _take(sum_factors, mask, "sum_factors"),
+                 None if denom is None else denom.take_cells(mask), how)
+
+
 def prepare_technical(
     counts: Any,
     groups: Any,
@@ -173,21 +251,23 @@ def prepare_technical(
     *,
     distribution: str = "negbinom",
     denominator: Any = None,
-    cells_axis: int = 0,
+    **selection: Any,
 ) -> TechnicalData:
-    """Check and convert ``fit_technical``'s data arguments; ValueError for every bad input.
-    The counts become :class:`~bayesDREAM_ext.counts.Counts` here, once."""
+    """Check and convert ``fit_technical``'s data arguments (:func:`select_cells`, which takes
+    the ``selection`` keywords: ``cells_axis``, ``meta``, ``layer``, ``ntc``, ``ntc_col``,
+    ``ntc_value``; then the values); ValueError for every bad input. The counts become
+    :class:`~bayesDREAM_ext.counts.Counts` here, once."""
     check_distribution(distribution)
-    if cells_axis not in (0, 1) or isinstance(cells_axis, bool):
-        raise ValueError(f"cells_axis: expected 0 (cells x features) or 1 (features x cells); got {cells_axis!r}")
-    values, axis_names = _read_counts(counts, distribution, cells_axis)
-    codes, levels = _group_codes(groups, values.n_cells)
+    cells = select_cells(counts, groups, sum_factors, denominator=denominator, **selection)
+    logger.info("%s", cells.ntc)
+    values = _read_counts(cells.counts, distribution)
+    codes, levels = _group_codes(cells.groups, values.n_cells)
     sizes = np.bincount(codes, minlength=len(levels))
     small = [f"{levels[g]!r} ({int(sizes[g])} cell{'s' if sizes[g] != 1 else ''})" for g in range(len(levels)) if sizes[g] < 2]
     if small:
         raise ValueError(f"groups: every technical group needs at least 2 NTC cells; too few in {', '.join(small)}")
-    denom = _read_denominator(denominator, distribution, cells_axis, values)
-    factors = _sum_factors(sum_factors, values, distribution)
+    denom = _read_denominator(cells.denominator, distribution, values)
+    factors = _sum_factors(cells.sum_factors, values, distribution)
     keep, excluded = _kept_features(exclusion_masks(values, codes, denom, distribution, len(levels)))
     return TechnicalData(
         distribution=distribution,
@@ -197,15 +277,17 @@ def prepare_technical(
         denominator=None if denom is None else denom.kept(keep),
         feature_mask=keep,
         group_levels=levels,
-        feature_names=axis_names[1 - cells_axis],
+        feature_names=cells.counts.feature_names,
         excluded={reason: n for reason, n in excluded.items() if n},
+        cell_names=cells.counts.cell_names,
+        ntc=cells.ntc,
+        source=f"{cells.counts.source} ({cells.counts.orientation})",
     )
 
 
-def _read_counts(counts: Any, distribution: str, cells_axis: int) -> tuple[Counts, Names]:
-    """The checked counts, cells first (sparse input stays sparse unless binomial), and the
-    container's row and column names."""
-    matrix, axis_names = read_input(counts, "counts")
+def _read_counts(record: CountsFile, distribution: str) -> Counts:
+    """The checked counts (sparse input stays sparse unless binomial)."""
+    matrix = record.counts
     ndim = input_ndim(matrix)
     expected_ndim = 3 if distribution == "multinomial" else 2
     if ndim != expected_ndim:
@@ -213,25 +295,24 @@ def _read_counts(counts: Any, distribution: str, cells_axis: int) -> tuple[Count
         raise ValueError(f"counts: distribution {distribution!r} needs {expected_ndim}-D counts {form}; got {ndim}-D")
     integer = distribution in COUNT_DISTRIBUTIONS
     check_values(matrix, "counts", integer=integer, non_negative=integer)
-    values = Counts.from_input(matrix, cells_axis, keep_sparse=distribution != "binomial")
+    values = Counts.from_input(matrix, keep_sparse=distribution != "binomial")
     if values.n_cells == 0 or values.n_features == 0:
         raise ValueError(f"counts: empty matrix of shape {values.shape}")
     if all_zero(matrix):
         raise ValueError("counts: every value is zero; nothing to fit")
-    return values, axis_names
+    return values
 
 
-def _read_denominator(denominator: Any, distribution: str, cells_axis: int, counts: Counts) -> Counts | None:
+def _read_denominator(record: CountsFile | None, distribution: str, counts: Counts) -> Counts | None:
     """The binomial's checked denominator, dense and cells first (None for the others)."""
     if distribution != "binomial":
-        if denominator is not None:
+        if record is not None:
             raise ValueError(f"denominator: only the 'binomial' distribution uses one; got one with {distribution!r}")
         return None
-    if denominator is None:
+    if record is None:
         raise ValueError("denominator: distribution 'binomial' needs a denominator matrix (same shape as counts)")
-    matrix, _ = read_input(denominator, "denominator")
-    check_values(matrix, "denominator", integer=True, non_negative=True)
-    denom = Counts.from_input(matrix, cells_axis, keep_sparse=False)
+    check_values(record.counts, "denominator", integer=True, non_negative=True)
+    denom = Counts.from_input(record.counts, keep_sparse=False)
     if denom.shape != counts.shape:
         raise ValueError(f"denominator: shape {denom.shape} (cells first) differs from counts' {counts.shape}")
     smaller = denom.array() < counts.array()

@@ -33,6 +33,7 @@ from bayesDREAM_ext.model import ModelInputs, Priors, build_model_inputs
 from bayesDREAM_ext.posterior import assemble
 from bayesDREAM_ext.records import GuideState, TechnicalFit
 from bayesDREAM_ext.training import DEFAULT_SCHEDULE, SVIOptions, TrainResult, make_guide, train
+from devicemem import logs
 from devicemem.backends import Caps, MemoryView, SystemProbe, split_device
 from devicemem.backends.names import device_name, is_host
 from devicemem.checks import check_choice, check_int
@@ -101,6 +102,7 @@ class _FitOptions:
     svi_chunk: int | None
     svi_minibatch: int | None
     guide_state: GuideState | None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         check_int(self.nsamples, "nsamples")
@@ -113,6 +115,7 @@ class _FitOptions:
             raise ValueError(f"probe: expected None, a devicemem.backends.SystemProbe or a MemoryView; got {self.probe!r:.60}")
         check_int(self.svi_chunk, "svi_chunk", allow_none=True)
         check_int(self.svi_minibatch, "svi_minibatch", allow_none=True)
+        check_int(self.threads, "threads", allow_none=True)
 
     def view(self) -> MemoryView:
         """The call's one memory reading (``probe`` when it is one already); ValueError when the
@@ -130,7 +133,12 @@ def fit_technical(
     *,
     distribution: str | None = None,
     denominator: Any = None,
-    cells_axis: int = 0,
+    cells_axis: int | None = None,
+    meta: Any = None,
+    layer: str | None = None,
+    ntc: Any = None,
+    ntc_col: str | None = None,
+    ntc_value: Any = None,
     device: str = "auto",
     nsamples: int = 1000,
     niters: int | None = None,
@@ -156,13 +164,26 @@ def fit_technical(
     sum_factor_col: str | None = "sum_factor",
     modality: str | None = None,
     probe: SystemProbe | MemoryView | None = None,
+    threads: int | None = None,
+    verbose: bool = False,
 ) -> TechnicalFit:
     """Fit bayesDREAM's technical model on NTC cells and draw ``nsamples`` posterior samples.
 
-    ``counts`` [cells, features] (``cells_axis=1`` for features x cells; multinomial [N, T, K]);
-    ``distribution`` defaults to "negbinom";
-    ``groups`` one label or code per cell, the first level (sorted, or a Categorical's
-    order) being the baseline. ``sum_factors`` default to library size / mean (negbinom).
+    ``counts``: a counts file or 10x folder (``bayesDREAM_ext.readers.read_counts``: 10x
+    folder or .h5, .h5ad, .mtx[.gz], .npz, .csv/.tsv), a ``CountsFile``, AnnData, a DataFrame,
+    a numpy array, a scipy.sparse matrix or a tensor, [cells, features] or [features, cells]
+    (multinomial [N, T, K]): the orientation is the format's, else found from the metadata or
+    the groups' length; ``cells_axis`` (0: cells x features, 1: features x cells) overrides it.
+    ``meta``: the cell metadata (a DataFrame or .csv/.tsv file, first column the cell names;
+    AnnData brings its ``obs``), aligned to the cells by name. ``layer``: an AnnData layer or
+    "raw". ``groups`` one label or code per cell, or the name of a metadata column, the first
+    level (sorted, or a Categorical's order) being the baseline. ``sum_factors`` likewise (a
+    column name, or values), default library size / mean (negbinom).
+    NTC cells: ``ntc_col`` with ``ntc_value`` (one value or a list) keeps the cells whose
+    metadata column holds one of them; ``ntc`` (a boolean mask or cell indices) the same by
+    hand; without either every cell is taken as an NTC cell (logged). ``groups`` and
+    ``sum_factors`` given as values then have one entry per cell before the selection.
+    ``distribution`` defaults to "negbinom".
     ``device="auto"`` trains on the GPU when data, guide, optimizer state and one step fit its
     budget, else on the CPU; Predictive then goes wherever devicemem's planner puts it.
     ``niters`` defaults to bayesDREAM's 50,000 (100,000 for multinomial); training stops
@@ -185,7 +206,10 @@ def fit_technical(
     ``resume=PATH`` continues from it bit-identically on the same device. ``probe``: where device
     memory is read, once per call, after the data are prepared (every plan, the fall-back to the
     host and Predictive are judged against that one reading): a ``devicemem.backends.SystemProbe``
-    (tests inject fakes) or a ``MemoryView`` already read.
+    (tests inject fakes) or a ``MemoryView`` already read. ``threads``: Predictive's
+    block-parallel draws on the host (default ``DEVICEMEM_THREADS``, else the usable cores).
+    ``verbose=True`` shows the log lines of this call on stderr (the ``[MEMORY]`` plans, the
+    NTC cells, training's end; ``devicemem.log_to_stderr()`` shows them for every call).
 
     Given a bayesDREAM object instead of counts (``fit_technical(model_obj,
     sum_factor_col="sum_factor", modality=None, ...)``), it fits that modality's NTC cells
@@ -198,13 +222,16 @@ def fit_technical(
     options = _FitOptions(
         SVIOptions(niters, lr, tolerance, alpha_ewma, seed, progress, checkpoint, checkpoint_every, resume, schedule),
         Priors(epsilon, beta_o_alpha, beta_o_beta), nsamples, guide, device_name(device), minibatch_size,
-        safety_factor, Caps.parse(max_memory), probe, svi_chunk, svi_minibatch, guide_state,
+        safety_factor, Caps.parse(max_memory), probe, svi_chunk, svi_minibatch, guide_state, threads,
     )
-    if is_bayesdream_object(counts):
-        return _fit_object(counts, (groups, sum_factors, denominator), distribution, sum_factor_col, modality, options)
-    data = prepare_technical(counts, groups, sum_factors, distribution=distribution or "negbinom",
-                             denominator=denominator, cells_axis=cells_axis)
-    return _fit_data(data, options)
+    with logs.shown(logging.INFO if verbose else None):
+        if is_bayesdream_object(counts):
+            return _fit_object(counts, (groups, sum_factors, denominator), distribution, sum_factor_col, modality, options)
+        data = prepare_technical(
+            counts, groups, sum_factors, distribution=distribution or "negbinom", denominator=denominator,
+            cells_axis=cells_axis, meta=meta, layer=layer, ntc=ntc, ntc_col=ntc_col, ntc_value=ntc_value,
+        )
+        return _fit_data(data, options)
 
 
 def _fit_object(
@@ -263,6 +290,7 @@ def _fit_data(data: TechnicalData, options: _FitOptions) -> TechnicalFit:
     predictive = Predictive(  # parallel=True: the technical models vectorise, no need to check
         inputs.model, guide=training.guide, num_samples=options.nsamples, return_sites=_site_names(inputs),
         parallel=True, seed=options.svi.seed, progress=options.svi.progress, plan=predictive_plan, probe=view,
+        threads=options.threads,
     )
     try:
         samples = predictive(**inputs.params_only())
@@ -280,7 +308,7 @@ def _fit_data(data: TechnicalData, options: _FitOptions) -> TechnicalFit:
         feature_mask=torch.from_numpy(data.feature_mask.copy()), group_levels=data.group_levels,
         feature_names=data.feature_names, excluded=dict(data.excluded), losses=list(training.losses),
         learning_rates=list(training.learning_rates), svi_plan=training.plan, predictive_plan=predictive.plan,
-        timings=timings, schedule=training.schedule,
+        timings=timings, schedule=training.schedule, cell_names=data.cell_names, ntc=data.ntc, source=data.source,
     )
 
 

@@ -10,14 +10,21 @@ or ``raw``), ``.npz`` (scipy.sparse or one numpy array) and ``.csv`` / ``.tsv`` 
 row = column names, first column = row names). Each is read with the field's library (scipy.io,
 h5py, anndata, pandas); sparse stays sparse.
 
+In memory, :func:`load` takes the same role for everything ``fit_technical`` accepts: a path
+(read as above), a :class:`CountsFile`, an AnnData object, a pandas DataFrame, a numpy array, a
+scipy.sparse matrix or a torch tensor. Every input, from the command line or from Python,
+becomes a :class:`CountsFile` here and nowhere else.
+
 The orientation comes from the format where it fixes one (10x: features x cells; AnnData: cells
-x features), else from which axis the metadata, the cell names or the feature names match, else
-``cells_axis`` must be given; :attr:`CountsFile.orientation` says which it was.
+x features), else from which axis the metadata, the cell names, the number of cells (the
+groups' length) or the feature names match, else ``cells_axis`` must be given;
+:attr:`CountsFile.orientation` says which it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,13 +32,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bayesDREAM_ext.counts import issparse, scipy_sparse
+from bayesDREAM_ext.extras import MissingDependencyError, require
+
 if TYPE_CHECKING:
     import pandas as pd
     from scipy.sparse import csr_matrix
 
+__all__ = ["CountsFile", "MissingDependencyError", "detect_cells_axis", "load", "read_10x_h5", "read_10x_mtx",
+           "read_counts", "read_h5ad", "read_meta"]
+
 logger = logging.getLogger("devicemem.bayesdream")
 
-INSTALL_HINT = 'run `make setup`, or `pip install -e ".[io]"` in the repository'
 CELLS_AXIS_HINT = "pass --cells-axis 0 (cells x features) or 1 (features x cells); cells_axis= in Python"
 GENE_EXPRESSION = "Gene Expression"
 TENX_MATRIX_DIRS = ("filtered_feature_bc_matrix", "outs/filtered_feature_bc_matrix")
@@ -40,18 +52,16 @@ TENX_H5 = ("filtered_feature_bc_matrix.h5", "outs/filtered_feature_bc_matrix.h5"
 SUFFIXES = (".h5ad", ".h5", ".mtx", ".npz", ".csv", ".tsv")
 
 
-class MissingDependencyError(ImportError):
-    """An optional library a format needs is not installed; the message says how to add it."""
-
-
 @dataclass(frozen=True)
 class CountsFile:
     """What a counts file held, cells first.
 
-    ``counts`` [cells, features]: a ``scipy.sparse.csr_matrix`` when the file is sparse, else
-    a numpy array, with the file's dtype. ``cell_names`` / ``feature_names`` are None where the
-    file has none. ``cell_meta`` has one row per cell in ``counts``' order (AnnData's ``obs``,
-    then the columns of any metadata table given; no columns when there is neither).
+    ``counts`` [cells, features] ([cells, features, categories] for multinomial arrays): a
+    ``scipy.sparse.csr_matrix`` when the input is sparse, else a numpy array, with the input's
+    dtype. ``cell_names`` / ``feature_names`` are None where the input has none. ``cell_meta``
+    has one row per cell in ``counts``' order (AnnData's ``obs``, then the columns of any
+    metadata table given; no columns when there is neither), or is None for an array or
+    matrix without names or metadata (so that pandas is not needed for them).
     ``feature_meta`` holds 10x's feature ids and types (None for other formats).
     ``cells_axis`` is the file's axis that held the cells, ``orientation`` why.
     """
@@ -59,7 +69,7 @@ class CountsFile:
     counts: np.ndarray | csr_matrix
     cell_names: tuple[str, ...] | None
     feature_names: tuple[str, ...] | None
-    cell_meta: pd.DataFrame
+    cell_meta: pd.DataFrame | None
     orientation: str
     cells_axis: int
     source: str
@@ -76,17 +86,12 @@ class CountsFile:
         if mask.shape != (self.shape[0],):
             raise ValueError(f"mask: expected {self.shape[0]} booleans (one per cell); got shape {mask.shape}")
         names = None if self.cell_names is None else tuple(np.asarray(self.cell_names, dtype=object)[mask])
-        return replace(self, counts=self.counts[mask], cell_names=names, cell_meta=self.cell_meta.loc[mask])
+        meta = None if self.cell_meta is None else self.cell_meta.loc[mask]
+        return replace(self, counts=self.counts[mask], cell_names=names, cell_meta=meta)
 
 
 def _require(module: str, what: str) -> Any:
-    """``import module``, or MissingDependencyError saying which format needs it and how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(f"reading {what} needs {module}, which is not installed: {INSTALL_HINT}") from exc
+    return require(module, f"reading {what}")
 
 
 def _pandas() -> Any:
@@ -184,7 +189,7 @@ def _tenx_record(
     matrix: Any, barcodes: Sequence[str], features: pd.DataFrame, feature_type: str | None, source: str, layout: str
 ) -> CountsFile:
     """A 10x features x cells matrix (any scipy.sparse) as a cells-first CountsFile."""
-    from scipy import sparse
+    sparse = scipy_sparse("counts")
 
     n_features, n_cells = matrix.shape
     if len(barcodes) != n_cells or len(features) != n_features:
@@ -207,8 +212,7 @@ def read_10x_mtx(folder: str | Path, *, feature_type: str | None = GENE_EXPRESSI
     """A 10x matrix folder (v3 features.tsv[.gz] or v2 genes.tsv, barcodes.tsv[.gz],
     matrix.mtx[.gz]), or an outs/ folder holding one. ``feature_type``: which features to keep
     (10x's third column; "Gene Expression" by default, as scanpy does; None keeps all)."""
-    from scipy.io import mmread
-
+    mmread = _require("scipy.io", "10x folders").mmread
     found = _tenx_folder(Path(folder))
     if found.is_file():
         return read_10x_h5(found, feature_type=feature_type)
@@ -232,7 +236,7 @@ def read_10x_h5(path: str | Path, *, feature_type: str | None = GENE_EXPRESSION)
     """A Cell Ranger HDF5 matrix: v3 (group ``matrix`` with ``features/``) or v2 (one group per
     genome with ``genes`` / ``gene_names``; exactly one genome)."""
     h5py = _require("h5py", "10x .h5 files")
-    from scipy import sparse
+    sparse = scipy_sparse("counts")
 
     pd = _pandas()
     with h5py.File(path, "r") as store:
@@ -256,59 +260,86 @@ def read_h5ad(path: str | Path, *, layer: str | None = None) -> CountsFile:
     """An AnnData file: ``X`` (default), ``layers[layer]`` or, with ``layer="raw"``,
     ``raw.X`` with raw's feature names; ``obs`` becomes the cell metadata."""
     anndata = _require("anndata", ".h5ad files")
-    adata = anndata.read_h5ad(path)
+    return from_anndata(anndata.read_h5ad(path), layer=layer, source=str(path))
+
+
+def from_anndata(adata: Any, *, layer: str | None = None, source: str = "AnnData") -> CountsFile:
+    """An AnnData object's ``X`` (default), ``layers[layer]`` or ``raw.X`` (``layer="raw"``,
+    with raw's feature names), cells x features, with ``obs`` as the cell metadata."""
     if layer is None:
         values, features, what = adata.X, adata.var_names, "X"
     elif layer == "raw":
         if adata.raw is None:
-            raise ValueError(f"layer: {path} has no raw; layers: {', '.join(adata.layers) or 'none'}")
+            raise ValueError(f"layer: {source} has no raw; layers: {', '.join(adata.layers) or 'none'}")
         values, features, what = adata.raw.X, adata.raw.var_names, "raw.X"
     elif layer in adata.layers:
         values, features, what = adata.layers[layer], adata.var_names, f"layers[{layer!r}]"
     else:
         others = "X, raw" if adata.raw is not None else "X"
-        raise ValueError(f"layer: no layer {layer!r} in {path}; it has {', '.join(adata.layers) or 'none'} (and {others})")
+        raise ValueError(f"layer: no layer {layer!r} in {source}; it has {', '.join(adata.layers) or 'none'} (and {others})")
     if values is None:
-        raise ValueError(f"counts: {path} has no X; pass layer= one of {', '.join(adata.layers) or 'none'}")
+        raise ValueError(f"counts: {source} has no X; pass layer= one of {', '.join(adata.layers) or 'none'}")
     cells = tuple(map(str, adata.obs_names))
     meta = adata.obs.copy()
     meta.index = list(cells)
     return CountsFile(
-        counts=_matrix(values), cell_names=cells, feature_names=tuple(map(str, features)), cell_meta=meta,
-        orientation=f"AnnData {what}: cells x features (obs x var) by definition", cells_axis=0, source=str(path),
+        counts=_matrix(values, "counts"), cell_names=cells, feature_names=tuple(map(str, features)), cell_meta=meta,
+        orientation=f"AnnData {what}: cells x features (obs x var) by definition", cells_axis=0, source=source,
     )
 
 
-def _matrix(values: Any) -> np.ndarray | csr_matrix:
-    """A scipy.sparse matrix or array as a csr_matrix; anything else as a numpy array."""
-    from scipy import sparse
-
-    return sparse.csr_matrix(values) if sparse.issparse(values) else np.asarray(values)
+def _is_anndata(values: Any) -> bool:
+    return all(hasattr(values, name) for name in ("X", "obs_names", "var_names"))
 
 
-def _read_plain(path: Path, kind: str) -> tuple[np.ndarray | csr_matrix, tuple[str, ...] | None, tuple[str, ...] | None]:
-    """(matrix as stored, row names, column names) of a .mtx, .npz, .csv or .tsv file."""
-    if kind == ".mtx":
-        from scipy.io import mmread
+def _matrix(values: Any, what: str) -> np.ndarray | csr_matrix:
+    """A scipy.sparse matrix or array as a csr_matrix, a torch tensor or anything array-like as
+    a numeric numpy array; ValueError naming ``what`` for anything else."""
+    if issparse(values):
+        return scipy_sparse(what).csr_matrix(values)
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    try:
+        array = np.asarray(values)
+    except Exception as exc:
+        raise ValueError(f"{what}: expected a numpy array, scipy.sparse matrix, pandas DataFrame, AnnData, torch tensor "
+                         f"or a counts file; got {type(values).__name__}") from exc
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"{what}: expected numeric values; got dtype {array.dtype}")
+    return array
 
-        return _matrix(mmread(path)), None, None
-    if kind == ".npz":
-        from scipy import sparse
 
-        try:
-            return _matrix(sparse.load_npz(path)), None, None
-        except (ValueError, KeyError):
-            with np.load(path) as stored:
-                if len(stored.files) != 1:
-                    raise ValueError(f"counts: {path} holds {len(stored.files)} arrays ({', '.join(stored.files)}); expected one") from None
-                return np.asarray(stored[stored.files[0]]), None, None
-    frame = _pandas().read_csv(path, sep="\t" if kind == ".tsv" else ",", index_col=0)
-    text = [str(column) for column, dtype in frame.dtypes.items() if not _pandas().api.types.is_numeric_dtype(dtype)]
+Matrix = tuple[Any, "tuple[str, ...] | None", "tuple[str, ...] | None"]  # (values, row names, column names)
+
+
+def _frame(frame: pd.DataFrame, what: str, source: str) -> Matrix:
+    """(values, row names, column names) of a pandas table of numbers (a sparse one stays sparse)."""
+    pd = _pandas()
+    text = [str(column) for column, dtype in frame.dtypes.items()
+            if not (pd.api.types.is_numeric_dtype(dtype) or isinstance(dtype, pd.SparseDtype))]
     if text:
         raise ValueError(
-            f"counts: {path} has non-numeric columns ({', '.join(text[:5])}); expected numbers with one column of row names first"
+            f"{what}: {source} has non-numeric columns ({', '.join(text[:5])}); expected numbers with one column of row names first"
         )
-    return frame.to_numpy(), tuple(map(str, frame.index)), tuple(map(str, frame.columns))
+    names = tuple(map(str, frame.index)), tuple(map(str, frame.columns))
+    if any(isinstance(dtype, pd.SparseDtype) for dtype in frame.dtypes):
+        return scipy_sparse(what).csr_matrix(frame.sparse.to_coo()), *names
+    return _matrix(frame.to_numpy(), what), *names
+
+
+def _read_plain(path: Path, kind: str) -> Matrix:
+    """(matrix as stored, row names, column names) of a .mtx, .npz, .csv or .tsv file."""
+    if kind == ".mtx":
+        return _matrix(_require("scipy.io", "Matrix Market files").mmread(path), "counts"), None, None
+    if kind == ".npz":
+        with np.load(path) as stored:
+            if {"format", "indptr", "indices", "data", "shape"} <= set(stored.files):  # scipy.sparse.save_npz's layout
+                return _matrix(scipy_sparse("counts").load_npz(path), "counts"), None, None
+            if len(stored.files) != 1:
+                raise ValueError(f"counts: {path} holds {len(stored.files)} arrays ({', '.join(stored.files)}); expected one")
+            return _matrix(stored[stored.files[0]], "counts"), None, None
+    frame = _pandas().read_csv(path, sep="\t" if kind == ".tsv" else ",", index_col=0)
+    return _frame(frame, "counts", str(path))
 
 
 def _names_match(names: Sequence[str] | None, meta: pd.DataFrame | None) -> bool:
@@ -324,17 +355,20 @@ def detect_cells_axis(
     n_cells: int | None = None,
     n_features: int | None = None,
     source: str = "counts",
+    cells_from: str = "cell names",
+    default: int | None = None,
 ) -> tuple[int, str]:
-    """(the axis of a 2-D matrix that holds the cells, why), from the metadata's cell names, the
-    metadata's length, or a known number of cells or features; ValueError with the
-    ``--cells-axis`` hint when none of them tells."""
-    rows, columns = shape
+    """(the axis of a matrix that holds the cells, why), from the metadata's cell names, the
+    metadata's length, or a known number of cells (``n_cells``, counted from ``cells_from``)
+    or features; when none of them tells, ``default`` (arrays in Python: 0), else ValueError
+    with the ``--cells-axis`` hint."""
+    rows, columns = shape[:2]
     clues = []
     if meta is not None:
         clues.append((_names_match(row_names, meta), _names_match(column_names, meta), "the metadata's cell names"))
         clues.append((len(meta) == rows, len(meta) == columns, f"the metadata's {len(meta)} rows"))
     if n_cells is not None:
-        clues.append((n_cells == rows, n_cells == columns, f"the {n_cells} cell names"))
+        clues.append((n_cells == rows, n_cells == columns, f"the {n_cells} {cells_from}"))
     if n_features is not None:
         clues.append((n_features == columns, n_features == rows, f"the {n_features} feature names"))
     for on_rows, on_columns, what in clues:
@@ -342,7 +376,12 @@ def detect_cells_axis(
             axis = 0 if on_rows else 1
             layout = "rows match {}: cells x features" if axis == 0 else "columns match {}: features x cells, transposed"
             return axis, layout.format(what)
+    if n_cells is not None and n_cells not in (rows, columns):
+        raise ValueError(f"counts: neither axis of {source} ({rows} x {columns}) has the {n_cells} cells of the {cells_from}")
     told = "; ".join(what for _, _, what in clues) or "no metadata or names were given"
+    if default is not None:
+        layout = "cells x features" if default == 0 else "features x cells"
+        return default, f"{layout}, the convention for arrays: nothing tells the axes apart ({told}); cells_axis= turns them"
     raise ValueError(f"counts: cannot tell which axis of {source} ({rows} x {columns}) holds the cells ({told}); {CELLS_AXIS_HINT}")
 
 
@@ -363,23 +402,30 @@ def read_meta(meta: str | Path | pd.DataFrame) -> pd.DataFrame:
 
 def _with_meta(record: CountsFile, meta: pd.DataFrame) -> CountsFile:
     """``record`` with ``meta``'s columns added to its cell metadata: by cell name when the
-    counts have names, else row by row (lengths must agree)."""
+    counts have names, else row by row (lengths must agree; the cells then take the
+    metadata's names)."""
     n = record.shape[0]
     if record.cell_names is None:
         if len(meta) != n:
             raise ValueError(f"meta: has {len(meta)} rows but the counts have {n} cells and no cell names to match")
-        aligned = meta.set_axis(record.cell_meta.index)
-    else:
-        missing = [name for name in record.cell_names if name not in meta.index]
-        if missing:
-            raise ValueError(f"meta: {len(missing)} of the {n} cells of the counts are not in it, e.g. {missing[0]!r}")
-        if meta.index.has_duplicates:
-            raise ValueError(f"meta: repeats cell names, e.g. {meta.index[meta.index.duplicated()][0]!r}")
-        if len(meta) > n:
-            logger.info("meta: %d of its %d rows are cells of the counts; the other %d are left out", n, len(meta), len(meta) - n)
-        aligned = meta.loc[list(record.cell_names)]
+        return replace(record, cell_names=tuple(meta.index), cell_meta=meta.copy())
+    missing = [name for name in record.cell_names if name not in meta.index]
+    if missing:
+        raise ValueError(f"meta: {len(missing)} of the {n} cells of the counts are not in it, e.g. {missing[0]!r}")
+    if meta.index.has_duplicates:
+        raise ValueError(f"meta: repeats cell names, e.g. {meta.index[meta.index.duplicated()][0]!r}")
+    if len(meta) > n:
+        logger.info("meta: %d of its %d rows are cells of the counts; the other %d are left out", n, len(meta), len(meta) - n)
+    aligned = meta.loc[list(record.cell_names)]
+    if record.cell_meta is None or not len(record.cell_meta.columns):
+        return replace(record, cell_meta=aligned)
     kept = record.cell_meta.drop(columns=[c for c in meta.columns if c in record.cell_meta.columns])
-    return replace(record, cell_meta=kept.join(aligned) if len(kept.columns) else aligned.copy())
+    return replace(record, cell_meta=kept.join(aligned.set_axis(kept.index)))
+
+
+def _check_axis(cells_axis: Any) -> None:
+    if cells_axis is not None and (isinstance(cells_axis, bool) or cells_axis not in (0, 1)):
+        raise ValueError(f"cells_axis: expected 0 (cells x features), 1 (features x cells) or None (detect); got {cells_axis!r}")
 
 
 def read_counts(
@@ -391,51 +437,58 @@ def read_counts(
     feature_type: str | None = GENE_EXPRESSION,
     cell_names: str | Path | Sequence[str] | None = None,
     feature_names: str | Path | Sequence[str] | None = None,
+    n_cells: int | None = None,
 ) -> CountsFile:
     """Read any supported counts file or 10x directory (module docstring) into a cells-first
     :class:`CountsFile`, with ``meta`` (a table or .csv / .tsv, one row per cell, first column
     the cell names) aligned to its cells. ``cells_axis`` (0 or 1) overrides the detection for
     .mtx, .npz, .csv and .tsv; ``cell_names`` / ``feature_names`` name the rows or columns of
-    those (a file with one name per line, or a sequence); ``layer`` picks an AnnData layer;
-    ``feature_type`` the 10x feature type kept."""
+    those (a file with one name per line, or a sequence), ``n_cells`` tells their number;
+    ``layer`` picks an AnnData layer; ``feature_type`` the 10x feature type kept ("Gene
+    Expression"; None keeps all)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"counts: no such file or directory {str(path)!r}")
-    if cells_axis is not None and (isinstance(cells_axis, bool) or cells_axis not in (0, 1)):
-        raise ValueError(f"cells_axis: expected 0 (cells x features), 1 (features x cells) or None (detect); got {cells_axis!r}")
+    _check_axis(cells_axis)
     kind = _kind(path)
     if kind == ".mtx" and cell_names is None and _first(path.parent, ["barcodes.tsv"]) is not None:
         kind, path = "10x-dir", path.parent
     table = None if meta is None else read_meta(meta)
     if kind in ("10x-dir", ".h5", ".h5ad"):
-        fixed = {".h5ad": 0}.get(kind, 1)
-        if cells_axis is not None and cells_axis != fixed:
-            raise ValueError(f"cells_axis: {path.name} holds cells on axis {fixed} by its format; got cells_axis={cells_axis}")
+        _fixed_axis(cells_axis, {".h5ad": 0}.get(kind, 1), path.name)
         record = {"10x-dir": lambda: read_10x_mtx(path, feature_type=feature_type),
                   ".h5": lambda: read_10x_h5(path, feature_type=feature_type),
                   ".h5ad": lambda: read_h5ad(path, layer=layer)}[kind]()
     else:
-        record = _oriented(path, kind, table, cells_axis, _names(cell_names, "cell_names"), _names(feature_names, "feature_names"))
+        cells, features = _names(cell_names, "cell_names"), _names(feature_names, "feature_names")
+        record = _oriented(_read_plain(path, kind), table, cells_axis, cells, features, path.name, str(path),
+                           n_cells=len(cells) if cells is not None else n_cells)
     return record if table is None else _with_meta(record, table)
 
 
+def _fixed_axis(cells_axis: int | None, fixed: int, source: str) -> None:
+    if cells_axis is not None and cells_axis != fixed:
+        raise ValueError(f"cells_axis: {source} holds cells on axis {fixed} by its format; got cells_axis={cells_axis}")
+
+
 def _oriented(
-    path: Path, kind: str, meta: pd.DataFrame | None, cells_axis: int | None,
-    cells: tuple[str, ...] | None, features: tuple[str, ...] | None,
+    read: Matrix, meta: pd.DataFrame | None, cells_axis: int | None, cells: tuple[str, ...] | None,
+    features: tuple[str, ...] | None, name: str, source: str, n_cells: int | None = None, cells_from: str = "cell names",
+    default: int | None = None,
 ) -> CountsFile:
-    """A .mtx / .npz / .csv / .tsv matrix turned cells first, with its names."""
-    matrix, row_names, column_names = _read_plain(path, kind)
-    if matrix.ndim != 2:
-        raise ValueError(f"counts: {path} holds a {matrix.ndim}-D array; expected a 2-D matrix")
+    """A matrix with its row and column names (as read), turned cells first."""
+    matrix, row_names, column_names = read
+    if matrix.ndim < 2:
+        raise ValueError(f"counts: {name} holds a {matrix.ndim}-D array; expected a matrix [cells, features]")
     if cells_axis is None:
         cells_axis, why = detect_cells_axis(
-            matrix.shape, row_names=row_names, column_names=column_names, meta=meta,
-            n_cells=None if cells is None else len(cells), n_features=None if features is None else len(features), source=path.name,
+            matrix.shape, row_names=row_names, column_names=column_names, meta=meta, n_cells=n_cells,
+            n_features=None if features is None else len(features), source=name, cells_from=cells_from, default=default,
         )
     else:
         why = f"given: cells_axis={cells_axis} ({'cells x features' if cells_axis == 0 else 'features x cells, transposed'})"
     if cells_axis == 1:
-        matrix = matrix.T.tocsr() if hasattr(matrix, "tocsr") else matrix.T
+        matrix = matrix.T.tocsr() if issparse(matrix) else np.swapaxes(matrix, 0, 1)
         row_names, column_names = column_names, row_names
     for given, axis, what in ((cells, 0, "cell_names"), (features, 1, "feature_names")):
         if given is not None and len(given) != matrix.shape[axis]:
@@ -443,6 +496,43 @@ def _oriented(
     cell_names = cells or row_names
     return CountsFile(
         counts=matrix, cell_names=cell_names, feature_names=features or column_names,
-        cell_meta=_pandas().DataFrame(index=list(cell_names) if cell_names is not None else range(matrix.shape[0])),
-        orientation=why, cells_axis=cells_axis, source=str(path),
+        cell_meta=None if cell_names is None else _pandas().DataFrame(index=list(cell_names)),
+        orientation=why, cells_axis=cells_axis, source=source,
     )
+
+
+def load(
+    values: Any,
+    *,
+    what: str = "counts",
+    meta: str | Path | pd.DataFrame | None = None,
+    cells_axis: int | None = None,
+    n_cells: int | None = None,
+    cells_from: str = "group labels",
+    layer: str | None = None,
+    feature_type: str | None = GENE_EXPRESSION,
+) -> CountsFile:
+    """Anything ``fit_technical`` accepts as counts, as a cells-first :class:`CountsFile`: a
+    path (:func:`read_counts`), a CountsFile (as it is), an AnnData object (:func:`from_anndata`),
+    a pandas DataFrame, a numpy array, a scipy.sparse matrix or a torch tensor. The orientation
+    of a matrix is ``cells_axis`` when given, else detected from ``meta`` and ``n_cells`` (a
+    number of cells known from elsewhere, e.g. the groups' length; ``cells_from`` says which),
+    else cells x features, Python's convention for arrays (a file has none: its orientation
+    must be told then); ``meta`` is aligned to the cells (:func:`read_counts`)."""
+    _check_axis(cells_axis)
+    if isinstance(values, (str, os.PathLike)):
+        return read_counts(values, meta=meta, cells_axis=cells_axis, layer=layer, feature_type=feature_type, n_cells=n_cells)
+    table = None if meta is None else read_meta(meta)
+    if isinstance(values, CountsFile):
+        _fixed_axis(cells_axis, 0, f"a CountsFile ({values.source})")
+        record = values
+    elif _is_anndata(values):
+        _fixed_axis(cells_axis, 0, f"an AnnData {what}")
+        record = from_anndata(values, layer=layer, source=f"AnnData {what}")
+    else:
+        kind = type(values).__name__
+        frame = hasattr(values, "columns") and hasattr(values, "to_numpy")
+        read = _frame(values, what, kind) if frame else (_matrix(values, what), None, None)
+        record = _oriented(read, table, cells_axis, None, None, f"{what} ({kind})", f"{what} ({kind})",
+                           n_cells=n_cells, cells_from=cells_from, default=0)
+    return record if table is None else _with_meta(record, table)

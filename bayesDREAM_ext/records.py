@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import Tensor
 
 from bayesDREAM_ext.memory import TrainingPlan
 from devicemem.planner import Plan
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMAT = "bayesDREAM_ext.TechnicalFit/1"
 GUIDE_FORMAT = "bayesDREAM_ext.GuideState/1"
@@ -71,18 +74,31 @@ class GuideState:
         ))
 
 
-@dataclass
+@dataclass(repr=False)
 class TechnicalFit:
-    """Result of :func:`fit_technical`.
+    """Result of :func:`fit_technical`; ``print(fit)`` is a few lines (no tensors),
+    :meth:`summary` the per-feature table, :meth:`report` the plots.
 
-    ``posterior_samples`` (CPU tensors over all T features, S = nsamples): ``log2_alpha_y``,
-    ``alpha_y_mul``, ``delta_y_add`` [S, C-1, T]; ``o_y``, ``mu_ntc``, ``sigma_y`` [S, 1, T];
-    ``beta_o`` [S, 1, 1]; ``alpha_y_mult`` [S, C, T] (baseline row 1) and ``alpha_y_add``
-    [S, C, T] (baseline row 0). Multinomial has ``alpha_logits_y`` and
-    ``alpha_logits_y_centered`` [S, C-1, T, K], ``probs_baseline_raw`` and ``probs_baseline``
-    [S, 1, 1, T, K] and ``alpha_y_add`` [S, C, T, K] instead. Excluded features
-    (``feature_mask`` False) hold the no-effect value in effects (0 on additive and log
-    scales, 1 for multiplicative ones) and NaN in baselines and scales.
+    Fields (all saved by :meth:`save`; files from before a field existed load it as None):
+
+    - ``distribution``: "negbinom", "normal", "studentt", "binomial" or "multinomial".
+    - ``posterior_samples`` (CPU tensors over all T features, S = nsamples): ``log2_alpha_y``,
+      ``alpha_y_mul``, ``delta_y_add`` [S, C-1, T]; ``o_y``, ``mu_ntc``, ``sigma_y`` [S, 1, T];
+      ``beta_o`` [S, 1, 1]; ``alpha_y_mult`` [S, C, T] (baseline row 1) and ``alpha_y_add``
+      [S, C, T] (baseline row 0). Multinomial has ``alpha_logits_y`` and
+      ``alpha_logits_y_centered`` [S, C-1, T, K], ``probs_baseline_raw`` and ``probs_baseline``
+      [S, 1, 1, T, K] and ``alpha_y_add`` [S, C, T, K] instead. Excluded features hold the
+      no-effect value in effects (0 on additive and log scales, 1 for multiplicative ones)
+      and NaN in baselines and scales.
+    - ``feature_mask`` [T] bool: the features fitted; ``excluded``: how many were left out, by
+      reason; ``feature_names`` [T] (None when the input had none).
+    - ``group_levels``: the technical groups, the baseline first (C of them).
+    - ``cell_names``: the NTC cells fitted (None when the input had no names); ``ntc``: how they
+      were chosen; ``source``: what the counts were read from, and in which orientation.
+    - ``losses``, ``learning_rates``: per SVI step; ``schedule``: the learning-rate schedule
+      ("onecycle" or "bayesdream"); ``svi_plan`` (a ``TrainingPlan``) and
+      ``predictive_plan`` (a ``devicemem.Plan``): where and how training and Predictive ran,
+      with the memory predicted, measured and budgeted; ``timings``: seconds per stage.
     """
 
     distribution: str
@@ -97,6 +113,29 @@ class TechnicalFit:
     predictive_plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
     schedule: str | None = None
+    cell_names: tuple[str, ...] | None = None
+    ntc: str | None = None
+    source: str | None = None
+
+    def __repr__(self) -> str:
+        from bayesDREAM_ext.summary import describe
+
+        return describe(self)
+
+    def summary(self, interval: float = 0.9) -> pd.DataFrame:
+        """One row per (feature, non-baseline group): the effect's posterior mean, sd and
+        central ``interval``, the baseline mean and the dispersion
+        (:func:`bayesDREAM_ext.summary.summary`; needs pandas)."""
+        from bayesDREAM_ext.summary import summary
+
+        return summary(self, interval)
+
+    def report(self, path: str | Path) -> Path:
+        """Write the report to ``path`` (.png: the figure; .html: the figure, convergence, the
+        memory plans and the largest effects; needs matplotlib) and return the path."""
+        from bayesDREAM_ext.report import write_report
+
+        return write_report(self, path)
 
     def save(self, path: str | Path) -> None:
         """One file: the tensors and a JSON string of everything else (``torch.load`` with
@@ -111,6 +150,9 @@ class TechnicalFit:
             "predictive_plan": dataclasses.asdict(self.predictive_plan),
             "timings": self.timings,
             "schedule": self.schedule,
+            "cell_names": None if self.cell_names is None else list(self.cell_names),
+            "ntc": self.ntc,
+            "source": self.source,
         }
         _save(path, {"posterior_samples": self.posterior_samples, "feature_mask": self.feature_mask}, self, meta)
 
@@ -131,6 +173,9 @@ class TechnicalFit:
             predictive_plan=_record(Plan, meta["predictive_plan"]),
             timings=meta["timings"],
             schedule=meta.get("schedule"),
+            cell_names=None if meta.get("cell_names") is None else tuple(meta["cell_names"]),
+            ntc=meta.get("ntc"),
+            source=meta.get("source"),
         ))
 
 

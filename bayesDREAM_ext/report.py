@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bayesDREAM_ext.extras import require
 from bayesDREAM_ext.summary import DEFAULT_ALPHA_EWMA, FitRecord, convergence, describe, ewma, plan_lines, summary
 from devicemem.units import format_bytes
 
@@ -23,20 +24,13 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-INSTALL_HINT = 'run `make setup`, or `pip install -e ".[report]"` in the repository'
 TOP_FEATURES = 25
 FORMATS = (".html", ".png")
 
 
 def _figure_class() -> Any:
     """matplotlib's Figure, drawn by Agg without touching pyplot's global state."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        from bayesDREAM_ext.readers import MissingDependencyError
-
-        raise MissingDependencyError(f"the report needs matplotlib, which is not installed: {INSTALL_HINT}") from exc
-    return Figure
+    return require("matplotlib.figure", "the report").Figure
 
 
 STATUS_COLOURS = {"converged": "C2", "NOT converged": "C3", "stopped early, loss still falling": "C1"}

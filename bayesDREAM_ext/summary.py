@@ -34,7 +34,8 @@ TREND_MIN_STEPS = 20
 
 class FitRecord(Protocol):
     """The fields of ``TechnicalFit`` these functions read. Optional, read when present:
-    ``converged`` (bool) and ``niters`` (int), which training knows and a record may keep."""
+    ``converged`` (bool), ``stop_reason`` (str) and ``niters`` (int), which training knows and
+    a record may keep; ``ntc`` and ``source`` (str), which say what was fitted."""
 
     distribution: str
     posterior_samples: Mapping[str, Tensor]
@@ -93,6 +94,7 @@ class Convergence:
     slope: float
     t: float
     recent_fall: float
+    stop_reason: str | None = None
 
     @property
     def still_falling(self) -> bool:
@@ -113,8 +115,8 @@ class Convergence:
             rule = (f"the early-stop rule {'holds' if self.stopped_early else 'does not hold'} at the last step "
                     f"(judged from the losses with tolerance {self.tolerance:g}: EWMA moving {self.change:.2g} per step)")
         else:
-            rule = ("stopped by the early-stop rule" if self.stopped_early else "ran to the step limit") + (
-                f" (EWMA moving {self.change:.2g} per step)")
+            rule = self.stop_reason or ("stopped by the early-stop rule" if self.stopped_early else "ran to the step limit")
+            rule += f" (EWMA moving {self.change:.2g} per step)"
         trend = (f"the loss fell {self.recent_fall:.0%} of its total fall over the last {self.window} steps "
                  f"(slope {self.slope:.3g} per step, t = {self.t:.1f})")
         advice = "; more steps (--niters) or a smaller tolerance would change the fit" if not self.converged else ""
@@ -172,7 +174,8 @@ def convergence(fit: FitRecord, tolerance: float = DEFAULT_TOLERANCE, alpha_ewma
     window = max(TREND_MIN_STEPS, losses.size // 4)
     slope, t, fall = _trend(losses, window) if losses.size >= window else (math.nan, math.nan, math.nan)
     final = float(losses[-1]) if losses.size else math.nan
-    return Convergence(stopped, recorded is None, int(losses.size), final, change, tolerance, window, slope, t, fall)
+    return Convergence(stopped, recorded is None, int(losses.size), final, change, tolerance, window, slope, t, fall,
+                       getattr(fit, "stop_reason", None))
 
 
 def _groups(fit: FitRecord) -> str:
@@ -198,6 +201,14 @@ def plan_lines(fit: FitRecord) -> list[str]:
     return lines
 
 
+def _cells_line(fit: FitRecord) -> list[str]:
+    """The line saying which cells were fitted, from what (none when the record does not say)."""
+    ntc, source = getattr(fit, "ntc", None), getattr(fit, "source", None)
+    if not ntc and not source:
+        return []
+    return [f"  {ntc or 'cells'}{'; counts from ' + source if source else ''}"]
+
+
 def describe(fit: FitRecord) -> str:
     """A few lines on ``fit``: what was fitted, how training went, where it ran (a repr that
     does not print the tensors)."""
@@ -208,6 +219,7 @@ def describe(fit: FitRecord) -> str:
     return "\n".join([
         f"{type(fit).__name__}: {fit.distribution}, {mask.size} features ({int(mask.sum())} fitted"
         f"{'; excluded: ' + excluded if excluded else ''}), groups {_groups(fit)}",
+        *_cells_line(fit),
         f"  posterior: {samples} samples of {', '.join(fit.posterior_samples)}",
         f"  training: {convergence(fit).text()}",
         *(f"  {line}" for line in plan_lines(fit)),

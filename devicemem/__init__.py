@@ -15,6 +15,7 @@ routing, route, unroute                        devicemem.routes
 RayOptions                                     devicemem.options
 ShardError                                     devicemem.execute.ray
 parse_bytes, format_bytes                      devicemem.units
+log_to_stderr                                  devicemem.logs
 =============================================  ======================
 
 Names that moved to bayesDREAM_ext still resolve here for one release, with a
@@ -46,6 +47,7 @@ _EXPORTS = {
     "ShardError": "devicemem.execute.ray",
     "parse_bytes": "devicemem.units",
     "format_bytes": "devicemem.units",
+    "log_to_stderr": "devicemem.logs",
 }
 
 __all__ = sorted(_EXPORTS)

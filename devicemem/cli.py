@@ -2,7 +2,8 @@
 
 Each subcommand is one ``_add_<name>_parser(subparsers)`` function that registers its parser
 and sets ``func`` (called with the parsed arguments, returns the exit status); list it in
-``_SUBCOMMANDS`` to add it.
+``_SUBCOMMANDS`` to add it. Options use the vocabulary shared with ``bayesdream-ext``
+(:mod:`devicemem.cliargs`); log lines go to stderr (``-q`` / ``-v``), results to stdout.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from typing import Any, Callable, Sequence
 
+from devicemem import logs
 from devicemem.backends import DeviceMemory, devices, limit_source
+from devicemem.cliargs import MAX_MEMORY_HELP, HelpFormatter, add_json, add_verbosity, log_level
 from devicemem.units import format_bytes
 
 
@@ -55,12 +57,11 @@ def _add_info_parser(subparsers: Any) -> None:
         "info", help="list devices and how much memory (and, on the host, how many cores) this process may use",
         description="One row per device: total, free, the tightest limit and its source, usable; for the "
         "host also the usable CPU cores (affinity, cgroup CPU quota, SLURM) and their source.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--json", action="store_true", help="a JSON list whose keys mirror DeviceMemory")
-    parser.add_argument(
-        "--max-memory", default=None, metavar="DEVICE=SIZE,...",
-        help="cap devices like DEVICEMEM_MAX_MEMORY does, e.g. cpu=8GiB,cuda:0=20GiB",
-    )
+    add_json(parser, "a list whose keys mirror DeviceMemory")
+    parser.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...", help=MAX_MEMORY_HELP)
+    add_verbosity(parser)
     parser.set_defaults(func=_run_info)
 
 
@@ -89,9 +90,9 @@ _MOVED_SUBCOMMANDS = ("plan",)
 def build_parser() -> argparse.ArgumentParser:
     """The ``devicemem`` parser with every subcommand in ``_SUBCOMMANDS``."""
     parser = argparse.ArgumentParser(
-        prog="devicemem", description="Device-aware, memory-safe batched sampling for Pyro."
+        prog="devicemem", description="Device-aware, memory-safe batched sampling for Pyro.", formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="show [MEMORY] lines (-vv: debug)")
+    add_verbosity(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(subparsers)
@@ -104,14 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``devicemem`` with ``argv`` (default: the command line); returns the exit status."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if getattr(args, "moved", None) is not None:
-        return _run_moved(args.moved, rest)
+    if getattr(args, "moved", None) is not None:  # the program's -q / -v go along
+        return _run_moved(args.moved, (["--quiet"] if args.quiet else []) + ["--verbose"] * args.verbose + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        with logs.shown(log_level(args)):
+            return args.func(args)
     except ValueError as exc:
         print(f"devicemem: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ process's devices) or :mod:`devicemem.execute.ray` (shards on Ray).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from devicemem import logs
 from devicemem.backends import MemoryView, SystemProbe
 from devicemem.checks import check_int, check_site_names
 from devicemem.execute import local
@@ -106,6 +108,9 @@ class Predictive(torch.nn.Module):
     - ``on_device``: called with the ``torch.device`` before batches run on it, and again
       when the run moves to the host (sharded runs call it in each shard's worker: it must
       pickle).
+    - ``verbose``: show each call's log lines on stderr (the ``[MEMORY]`` plan: memory read,
+      budget, footprint, batches chosen and why); ``devicemem.log_to_stderr()`` shows them for
+      every call from then on.
     - ``probe``: where this call reads device memory, once per call: a
       :class:`devicemem.backends.SystemProbe` (default: this process's; tests inject fakes), or
       a :class:`devicemem.backends.MemoryView` already read, used as it is (a caller that planned
@@ -156,6 +161,7 @@ class Predictive(torch.nn.Module):
         on_device: Callable[[torch.device], None] | None = None,
         resume: bool = False,
         probe: SystemProbe | MemoryView | None = None,
+        verbose: bool = False,
     ) -> None:
         super().__init__()
         if posterior_samples is None and num_samples is None:
@@ -185,6 +191,7 @@ class Predictive(torch.nn.Module):
         self.return_sites = return_sites
         self.parallel = parallel
         self.plan = plan
+        self.verbose = bool(verbose)
         self.report: list[BatchRecord | sharded.ShardRecord] = []
 
     def _request(self) -> Request:
@@ -197,7 +204,7 @@ class Predictive(torch.nn.Module):
         """Samples of the predictive distribution for the model's ``*args, **kwargs``: by
         default the sample sites not in ``posterior_samples`` (every one with a guide)."""
         transform = transformed.active_transform()
-        with PYRO_LOCK:
+        with PYRO_LOCK, logs.shown(logging.INFO if self.verbose else None):
             self.report = []
             if transform is not None:
                 self.plan = None

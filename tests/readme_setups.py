@@ -53,7 +53,8 @@ def tenx() -> dict[str, Any]:
 
 def pyro_model() -> dict[str, Any]:
     """A small Pyro ``model`` with an AutoNormal ``guide`` trained a few steps, its
-    ``model_args`` / ``model_kwargs``, and ``run_code_that_calls_pyro_infer_Predictive``."""
+    ``model_args`` / ``model_kwargs``, ``run_code_that_calls_pyro_infer_Predictive``, and
+    ``devicemem`` imported."""
     import pyro
     import pyro.distributions as dist
     import torch
@@ -75,5 +76,7 @@ def pyro_model() -> dict[str, Any]:
     def run_code_that_calls_pyro_infer_Predictive() -> dict[str, torch.Tensor]:
         return pyro.infer.Predictive(model, guide=guide, num_samples=10)(y)
 
-    return {"model": model, "guide": guide, "model_args": (y,), "model_kwargs": {},
+    import devicemem
+
+    return {"model": model, "guide": guide, "model_args": (y,), "model_kwargs": {}, "devicemem": devicemem,
             "run_code_that_calls_pyro_infer_Predictive": run_code_that_calls_pyro_infer_Predictive}

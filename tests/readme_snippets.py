@@ -12,7 +12,7 @@ right before a block (blank lines may come between) change that, and show in the
 ``<!-- readme-test: setup NAME -->``
     first run ``NAME()`` from tests/readme_setups.py in the block's folder: it writes the
     files the block reads; for python blocks, the names it returns are defined.
-``<!-- readme-output: COMMAND -->`` (optionally ``readme-output (machine-dependent): ...``)
+``<!-- readme-output: COMMAND -->`` (optionally ``readme-output (machine-dependent[: why]): ...``)
     the next block (any language, or none) shows COMMAND's stdout, after an optional first
     line ``$ ...`` (kept as written). ``update`` replaces it with what COMMAND prints now; the check runs
     COMMAND and compares line by line with numbers and byte sizes masked and counted words
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
 TIMEOUT_S = 300
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
-MARKER = re.compile(r"^\s*<!--\s*readme-(test|output)(\s*\(machine-dependent\))?\s*:\s*(.*?)\s*-->\s*$")
+MARKER = re.compile(r"^\s*<!--\s*readme-(test|output)(\s*\(machine-dependent(?::[^)]*)?\))?\s*:\s*(.*?)\s*-->\s*$")
 SIZE = re.compile(r"-?\d+(?:\.\d+)?\s*(?:[KMGT]i?B|B)\b")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
 COUNTED = re.compile(r"(#\s+)([A-Za-z]+)")

@@ -72,7 +72,7 @@ def test_unreadable_options_exit_2_naming_them(capsys, args, message):
     "args, message",
     [
         (["--cells", "2", "--features", "3", "--groups", "4", "--samples", "5"], "n_groups: cannot exceed n_cells"),
-        ([*SHAPES, "--safety-factor", "1.5"], "safety_factor: expected a number in (0, 1]"),
+        ([*SHAPES, "--safety-factor", "1.5"], "--safety-factor: expected a number in (0, 1]"),
         ([*SHAPES, "--device", "cuda:7"], "device: 'cuda:7' is not visible"),
     ],
 )

@@ -48,7 +48,7 @@ BAD_INPUTS = {
     "non-integer negbinom": (dict(counts=_with(C, (0, 0), 1.5)), "non-integer"),
     "non-integer binomial": (dict(counts=_with(C, (0, 0), 0.5), distribution="binomial", denominator=C + 3), "non-integer"),
     "non-integer multinomial": (dict(counts=np.stack([C, C + 0.25], axis=-1), distribution="multinomial"), "non-integer"),
-    "groups too short": (dict(groups=G[:-1]), "groups: has 11 labels but counts have 12 cells"),
+    "groups too short": (dict(groups=G[:-1]), "neither axis of counts (ndarray) (12 x 5) has the 11 cells of the group labels"),
     "group with one cell": (dict(groups=np.r_[np.zeros(11, int), 1]), "at least 2 NTC cells"),
     "sum factor zero": (dict(sum_factors=np.r_[np.ones(11), 0.0]), "sum_factors: 1 value(s) are <= 0"),
     "sum factor negative": (dict(sum_factors=np.r_[np.ones(11), -2.0]), "<= 0"),

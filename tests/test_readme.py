@@ -17,7 +17,7 @@ README = REPO / "README.md"
 def _readme_blocks() -> list:
     text = README.read_text()
     if not enabled(text):
-        return [pytest.param(None, marks=pytest.mark.skip(reason="README.md has no <!-- readme-test: on --> line yet (issue 23 phase 2)"))]
+        return [pytest.param(None, marks=pytest.mark.skip(reason="README.md has no <!-- readme-test: on --> line: its blocks are not tested"))]
     return [
         pytest.param(block, id=f"README.md:{block.start + 1}",
                      marks=[pytest.mark.skip(reason=block.skip or block.slow)] if block.skip or block.slow else [])
@@ -89,6 +89,11 @@ def test_check_exits_1_on_a_failing_block_and_runs_slow_ones_when_asked(tmp_path
     copy.write_text(FIXTURE.read_text())
     assert main(["check", "--slow", str(copy)]) == 1
     assert "FAIL line" in capsys.readouterr().out
+
+
+def test_a_machine_dependent_output_may_say_why():
+    (block,) = parse("<!-- readme-output (machine-dependent: timings): echo 1 -->\n```\n2\n```\n")
+    assert block.machine_dependent and block.output_of == "echo 1" and block.runnable
 
 
 @pytest.mark.parametrize("text, message", [
